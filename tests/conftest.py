@@ -1,0 +1,151 @@
+"""Fixtures: a private redis-server, the token emulator, key files and real worker processes.
+
+The redis-server is started by these fixtures on a free port in a temporary
+folder and stopped at the end; it is the only Redis any test talks to.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import pytest
+from redis import Redis
+
+from tokencache import TokenStore
+from tokencache.emulator import Emulator
+from tokencache.redisserver import EmbeddedRedis
+from tokencache.sources import reset_default_sources
+
+SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def real_redis(redis_server: EmbeddedRedis) -> Iterator[Redis]:
+    client = redis_server.client()
+    client.flushdb()  # server started by this test
+    yield client
+    client.close()
+
+
+@pytest.fixture(params=["real", "fake"])
+def any_redis(request: pytest.FixtureRequest) -> Iterator[Redis]:
+    """The contract suite runs against a real redis-server and against fakeredis."""
+    if request.param == "real":
+        yield request.getfixturevalue("real_redis")
+    else:
+        yield fakeredis.FakeRedis()
+
+
+@pytest.fixture
+def store(real_redis: Redis) -> TokenStore:
+    return TokenStore(real_redis, namespace="tc-test", refresh_before=10, queue="tc-test")
+
+
+@pytest.fixture
+def emulator() -> Iterator[Emulator]:
+    with Emulator() as emu:
+        yield emu
+
+
+@pytest.fixture
+def credentials_env(tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A default account and one named account, as key files issued by the emulator."""
+    default = emulator.write_service_account(tmp_path / "default.json")
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    named = emulator.write_service_account(keys / "named.json", email="named@tokencache-emulator.iam.gserviceaccount.com")
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "default.json"))
+    monkeypatch.setenv("TOKENCACHE_CREDENTIALS", str(keys))
+    reset_default_sources()
+    yield {"default": default["client_email"], "named": named["client_email"]}
+    reset_default_sources()
+
+
+class Workers:
+    """``tokencache worker`` subprocesses for one test, stopped at its end."""
+
+    def __init__(self, redis_url: str, store: TokenStore) -> None:
+        self.redis_url = redis_url
+        self.store = store
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            TOKENCACHE_REDIS_URL=self.redis_url,
+            TOKENCACHE_NAMESPACE=self.store.keys.namespace,
+            TOKENCACHE_QUEUE=self.store.refresh_queue.name,
+            TOKENCACHE_REFRESH_BEFORE=str(self.store.refresh_before),
+        )
+        return env
+
+    def start(self, n: int = 1, *, wait: bool = True) -> subprocess.Popen[bytes]:
+        before = self.count()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tokencache", "worker", "-n", str(n)],
+            env=self.env(), stdout=subprocess.DEVNULL, stderr=None, start_new_session=True,
+        )
+        self.procs.append(proc)
+        if wait:
+            wait_for(lambda: self.count() >= before + n and self.scheduler_running(), 30, what="workers up")
+        return proc
+
+    def count(self) -> int:
+        from rq import Worker
+
+        return len(Worker.all(queue=self.store.refresh_queue.queue))
+
+    def scheduler_running(self) -> bool:
+        from rq.scheduler import RQScheduler
+
+        return bool(self.store.redis.exists(RQScheduler.get_locking_key(self.store.refresh_queue.name)))
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+@pytest.fixture
+def workers(redis_url: str, store: TokenStore, credentials_env: dict[str, str]) -> Iterator[Workers]:
+    pool = Workers(redis_url, store)
+    yield pool
+    pool.stop()

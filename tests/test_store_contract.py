@@ -1,0 +1,191 @@
+"""The TokenStore contract, run against a real redis-server and against fakeredis."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import pytest
+from redis import Redis
+from rq.job import Job, JobStatus
+from rq.registry import ScheduledJobRegistry
+
+import tokencache
+from tokencache import RedisUnavailableError, Token, TokenStore
+
+SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+
+
+def token(expires_in: int = 3600, **kw: object) -> Token:
+    fields: dict[str, object] = dict(token="ya29.a0-secret-value-f3k", scope=SCOPE, expires=int(time.time()) + expires_in)
+    fields.update(kw)
+    return Token(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def ts(any_redis: Redis) -> TokenStore:
+    return TokenStore(any_redis, namespace="contract", refresh_before=10, queue="contract")
+
+
+def scheduled(ts: TokenStore) -> list[tuple[str, float]]:
+    registry = ScheduledJobRegistry(queue=ts.refresh_queue.queue)
+    return [(m.decode(), s) for m, s in ts.redis.zrange(registry.key, 0, -1, withscores=True)]
+
+
+def test_store_then_find(ts: TokenStore) -> None:
+    t = token()
+    ts.store(t)
+    assert ts.find(SCOPE) == t
+    assert ts.find(("default", SCOPE)) == t
+    assert ts.find(SCOPE, "someone@example.com") is None
+
+
+def test_scope_spellings_share_a_key(ts: TokenStore) -> None:
+    t = token(scope="b a")
+    ts.store(t)
+    assert ts.find("a,b") == t
+    assert ts.find("a  b").scope == "b a"  # the stored spelling is kept
+
+
+def test_info_and_sub_override_the_key(ts: TokenStore) -> None:
+    t = token(sub="token-sub@example.com", account="acct@example.com")
+    ts.store(t, ("other@example.com", "x"), "u@example.com")
+    assert ts.find(("other@example.com", "x"), "u@example.com") == t
+    assert ts.find(("acct@example.com", SCOPE), "token-sub@example.com") is None
+    ts.store(t, "y")  # sub left out falls back to token.sub
+    assert ts.find("y", "token-sub@example.com") == t
+
+
+def test_expired_token_is_never_returned(ts: TokenStore) -> None:
+    ts.store(token(expires_in=3600))
+    later = TokenStore(ts.redis, namespace="contract", refresh_before=10, queue="contract", clock=lambda: time.time() + 3600)
+    assert later.find(SCOPE) is None
+    assert list(later.tokens()) == []
+
+
+def test_store_writes_ttl_and_index(ts: TokenStore) -> None:
+    t = token(expires_in=100)
+    ts.store(t)
+    key = ts.keys.token(ts.key_for(t))
+    assert 95 <= ts.redis.ttl(key) <= 100
+    assert ts.redis.zscore(ts.keys.index, key) == t.expires
+    fields = {k.decode(): v.decode() for k, v in ts.redis.hgetall(key).items()}
+    assert {f: fields[f] for f in ("token", "type", "scope", "sub", "account", "expires")} == {
+        "token": t.token, "type": "Bearer", "scope": SCOPE, "sub": "", "account": "", "expires": str(t.expires),
+    }
+    assert fields["refresh_at"] == str(t.expires - 10)
+
+
+def test_store_schedules_one_job_at_expires_minus_margin(ts: TokenStore) -> None:
+    t = token(expires_in=600)
+    job = ts.store(t)
+    assert isinstance(job, Job)
+    assert scheduled(ts) == [(job.id, t.expires - 10)]
+    assert job.kwargs["scope"] == SCOPE and t.token not in repr(job.kwargs)
+    stored = ts.redis.hgetall(Job.key_for(job.id))
+    assert t.token.encode() not in b"".join(stored.values())
+    assert Job.fetch(job.id, ts.redis, serializer=job.serializer).get_status() == JobStatus.SCHEDULED
+
+
+def test_thousand_stores_leave_one_job(ts: TokenStore) -> None:
+    for i in range(1000):
+        ts.store(token(expires_in=600 + i))
+    jobs = scheduled(ts)
+    assert len(jobs) == 1
+    assert jobs[0][1] == int(time.time()) + 600 + 999 - 10 or abs(jobs[0][1] - (time.time() + 1589)) <= 2
+
+
+def test_expired_or_inside_margin_is_refreshed_at_once(ts: TokenStore) -> None:
+    now = time.time()
+    ts.store(token(expires_in=-5))
+    ts.store(token(expires_in=5), "inside-margin")
+    for _, at in scheduled(ts):
+        assert now - 1 <= at <= now + 1
+
+
+def test_delete_cancels_refresh(ts: TokenStore) -> None:
+    t = token()
+    job = ts.store(t)
+    assert ts.delete(SCOPE) is True
+    assert ts.find(SCOPE) is None
+    assert scheduled(ts) == []
+    assert not ts.redis.exists(Job.key_for(job.id))
+    assert ts.redis.zcard(ts.keys.index) == 0
+    assert ts.delete(SCOPE) is False
+
+
+def test_tokens_lists_everything_valid(ts: TokenStore) -> None:
+    stored = {token(scope=f"s{i}") for i in range(1203)}
+    for t in stored:
+        ts.store(t)
+    assert set(ts.tokens()) == stored
+
+
+def test_malformed_hash_is_reported_not_returned(ts: TokenStore, caplog: pytest.LogCaptureFixture) -> None:
+    t = token()
+    ts.store(t)
+    key = ts.keys.token(ts.key_for(t))
+    ts.redis.hset(key, "expires", "soon")
+    assert ts.find(SCOPE) is None
+    assert "malformed" in caplog.text and key in caplog.text and t.token not in caplog.text
+    ts.redis.hdel(key, "token")
+    assert ts.find(SCOPE) is None
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "name"),
+    [
+        (lambda ts: ts.store("ya29.x"), TypeError, "token"),
+        (lambda ts: ts.find(42), TypeError, "info"),
+        (lambda ts: ts.find(("a", "")), ValueError, "scope"),
+        (lambda ts: ts.find("s", sub=""), ValueError, "sub"),
+        (lambda ts: ts.delete(("", "s")), ValueError, "account"),
+    ],
+)
+def test_bad_arguments_name_the_argument(ts: TokenStore, call, error, name) -> None:  # type: ignore[no-untyped-def]
+    t = token()
+    ts.store(t)
+    with pytest.raises(error, match=name):
+        call(ts)
+    assert ts.find(SCOPE) == t  # nothing stored was touched
+
+
+def test_constructor_validation(any_redis: Redis) -> None:
+    with pytest.raises(TypeError, match="redis"):
+        TokenStore("redis://x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="refresh_before"):
+        TokenStore(any_redis, refresh_before=-1)
+    with pytest.raises(ValueError, match="namespace"):
+        TokenStore(any_redis, namespace="")
+
+
+def test_unreachable_redis_names_the_url_without_password() -> None:
+    from tokencache.redisserver import free_port
+
+    ts = TokenStore.from_url(f"redis://user:hunter2@127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5)
+    with pytest.raises(RedisUnavailableError) as info:
+        ts.find(SCOPE)
+    assert "127.0.0.1" in str(info.value) and "hunter2" not in str(info.value)
+    assert isinstance(info.value, tokencache.TokenCacheError)
+
+
+def test_scheduled_time_is_aware_utc(ts: TokenStore) -> None:
+    t = token(expires_in=7200)
+    ts.store(t)
+    (_, at), = scheduled(ts)
+    assert datetime.fromtimestamp(at, UTC) == datetime.fromtimestamp(t.expires - 10, UTC)
+
+
+def test_module_level_defaults(monkeypatch: pytest.MonkeyPatch, redis_url: str, real_redis: Redis) -> None:
+    monkeypatch.setenv("TOKENCACHE_REDIS_URL", redis_url)
+    monkeypatch.setenv("TOKENCACHE_NAMESPACE", "defaults")
+    tokencache.reset_default_store()
+    try:
+        t = token()
+        tokencache.store(t)
+        assert tokencache.find(SCOPE) == t
+        assert real_redis.exists("defaults:token:default:" + SCOPE.replace(":", "%3A") + ":")
+        assert list(tokencache.tokens()) == [t]
+        assert tokencache.delete(SCOPE)
+    finally:
+        tokencache.reset_default_store()

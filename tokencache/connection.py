@@ -1,0 +1,73 @@
+"""Connecting to Redis, and turning redis-py's errors into ours.
+
+Every Redis call of the library runs inside :func:`redis_errors`, so a caller
+sees :class:`RedisUnavailableError` with the URL (password masked) and a hint,
+never a raw ``redis.exceptions`` class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis import Redis
+
+from . import env
+from .errors import ConfigurationError, RedisUnavailableError
+
+__all__ = ["connect", "describe", "mask_url", "redis_errors"]
+
+SOCKET_TIMEOUT = 5.0
+"""Seconds before a Redis call gives up: long enough for a loaded server, short enough for a request path."""
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def connect(url: str | None = None, **options: Any) -> Redis:
+    """A redis-py client for ``url`` (``None`` reads ``TOKENCACHE_REDIS_URL``)."""
+    url = url or env.redis_url()
+    options.setdefault("socket_timeout", SOCKET_TIMEOUT)
+    options.setdefault("socket_connect_timeout", SOCKET_TIMEOUT)
+    options.setdefault("health_check_interval", 30)
+    try:
+        return Redis.from_url(url, **options)
+    except ValueError as e:
+        raise ConfigurationError(f"bad Redis URL {mask_url(url)!r}: {e}") from e
+
+
+def describe(client: Redis) -> str:
+    """Where ``client`` points, as a URL without its password."""
+    kw = client.connection_pool.connection_kwargs
+    if "path" in kw:
+        return f"unix://{kw['path']}?db={kw.get('db', 0)}"
+    user = kw.get("username")
+    auth = f"{user or ''}:***@" if kw.get("password") else (f"{user}@" if user else "")
+    scheme = "rediss" if client.connection_pool.connection_class.__name__.startswith("SSL") else "redis"
+    return f"{scheme}://{auth}{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+
+
+@contextmanager
+def redis_errors(client: Redis) -> Iterator[None]:
+    """Translate redis-py errors raised inside the block into RedisUnavailableError."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        raise RedisUnavailableError(
+            f"cannot reach Redis at {describe(client)}: {e}. "
+            f"Is redis-server running, and is {env.REDIS_URL} right?"
+        ) from e
+    except redis.RedisError as e:
+        raise RedisUnavailableError(f"Redis at {describe(client)} refused a command: {e}") from e

@@ -1,0 +1,58 @@
+"""Module-level ``tokencache.store/find/delete/tokens``: a default TokenStore from the environment.
+
+Built lazily on first use (so importing tokencache never connects anywhere)
+and shared by every thread of the process.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+from rq.job import Job
+
+from .token import Token
+from .tokenstore import TokenStore
+
+__all__ = ["default_store", "delete", "find", "reset_default_store", "store", "tokens"]
+
+_store: TokenStore | None = None
+_lock = threading.Lock()
+
+
+def default_store() -> TokenStore:
+    """The process's TokenStore, built from ``TOKENCACHE_*`` on first use."""
+    global _store
+    with _lock:
+        if _store is None:
+            _store = TokenStore.from_url(None)
+        return _store
+
+
+def reset_default_store() -> None:
+    """Drop the default store so the next call reads the environment again."""
+    global _store
+    with _lock:
+        if _store is not None:
+            _store.redis.close()
+        _store = None
+
+
+def store(token: Token, info: object = None, sub: str | None = None) -> Job | None:
+    """:meth:`TokenStore.store` on the default store."""
+    return default_store().store(token, info, sub)
+
+
+def find(info: object, sub: str | None = None) -> Token | None:
+    """:meth:`TokenStore.find` on the default store."""
+    return default_store().find(info, sub)
+
+
+def delete(info: object, sub: str | None = None) -> bool:
+    """:meth:`TokenStore.delete` on the default store."""
+    return default_store().delete(info, sub)
+
+
+def tokens() -> Iterator[Token]:
+    """:meth:`TokenStore.tokens` on the default store."""
+    return default_store().tokens()

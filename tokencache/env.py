@@ -1,0 +1,63 @@
+"""Environment variables tokencache reads, each defined once.
+
+Modeled on google-auth's ``environment_vars``: the names live here with a
+docstring each; everything else imports them instead of repeating strings.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import ConfigurationError
+
+REDIS_URL = "TOKENCACHE_REDIS_URL"
+"""Where tokens and refresh jobs live (``redis://``, ``rediss://``, ``unix://``)."""
+
+NAMESPACE = "TOKENCACHE_NAMESPACE"
+"""Prefix of every key tokencache writes (RQ's ``rq:`` keys aside)."""
+
+REFRESH_BEFORE = "TOKENCACHE_REFRESH_BEFORE"
+"""Seconds before ``expires`` at which the refresh job runs."""
+
+QUEUE = "TOKENCACHE_QUEUE"
+"""Name of the RQ queue that carries refresh jobs."""
+
+CREDENTIALS = "TOKENCACHE_CREDENTIALS"
+"""Extra key files or folders of them (``os.pathsep``-separated), one account each."""
+
+GOOGLE_APPLICATION_CREDENTIALS = "GOOGLE_APPLICATION_CREDENTIALS"
+"""google-auth's own variable: the key file of the ``default`` account."""
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+DEFAULT_NAMESPACE = "tokencache"
+DEFAULT_REFRESH_BEFORE = 10
+DEFAULT_QUEUE = "tokencache"
+
+
+def redis_url() -> str:
+    """The Redis URL from the environment, or the local default."""
+    return os.environ.get(REDIS_URL) or DEFAULT_REDIS_URL
+
+
+def namespace() -> str:
+    """The key namespace from the environment, or ``tokencache``."""
+    return os.environ.get(NAMESPACE) or DEFAULT_NAMESPACE
+
+
+def queue_name() -> str:
+    """The refresh queue's name from the environment, or ``tokencache``."""
+    return os.environ.get(QUEUE) or DEFAULT_QUEUE
+
+
+def refresh_before() -> int:
+    """The refresh margin from the environment, validated as whole seconds >= 0."""
+    raw = os.environ.get(REFRESH_BEFORE)
+    if not raw:
+        return DEFAULT_REFRESH_BEFORE
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{REFRESH_BEFORE}={raw!r} is not a whole number of seconds") from None
+    if value < 0:
+        raise ConfigurationError(f"{REFRESH_BEFORE}={raw!r} must not be negative")
+    return value

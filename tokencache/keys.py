@@ -1,0 +1,142 @@
+"""Every Redis key tokencache writes, built in one place.
+
+Schema (``{ns}`` is the namespace, ``tokencache`` by default)::
+
+    {ns}:token:{account}:{scope}:{sub}   hash   one cached token, EXPIREAT its expires
+                                                fields: token type scope sub account expires
+                                                        + bookkeeping (refresh_at, stored_at,
+                                                        last_refresh, failures, last_error, job)
+    {ns}:index                           zset   member: the token's hash key, score: expires
+    {ns}:lock:{account}:{scope}:{sub}    string single-flight lock (SET NX PX, value = owner)
+    {ns}:repair                          string lock that lets one worker of the fleet run a repair pass
+    rq:job:tc-{digest}                   hash   (RQ) the token's one refresh job; digest = blake2b of
+                                                the token's hash key, so the id is deterministic
+
+Components are escaped so the encoding is unambiguous: ``%`` becomes ``%25``
+and ``:`` becomes ``%3A``, so no component contains a raw ``:`` and splitting
+on ``:`` after the prefix gives back exactly three parts. ``account=None`` is
+stored as ``default``; ``sub=None`` is the empty last component (an empty
+``sub`` string is refused at the API, so the two cannot collide). The scope
+component is the normalized scope: whitespace- or comma-separated scopes,
+duplicates dropped, sorted, joined with one space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+__all__ = ["DEFAULT_ACCOUNT", "Keys", "TokenKey", "normalize_scope", "parse_info"]
+
+DEFAULT_ACCOUNT = "default"
+_SCOPE_SPLIT = re.compile(r"[\s,]+")
+_JOB_ID_PREFIX = "tc-"
+
+
+def normalize_scope(scope: str, *, name: str = "scope") -> str:
+    """One canonical spelling per set of scopes: ``"b a"``, ``"a,b"``, ``"a  b"`` -> ``"a b"``."""
+    if not isinstance(scope, str):
+        raise TypeError(f"{name} must be a string of scopes, not {type(scope).__name__}")
+    parts = sorted({part for part in _SCOPE_SPLIT.split(scope) if part})
+    if not parts:
+        raise ValueError(f"{name} must name at least one scope, got {scope!r}")
+    return " ".join(parts)
+
+
+def _check_name(name: str, value: str | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string or None, not {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{name} must be a non-empty string or None")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenKey:
+    """What identifies a cached token: ``(account, normalized scope, sub)``."""
+
+    account: str
+    scope: str
+    sub: str | None = None
+
+    @classmethod
+    def of(cls, account: str | None, scope: str, sub: str | None) -> TokenKey:
+        """Validate and normalize the three parts (``account=None`` is ``default``)."""
+        _check_name("account", account)
+        _check_name("sub", sub)
+        return cls(account or DEFAULT_ACCOUNT, normalize_scope(scope), sub)
+
+    @property
+    def scopes(self) -> list[str]:
+        """The scopes as google-auth wants them."""
+        return self.scope.split(" ")
+
+    def encode(self) -> str:
+        """``account:scope:sub`` with each part escaped."""
+        return ":".join(_escape(part or "") for part in (self.account, self.scope, self.sub))
+
+    @classmethod
+    def decode(cls, encoded: str) -> TokenKey:
+        """The inverse of :meth:`encode`."""
+        parts = encoded.split(":")
+        if len(parts) != 3:
+            raise ValueError(f"not an encoded token key: {encoded!r}")
+        account, scope, sub = (unquote(part) for part in parts)
+        return cls(account, scope, sub or None)
+
+
+def _escape(part: str) -> str:
+    return part.replace("%", "%25").replace(":", "%3A")
+
+
+def parse_info(info: object, sub: str | None = None) -> TokenKey:
+    """Goth's ``info``: a scope string, or an ``(account, scope)`` tuple."""
+    if isinstance(info, str):
+        return TokenKey.of(None, info, sub)
+    if isinstance(info, tuple) and len(info) == 2:
+        account, scope = info
+        return TokenKey.of(account, scope, sub)
+    raise TypeError(f"info must be a scope string or an (account, scope) tuple, not {info!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """The key builder of one namespace."""
+
+    namespace: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.namespace, str) or not self.namespace or self.namespace != self.namespace.strip():
+            raise ValueError(f"namespace must be a non-empty string without surrounding spaces: {self.namespace!r}")
+
+    @property
+    def index(self) -> str:
+        return f"{self.namespace}:index"
+
+    @property
+    def repair(self) -> str:
+        return f"{self.namespace}:repair"
+
+    @property
+    def _token_prefix(self) -> str:
+        return f"{self.namespace}:token:"
+
+    def token(self, key: TokenKey) -> str:
+        return self._token_prefix + key.encode()
+
+    def lock(self, key: TokenKey) -> str:
+        return f"{self.namespace}:lock:{key.encode()}"
+
+    def parse_token(self, redis_key: str) -> TokenKey:
+        """The TokenKey of a token hash's Redis key (from the index)."""
+        if not redis_key.startswith(self._token_prefix):
+            raise ValueError(f"{redis_key!r} is not a token key of namespace {self.namespace!r}")
+        return TokenKey.decode(redis_key[len(self._token_prefix) :])
+
+    def job_id(self, key: TokenKey) -> str:
+        """The refresh job's RQ id: deterministic, and only ``[A-Za-z0-9_-]`` as RQ requires."""
+        digest = hashlib.blake2b(self.token(key).encode(), digest_size=12).hexdigest()
+        return _JOB_ID_PREFIX + digest

@@ -1,0 +1,43 @@
+"""Single-flight locks: ``SET NX PX`` with an owner value, released by compare-and-delete.
+
+The owner value makes release safe: a holder whose lock already expired (and
+was taken by someone else) cannot delete the new holder's lock.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from redis import Redis
+
+__all__ = ["Lock"]
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+@dataclass
+class Lock:
+    """One named lock, held for at most ``ttl`` seconds."""
+
+    redis: Redis
+    name: str
+    ttl: float
+    owner: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def acquire(self) -> bool:
+        """Take the lock if nobody holds it; True on success."""
+        return bool(self.redis.set(self.name, self.owner, nx=True, px=int(self.ttl * 1000)))
+
+    def release(self) -> bool:
+        """Give the lock back if we still hold it; True if it was ours."""
+        return bool(self.redis.eval(_RELEASE, 1, self.name, self.owner))
+
+    def held(self) -> bool:
+        """Whether anybody holds the lock right now."""
+        return bool(self.redis.exists(self.name))

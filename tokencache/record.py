@@ -1,0 +1,102 @@
+"""How a Token and its bookkeeping are laid out in the token's Redis hash.
+
+The hash reads as the token under ``redis-cli HGETALL``: the Token's own fields
+(``token type scope sub account expires``; ``sub``/``account`` empty for None)
+followed by bookkeeping that tells an operator how its refreshes are going.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .token import Token
+
+__all__ = ["Bookkeeping", "MalformedRecord", "from_fields", "to_fields"]
+
+TOKEN_FIELDS = ("token", "type", "scope", "sub", "account", "expires")
+
+
+class MalformedRecord(ValueError):
+    """A token hash that cannot be read back as a Token (hand-edited, or written by something else)."""
+
+
+def to_fields(token: Token, *, refresh_at: int, stored_at: int, job: str, refreshed: bool) -> dict[str, str]:
+    """The hash of a token being written, bookkeeping reset."""
+    fields = {
+        "token": token.token,
+        "type": token.type,
+        "scope": token.scope,
+        "sub": token.sub or "",
+        "account": token.account or "",
+        "expires": str(token.expires),
+        "refresh_at": str(refresh_at),
+        "stored_at": str(stored_at),
+        "job": job,
+        "failures": "0",
+    }
+    if refreshed:
+        fields["refreshed_at"] = str(stored_at)
+    return fields
+
+
+def _text(raw: Mapping[bytes, bytes], name: str) -> str:
+    value = raw.get(name.encode())
+    if value is None:
+        raise MalformedRecord(f"field {name!r} is missing")
+    try:
+        return value.decode()
+    except UnicodeDecodeError as e:
+        raise MalformedRecord(f"field {name!r} is not UTF-8") from e
+
+
+def from_fields(raw: Mapping[bytes, bytes]) -> Token:
+    """The Token stored in ``raw`` (an HGETALL reply), or MalformedRecord saying what is wrong."""
+    values = {name: _text(raw, name) for name in TOKEN_FIELDS}
+    try:
+        expires = int(values["expires"])
+    except ValueError:
+        raise MalformedRecord(f"field 'expires' is not whole seconds: {values['expires']!r}") from None
+    try:
+        return Token(
+            token=values["token"],
+            type=values["type"],
+            scope=values["scope"],
+            expires=expires,
+            sub=values["sub"] or None,
+            account=values["account"] or None,
+        )
+    except (TypeError, ValueError) as e:
+        raise MalformedRecord(str(e)) from e
+
+
+@dataclass(frozen=True, slots=True)
+class Bookkeeping:
+    """What the hash says about a token's refreshes (for ``ls``/``status`` and the refresh job)."""
+
+    refresh_at: int | None
+    stored_at: int | None
+    refreshed_at: int | None
+    failures: int
+    last_error: str | None
+    job: str | None
+
+    @classmethod
+    def of(cls, raw: Mapping[bytes, bytes]) -> Bookkeeping:
+        def number(name: str) -> int | None:
+            value = raw.get(name.encode())
+            try:
+                return int(value) if value is not None else None
+            except ValueError:
+                return None
+
+        error = raw.get(b"last_error")
+        job = raw.get(b"job")
+        return cls(
+            refresh_at=number("refresh_at"),
+            stored_at=number("stored_at"),
+            refreshed_at=number("refreshed_at"),
+            failures=number("failures") or 0,
+            last_error=error.decode(errors="replace") if error else None,
+            job=job.decode(errors="replace") if job else None,
+        )

@@ -1,0 +1,118 @@
+"""A private ``redis-server`` on a free port in a temporary folder.
+
+Tests, the demo and the benchmarks use it so they never touch a Redis that
+somebody else runs (the machine's port 6379 included), and can throw it away.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import redis
+from redis import Redis
+
+from .errors import ConfigurationError
+
+__all__ = ["EmbeddedRedis", "free_port"]
+
+INSTALL_HINT = (
+    "redis-server is not installed: install Debian's package with "
+    "'sudo apt-get install redis-server' (or set TOKENCACHE_REDIS_URL to a Redis you run)"
+)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the kernel's pick)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedRedis:
+    """A redis-server child process; ``url`` is where it listens."""
+
+    def __init__(self, *, port: int | None = None, appendonly: bool = False, startup_timeout: float = 10.0):
+        self.executable = shutil.which("redis-server")
+        if self.executable is None:
+            raise ConfigurationError(INSTALL_HINT)
+        self.port = port or free_port()
+        self.appendonly = appendonly
+        self.startup_timeout = startup_timeout
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def dir(self) -> Path:
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="tokencache-redis-")
+        return Path(self._tmp.name)
+
+    def client(self) -> Redis:
+        return Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+    def start(self) -> EmbeddedRedis:
+        """Start the server and wait until it answers PING."""
+        args = [
+            str(self.executable), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+            "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--daemonize", "no",
+            "--logfile", str(self.dir / "redis.log"),
+        ]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        client = self.client()
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise ConfigurationError(f"redis-server exited at start: {self._log_tail()}")
+            try:
+                if client.ping():
+                    client.close()
+                    return
+            except (OSError, redis.RedisError):
+                pass  # still booting
+            time.sleep(0.02)
+        self.stop()
+        raise ConfigurationError(f"redis-server did not answer within {self.startup_timeout}s")
+
+    def _log_tail(self) -> str:
+        log = self.dir / "redis.log"
+        return log.read_text()[-500:] if log.exists() else "(no log)"
+
+    def stop(self, *, cleanup: bool = True) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after 5 s) and, with ``cleanup``, remove its folder."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.process = None
+        if cleanup and self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def restart(self) -> None:
+        """Stop and start again on the same port and folder (appendonly keeps the data)."""
+        self.stop(cleanup=False)
+        self.start()
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(self, *exc: object | TracebackType) -> None:
+        self.stop()

@@ -1,0 +1,122 @@
+"""The refresh job: what an RQ worker runs when a token's refresh comes due.
+
+It must be safe to run twice at once and to run early or late, because RQ
+gives no exactly-once promise: the scheduler polls once a second with
+whole-second scores (so a job can start up to a second early), repair may
+re-enqueue a job it believes lost, and a SIGKILLed worker leaves its job
+half-done. So the job takes the token's lock, re-reads the token, fetches only
+if a refresh is really due, and always ends by telling RQ when to run it next.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+from rq import get_current_job
+from rq.job import Job
+
+from .errors import ConfigurationError, RefreshError
+from .keys import DEFAULT_ACCOUNT, TokenKey
+from .locks import Lock
+from .scheduling import repeat_current_job
+from .sources import FETCH_TIMEOUT, Sources, default_sources
+from .token import EXPIRY_SKEW, mask
+from .tokenstore import TokenRecord, TokenStore, record_failure
+
+__all__ = ["LOCK_TTL", "Refresher", "refresh"]
+
+log = logging.getLogger(__name__)
+
+LOCK_TTL = FETCH_TIMEOUT + 1.0
+"""A refresh holds its token's lock this long at most: one bounded fetch plus a write.
+Kept below the default 10 s margin so a refresh killed mid-fetch is retried before expiry."""
+EARLY = 2.0
+"""Seconds before ``refresh_at`` at which a run still counts as due (RQ may start jobs ~1 s early)."""
+BUSY_RETRY = 1.0
+"""Seconds to wait before looking again when another process holds the token's lock."""
+BACKOFF_BASE = 1.0
+BACKOFF_CAP = 60.0
+
+
+def backoff(failures: int, time_left: float) -> float | None:
+    """Delay before retry number ``failures``: exponential, equal jitter, landing before expiry.
+
+    None when the current token has no time left for another try.
+    """
+    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, failures - 1))
+    delay = random.uniform(ceiling / 2, ceiling)
+    latest = time_left - EXPIRY_SKEW - 0.5
+    if latest <= 0:
+        return None
+    return min(delay, latest)
+
+
+@dataclass
+class Refresher:
+    """One refresh attempt of one token; :meth:`run` returns (outcome, seconds until the next run)."""
+
+    store: TokenStore
+    key: TokenKey
+    sources: Sources
+    owner: str
+
+    def run(self) -> tuple[str, float | None]:
+        if not self.store.indexed(self.key):
+            return "deleted", None
+        lock = Lock(self.store.redis, self.store.keys.lock(self.key), LOCK_TTL, owner=self.owner)
+        if not lock.acquire():
+            return "busy", BUSY_RETRY
+        try:
+            return self._locked()
+        finally:
+            lock.release()
+
+    def _locked(self) -> tuple[str, float | None]:
+        current = self.store.record(self.key)
+        now = self.store.clock()
+        if current is not None and current.token.expires_in(now) > EXPIRY_SKEW:
+            due = current.bookkeeping.refresh_at or current.token.expires - self.store.refresh_before
+            if now < due - EARLY:
+                return "not due", due - now
+        try:
+            token = self.sources.fetch(self.key, scope=self._scope(current), account=self._account(current))
+        except (RefreshError, ConfigurationError) as e:
+            return self._failed(current, e)
+        self.store.write(self.key, token, schedule=False, fetched=True)
+        log.info("refreshed %s: %s, expires in %ds", self.key.encode(), mask(token.token), token.expires_in())
+        return "refreshed", self.store.due_at(token, fetched=True) - self.store.clock()
+
+    def _scope(self, current: TokenRecord | None) -> str:
+        return current.token.scope if current is not None else self.key.scope
+
+    def _account(self, current: TokenRecord | None) -> str | None:
+        if current is not None:
+            return current.token.account
+        return None if self.key.account == DEFAULT_ACCOUNT else self.key.account
+
+    def _failed(self, current: TokenRecord | None, error: Exception) -> tuple[str, float | None]:
+        failures = record_failure(self.store, self.key, str(error))
+        left = current.token.expires_in(self.store.clock()) if current is not None else 0.0
+        delay = None if isinstance(error, ConfigurationError) else backoff(failures, left)
+        if delay is None:
+            log.error("refresh of %s failed, giving up (no valid token left to fall back on): %s",
+                      self.key.encode(), error)
+            raise error
+        log.warning("refresh of %s failed (%d in a row): %s; retrying in %.1fs while %s stays valid %.0fs",
+                    self.key.encode(), failures, error, delay, mask(current.token.token) if current else "-", left)
+        return "failed", delay
+
+
+def refresh(namespace: str, account: str, scope: str, sub: str | None, refresh_before: int) -> str:
+    """RQ entry point (``tokencache.refresh.refresh``): refresh one token, schedule the next run."""
+    job = get_current_job()
+    if not isinstance(job, Job):
+        raise RuntimeError("tokencache.refresh.refresh runs inside an RQ worker")
+    store = TokenStore(job.connection, namespace=namespace, refresh_before=refresh_before, queue=job.origin)
+    refresher = Refresher(store, TokenKey(account, scope, sub), default_sources(), owner=job.id)
+    outcome, delay = refresher.run()
+    if delay is not None:
+        repeat_current_job(job, delay)
+    return outcome

@@ -1,0 +1,192 @@
+"""Where tokens come from: one google-auth credentials source per account.
+
+Only refresh workers (and apps that choose to hold keys) need this module's
+configuration. Accounts:
+
+* ``default`` — ``GOOGLE_APPLICATION_CREDENTIALS`` (any file google-auth
+  accepts), else google-auth's ADC chain (gcloud's file, the metadata server
+  at ``GCE_METADATA_HOST``);
+* every service-account key file in ``TOKENCACHE_CREDENTIALS`` (files or
+  folders of ``*.json``, ``os.pathsep``-separated) as its ``client_email``.
+
+google-auth does the protocol (JWT-bearer assertions, refresh tokens, the
+metadata server); we only choose the credentials, bound the request time and
+turn the result into a :class:`Token`.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import google.auth
+import google.auth.exceptions
+import google.auth.transport.requests
+from google.auth.credentials import Credentials, with_scopes_if_required
+
+from . import env
+from .errors import ConfigurationError, RefreshError, UnknownAccountError
+from .keys import DEFAULT_ACCOUNT, TokenKey
+from .token import Token
+
+__all__ = ["FETCH_TIMEOUT", "Sources", "default_sources"]
+
+FETCH_TIMEOUT = 5.0
+"""Seconds one token request may take. google-auth's own default is 120 s, far
+longer than the refresh margin: a hung request would let the token expire and
+hold the refresh lock past its TTL."""
+
+
+class _BoundedRequest(google.auth.transport.requests.Request):  # type: ignore[misc]
+    """google-auth's requests transport with every call's timeout capped."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__()
+        self._cap = timeout
+
+    def __call__(self, url: str, method: str = "GET", body: Any = None, headers: Any = None,
+                 timeout: float | None = None, **kwargs: Any) -> Any:
+        bounded = self._cap if timeout is None else min(timeout, self._cap)
+        return super().__call__(url, method=method, body=body, headers=headers, timeout=bounded, **kwargs)
+
+
+def _key_files(spec: str) -> list[Path]:
+    files: list[Path] = []
+    for entry in filter(None, spec.split(os.pathsep)):
+        path = Path(entry)
+        if path.is_dir():
+            files.extend(sorted(path.glob("*.json")))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ConfigurationError(f"{env.CREDENTIALS} names {entry!r}, which is neither a file nor a folder")
+    return files
+
+
+def _client_email(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigurationError(f"cannot read key file {path}: {e}") from e
+    email = info.get("client_email") if isinstance(info, dict) else None
+    if not isinstance(email, str) or info.get("type") != "service_account":
+        raise ConfigurationError(f"{path} is not a service-account key file (no client_email)")
+    return email
+
+
+@dataclass
+class Sources:
+    """The accounts this process can fetch tokens for, and the fetching."""
+
+    files: Mapping[str, Path] = field(default_factory=dict)
+    """Account name -> key file (``default`` included when it comes from a file)."""
+    use_adc: bool = True
+    """Whether ``default`` falls back to google-auth's ADC chain when no file names it."""
+    timeout: float = FETCH_TIMEOUT
+    _base: dict[str, Credentials] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Sources:
+        """Read the accounts from ``GOOGLE_APPLICATION_CREDENTIALS`` and ``TOKENCACHE_CREDENTIALS``."""
+        environ = os.environ if environ is None else environ
+        files = {_client_email(path): path for path in _key_files(environ.get(env.CREDENTIALS, ""))}
+        default_file = environ.get(env.GOOGLE_APPLICATION_CREDENTIALS)
+        if default_file:
+            if not Path(default_file).is_file():
+                raise ConfigurationError(
+                    f"{env.GOOGLE_APPLICATION_CREDENTIALS}={default_file!r} is not a readable file"
+                )
+            files[DEFAULT_ACCOUNT] = Path(default_file)
+        return cls(files=files)
+
+    def accounts(self) -> list[str]:
+        """Names of the accounts configured here (``default`` may also come from ADC)."""
+        names = set(self.files)
+        if self.use_adc:
+            names.add(DEFAULT_ACCOUNT)
+        return sorted(names)
+
+    def has(self, account: str) -> bool:
+        return account in self.files or (account == DEFAULT_ACCOUNT and self.use_adc)
+
+    def _load(self, account: str) -> Credentials:
+        if account in self.files:
+            creds, _ = google.auth.load_credentials_from_file(str(self.files[account]))
+            return creds
+        if account == DEFAULT_ACCOUNT and self.use_adc:
+            creds, _ = google.auth.default(request=_BoundedRequest(self.timeout))
+            return creds
+        raise UnknownAccountError(
+            f"no credentials for account {account!r} (known: {', '.join(self.accounts()) or 'none'}). "
+            f"The 'default' account comes from {env.GOOGLE_APPLICATION_CREDENTIALS} or google-auth's ADC; "
+            f"others from the key files in {env.CREDENTIALS}, each named by its client_email."
+        )
+
+    def base(self, account: str) -> Credentials:
+        """The account's unscoped credentials, loaded once per process."""
+        with self._lock:
+            if account not in self._base:
+                try:
+                    self._base[account] = self._load(account)
+                except google.auth.exceptions.GoogleAuthError as e:
+                    raise ConfigurationError(f"cannot load credentials of account {account!r}: {e}") from e
+            return self._base[account]
+
+    def credentials(self, key: TokenKey) -> Credentials:
+        """Fresh credentials for the key's scopes (and subject, for domain-wide delegation)."""
+        creds = with_scopes_if_required(self.base(key.account), key.scopes)
+        if hasattr(creds, "with_scopes") and not getattr(creds, "requires_scopes", False):
+            creds = creds.with_scopes(key.scopes)
+        if key.sub is not None:
+            if not hasattr(creds, "with_subject"):
+                raise ConfigurationError(
+                    f"account {key.account!r} ({type(creds).__module__}.{type(creds).__name__}) cannot "
+                    f"act for a subject (sub={key.sub!r}): domain-wide delegation needs a service-account key"
+                )
+            creds = creds.with_subject(key.sub)
+        return creds
+
+    def fetch(self, key: TokenKey, *, scope: str | None = None, account: str | None = None) -> Token:
+        """Ask the account's source for a new token (blocking, at most ``timeout`` per request)."""
+        creds = self.credentials(key)
+        try:
+            creds.refresh(_BoundedRequest(self.timeout))
+        except google.auth.exceptions.GoogleAuthError as e:
+            raise RefreshError(f"token request for {key.encode()!r} failed: {e}") from e
+        if not creds.token or creds.expiry is None:
+            raise RefreshError(f"token request for {key.encode()!r} returned no token or no expiry")
+        return Token(
+            token=creds.token,
+            type="Bearer",
+            scope=scope or key.scope,
+            expires=calendar.timegm(creds.expiry.utctimetuple()),
+            sub=key.sub,
+            account=account,
+        )
+
+
+_default: Sources | None = None
+_default_lock = threading.Lock()
+
+
+def default_sources() -> Sources:
+    """This process's Sources, read from the environment on first use."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Sources.from_env()
+        return _default
+
+
+def reset_default_sources() -> None:
+    """Forget the cached Sources (after the environment changed, e.g. in tests)."""
+    global _default
+    with _default_lock:
+        _default = None

@@ -1,0 +1,103 @@
+"""The Token value and how to talk about its life (fresh, stale, invalid).
+
+A Token is what Goth's ``%Goth.Token{}`` is: an access token with its scope,
+absolute expiry in whole Unix seconds, and the account and subject it was
+issued for. It validates itself at construction so a bad value never reaches
+Redis, and it never shows the access token in its ``repr``.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Freshness", "Token", "mask"]
+
+EXPIRY_SKEW = 1
+"""Seconds before ``expires`` at which a token is already treated as expired.
+
+``EXPIREAT`` works in whole seconds and a caller needs a moment to use the
+token, so a token in its last second is not handed out.
+"""
+
+
+class Freshness(enum.Enum):
+    """google-auth's three states of a token's life."""
+
+    FRESH = "fresh"  # usable, no refresh due
+    STALE = "stale"  # usable, but inside the refresh margin: a refresh is due
+    INVALID = "invalid"  # expired (or about to): never handed out
+
+
+def mask(secret: str) -> str:
+    """Show enough of a token to tell two apart in a log, never enough to use it."""
+    if len(secret) <= 12:
+        return "…"
+    return f"{secret[:7]}…{secret[-3:]}"
+
+
+def _require_text(name: str, value: object, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        kind = "a string or None" if optional else "a string"
+        raise TypeError(f"Token.{name} must be {kind}, not {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"Token.{name} must not be empty")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Token:
+    """An OAuth2 access token as cached for the whole fleet."""
+
+    token: str = field(repr=False)
+    type: str = "Bearer"
+    scope: str
+    expires: int
+    sub: str | None = None
+    account: str | None = None
+
+    def __post_init__(self) -> None:
+        _require_text("token", self.token)
+        _require_text("type", self.type)
+        _require_text("scope", self.scope)
+        _require_text("sub", self.sub, optional=True)
+        _require_text("account", self.account, optional=True)
+        if isinstance(self.expires, bool) or not isinstance(self.expires, int):
+            raise TypeError(
+                f"Token.expires must be whole Unix seconds (int), not {type(self.expires).__name__}"
+            )
+        if self.expires < 0:
+            raise ValueError(f"Token.expires must be a Unix time, not {self.expires}")
+
+    def __repr__(self) -> str:
+        return (
+            f"Token(token={mask(self.token)!r}, type={self.type!r}, scope={self.scope!r}, "
+            f"expires={self.expires}, sub={self.sub!r}, account={self.account!r})"
+        )
+
+    def expires_in(self, now: float | None = None) -> float:
+        """Seconds of life left (negative once expired)."""
+        return self.expires - (time.time() if now is None else now)
+
+    def freshness(self, refresh_before: float, now: float | None = None) -> Freshness:
+        """Where this token stands in its life, given the refresh margin."""
+        left = self.expires_in(now)
+        if left <= EXPIRY_SKEW:
+            return Freshness.INVALID
+        if left <= refresh_before:
+            return Freshness.STALE
+        return Freshness.FRESH
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain data (the access token included: handle with care)."""
+        return {
+            "token": self.token,
+            "type": self.type,
+            "scope": self.scope,
+            "expires": self.expires,
+            "sub": self.sub,
+            "account": self.account,
+        }

@@ -1,0 +1,232 @@
+"""TokenStore: the fleet's shared token cache on Redis (Goth's TokenStore, in Python).
+
+``store`` writes a token's hash, TTL and index entry and (re)schedules its one
+refresh job in a single MULTI/EXEC; ``find`` is a single HGETALL. Neither ever
+talks to Google: only the refresh job (see :mod:`tokencache.refresh`) does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from redis import Redis
+from rq.job import Job
+
+from . import env
+from .connection import connect, redis_errors
+from .keys import Keys, TokenKey, parse_info
+from .record import Bookkeeping, MalformedRecord, from_fields, to_fields
+from .scheduling import RefreshQueue, utc
+from .token import Freshness, Token
+
+__all__ = ["TokenRecord", "TokenStore"]
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+_BATCH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    """A cached token with its key and refresh bookkeeping (what ``ls`` shows)."""
+
+    key: TokenKey
+    token: Token
+    bookkeeping: Bookkeeping
+
+
+def _check_refresh_before(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"refresh_before must be whole seconds (int), not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"refresh_before must not be negative, got {value}")
+    return value
+
+
+class TokenStore:
+    """Shared tokens of one namespace in one Redis, refreshed by the RQ queue of that namespace."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        namespace: str | None = None,
+        refresh_before: int | None = None,
+        queue: str | None = None,
+        clock: Clock = time.time,
+    ) -> None:
+        if not isinstance(redis, Redis):
+            raise TypeError(f"redis must be a redis.Redis client, not {type(redis).__name__}")
+        self.redis = redis
+        self.keys = Keys(env.namespace() if namespace is None else namespace)
+        self.refresh_before = _check_refresh_before(
+            env.refresh_before() if refresh_before is None else refresh_before
+        )
+        self.refresh_queue = RefreshQueue(redis, queue or env.queue_name(), self.keys)
+        self.clock = clock
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str | None = None,
+        *,
+        namespace: str | None = None,
+        refresh_before: int | None = None,
+        queue: str | None = None,
+        **redis_options: Any,
+    ) -> TokenStore:
+        """A store on the Redis at ``url`` (``None`` reads ``TOKENCACHE_REDIS_URL``)."""
+        return cls(
+            connect(url, **redis_options), namespace=namespace, refresh_before=refresh_before, queue=queue
+        )
+
+    def __repr__(self) -> str:
+        return f"TokenStore(namespace={self.keys.namespace!r}, refresh_before={self.refresh_before})"
+
+    # -- writing -------------------------------------------------------------
+
+    def key_for(self, token: Token, info: object = None, sub: str | None = None) -> TokenKey:
+        """The key ``store(token, info, sub)`` files the token under (Goth's override rules)."""
+        if not isinstance(token, Token):
+            raise TypeError(f"token must be a tokencache.Token, not {type(token).__name__}")
+        sub = token.sub if sub is None else sub
+        if info is None:
+            return TokenKey.of(token.account, token.scope, sub)
+        return parse_info(info, sub)
+
+    def store(self, token: Token, info: object = None, sub: str | None = None) -> Job | None:
+        """Cache ``token`` for the fleet and schedule its refresh; returns the refresh job."""
+        return self.write(self.key_for(token, info, sub), token, schedule=True)
+
+    def due_at(self, token: Token, *, fetched: bool) -> int:
+        """When the token's refresh should run: ``refresh_before`` ahead of expiry.
+
+        A token we just fetched whose whole life is shorter than the margin is
+        refreshed at half-life instead, so short-lived tokens cannot make the
+        workers fetch in a loop.
+        """
+        now = int(self.clock())
+        due = token.expires - self.refresh_before
+        if fetched:
+            due = max(due, now + (token.expires - now) // 2)
+        return max(due, now)
+
+    def write(self, key: TokenKey, token: Token, *, schedule: bool, fetched: bool = False) -> Job | None:
+        """Atomically write hash, TTL, index entry and (if ``schedule``) the refresh job."""
+        now = int(self.clock())
+        refresh_at = self.due_at(token, fetched=fetched)
+        redis_key = self.keys.token(key)
+        job_id = self.keys.job_id(key)
+        fields = to_fields(token, refresh_at=refresh_at, stored_at=now, job=job_id, refreshed=fetched)
+        job = None
+        with redis_errors(self.redis), self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(redis_key)
+            pipe.hset(redis_key, mapping=fields)
+            pipe.expireat(redis_key, token.expires)
+            pipe.zadd(self.keys.index, {redis_key: token.expires})
+            if schedule:
+                job = self.refresh_queue.schedule(pipe, key, self.refresh_before, utc(refresh_at))
+            pipe.execute()
+        return job
+
+    def delete(self, info: object, sub: str | None = None) -> bool:
+        """Forget a token and cancel its refresh; True if it was cached."""
+        key = parse_info(info, sub)
+        redis_key = self.keys.token(key)
+        with redis_errors(self.redis), self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(redis_key)
+            pipe.zrem(self.keys.index, redis_key)
+            self.refresh_queue.cancel(pipe, key)
+            deleted, unindexed, *_ = pipe.execute()
+        return bool(deleted or unindexed)
+
+    # -- reading -------------------------------------------------------------
+
+    def find(self, info: object, sub: str | None = None) -> Token | None:
+        """The cached token for ``info``/``sub``, or None; never an expired one."""
+        key = parse_info(info, sub)
+        redis_key = self.keys.token(key)
+        with redis_errors(self.redis):
+            raw = self.redis.hgetall(redis_key)
+        return self._usable(redis_key, raw)
+
+    def _usable(self, redis_key: str, raw: dict[bytes, bytes]) -> Token | None:
+        if not raw:
+            return None
+        try:
+            token = from_fields(raw)
+        except MalformedRecord as e:
+            log.warning("ignoring malformed token hash %s: %s", redis_key, e)
+            return None
+        if token.freshness(self.refresh_before, self.clock()) is Freshness.INVALID:
+            return None
+        return token
+
+    def record(self, key: TokenKey) -> TokenRecord | None:
+        """The token stored under ``key`` with its bookkeeping, valid or not (None if absent/malformed)."""
+        with redis_errors(self.redis):
+            raw = self.redis.hgetall(self.keys.token(key))
+        return self._record(key, raw)
+
+    def _record(self, key: TokenKey, raw: dict[bytes, bytes]) -> TokenRecord | None:
+        if not raw:
+            return None
+        try:
+            return TokenRecord(key, from_fields(raw), Bookkeeping.of(raw))
+        except MalformedRecord as e:
+            log.warning("ignoring malformed token hash %s: %s", self.keys.token(key), e)
+            return None
+
+    def indexed(self, key: TokenKey) -> bool:
+        """Whether ``key`` is in the index (a deleted token is not; an expired one still is)."""
+        with redis_errors(self.redis):
+            return self.redis.zscore(self.keys.index, self.keys.token(key)) is not None
+
+    def records(self) -> Iterator[TokenRecord]:
+        """Every indexed token that is still in Redis, with its bookkeeping (expired ones included)."""
+        for start in range(0, self._index_size(), _BATCH):
+            with redis_errors(self.redis):
+                members = self.redis.zrange(self.keys.index, start, start + _BATCH - 1)
+                with self.redis.pipeline(transaction=False) as pipe:
+                    for member in members:
+                        pipe.hgetall(member)
+                    replies = pipe.execute()
+            for member, raw in zip(members, replies, strict=True):
+                key = self.keys.parse_token(member.decode())
+                found = self._record(key, raw)
+                if found is not None:
+                    yield found
+
+    def _index_size(self) -> int:
+        with redis_errors(self.redis):
+            return int(self.redis.zcard(self.keys.index))
+
+    def tokens(self) -> Iterator[Token]:
+        """Every cached token that may still be handed out."""
+        now = self.clock()
+        for found in self.records():
+            if found.token.freshness(self.refresh_before, now) is not Freshness.INVALID:
+                yield found.token
+
+
+_RECORD_FAILURE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+    local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+    redis.call('HSET', KEYS[1], 'last_error', ARGV[1], 'last_error_at', ARGV[2])
+    return failures
+end
+return 0
+"""
+
+
+def record_failure(store: TokenStore, key: TokenKey, message: str) -> int:
+    """Count a failed refresh in the token's hash (if it still exists); the new count, or 0."""
+    with redis_errors(store.redis):
+        return int(
+            store.redis.eval(_RECORD_FAILURE, 1, store.keys.token(key), message[:500], int(store.clock()))
+        )

@@ -1,0 +1,65 @@
+"""The refresh worker pool: ``tokencache worker -n N``.
+
+N RQ workers (forked by RQ's own :class:`WorkerPool`, restarted if they die)
+with the scheduler on and the JSON serializer, all on the refresh queue; the
+pool's parent process also runs :func:`repair` about once a second. SIGTERM or
+SIGINT stops the pool gracefully: each worker finishes its current job.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from redis import Redis
+from rq.serializers import JSONSerializer
+from rq.worker_pool import WorkerPool
+
+from .connection import redis_errors
+from .errors import TokenCacheError
+from .repair import repair_if_leader
+from .sources import default_sources
+from .tokenstore import TokenStore
+
+__all__ = ["REPAIR_INTERVAL", "RefreshPool", "run_pool"]
+
+log = logging.getLogger(__name__)
+
+REPAIR_INTERVAL = 1.0
+"""Seconds between repair passes of the fleet (the pool loop ticks once a second)."""
+
+
+class RefreshPool(WorkerPool):  # type: ignore[misc]
+    """RQ's worker pool plus the repair pass in its once-a-second supervision loop."""
+
+    def __init__(self, store: TokenStore, num_workers: int, **kwargs: Any) -> None:
+        super().__init__(
+            [store.refresh_queue.name],
+            connection=store.redis,
+            num_workers=num_workers,
+            serializer=JSONSerializer,
+            **kwargs,
+        )
+        self.store = store
+
+    def check_workers(self, respawn: bool = True) -> None:
+        super().check_workers(respawn=respawn)
+        try:
+            repair_if_leader(self.store, REPAIR_INTERVAL)
+        except TokenCacheError as e:
+            log.warning("repair pass skipped: %s", e)
+
+
+def _check_redis(redis: Redis) -> None:
+    with redis_errors(redis):
+        redis.ping()
+
+
+def run_pool(store: TokenStore, num_workers: int, *, burst: bool = False, logging_level: str = "INFO") -> None:
+    """Run the pool in the foreground until SIGTERM/SIGINT (or until idle with ``burst``)."""
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be at least 1, got {num_workers}")
+    _check_redis(store.redis)
+    accounts = default_sources().accounts()  # fail fast on a broken TOKENCACHE_CREDENTIALS
+    log.info("refreshing accounts %s on queue %r", ", ".join(accounts), store.refresh_queue.name)
+    RefreshPool(store, num_workers).start(burst=burst, logging_level=logging_level)
