@@ -84,6 +84,7 @@ class RefreshQueue:
         """Put the token's refresh job on the queue now, bypassing the scheduler (for repair)."""
         job = self._job(key, refresh_before, JobStatus.QUEUED)
         with self.connection.pipeline(transaction=True) as pipe:
+            pipe.multi()  # before any command: enqueue_job() would start the transaction itself
             pipe.zrem(self.scheduled.key, job.id)
             pipe.lrem(self.queue.key, 0, job.id)
             self.queue.enqueue_job(job, pipeline=pipe)

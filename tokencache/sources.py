@@ -20,12 +20,14 @@ import calendar
 import json
 import os
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import google.auth
+import requests
 import google.auth.exceptions
 import google.auth.transport.requests
 from google.auth.credentials import Credentials, with_scopes_if_required
@@ -44,16 +46,29 @@ hold the refresh lock past its TTL."""
 
 
 class _BoundedRequest(google.auth.transport.requests.Request):  # type: ignore[misc]
-    """google-auth's requests transport with every call's timeout capped."""
+    """google-auth's requests transport, bounded to one fetch's time budget.
 
-    def __init__(self, timeout: float) -> None:
-        super().__init__()
-        self._cap = timeout
+    google-auth retries 429/5xx answers of the token endpoint itself, sleeping
+    1 s, then 2 s, between tries. That would hide failures from our bookkeeping
+    and stretch one fetch past the refresh lock's TTL, so such an answer raises
+    a TransportError here, which google-auth does not retry: our refresh job's
+    own backoff (recorded in the token's hash) takes over.
+    """
+
+    def __init__(self, budget: float, session: requests.Session) -> None:
+        super().__init__(session=session)
+        self._deadline = time.monotonic() + budget
 
     def __call__(self, url: str, method: str = "GET", body: Any = None, headers: Any = None,
                  timeout: float | None = None, **kwargs: Any) -> Any:
-        bounded = self._cap if timeout is None else min(timeout, self._cap)
-        return super().__call__(url, method=method, body=body, headers=headers, timeout=bounded, **kwargs)
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise google.auth.exceptions.TransportError(f"no time left for a request to {url}")
+        bounded = left if timeout is None else min(timeout, left)
+        response = super().__call__(url, method=method, body=body, headers=headers, timeout=bounded, **kwargs)
+        if response.status == 429 or response.status >= 500:
+            raise google.auth.exceptions.TransportError(f"{url} answered HTTP {response.status}")
+        return response
 
 
 def _key_files(spec: str) -> list[Path]:
@@ -91,6 +106,7 @@ class Sources:
     timeout: float = FETCH_TIMEOUT
     _base: dict[str, Credentials] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _session: requests.Session = field(default_factory=requests.Session, repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Sources:
@@ -121,7 +137,7 @@ class Sources:
             creds, _ = google.auth.load_credentials_from_file(str(self.files[account]))
             return creds
         if account == DEFAULT_ACCOUNT and self.use_adc:
-            creds, _ = google.auth.default(request=_BoundedRequest(self.timeout))
+            creds, _ = google.auth.default(request=_BoundedRequest(self.timeout, self._session))
             return creds
         raise UnknownAccountError(
             f"no credentials for account {account!r} (known: {', '.join(self.accounts()) or 'none'}). "
@@ -157,7 +173,7 @@ class Sources:
         """Ask the account's source for a new token (blocking, at most ``timeout`` per request)."""
         creds = self.credentials(key)
         try:
-            creds.refresh(_BoundedRequest(self.timeout))
+            creds.refresh(_BoundedRequest(self.timeout, self._session))
         except google.auth.exceptions.GoogleAuthError as e:
             raise RefreshError(f"token request for {key.encode()!r} failed: {e}") from e
         if not creds.token or creds.expiry is None:

@@ -1,0 +1,128 @@
+"""Refreshes end to end: real `tokencache worker` processes, the emulator, real google-auth."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from rq.registry import ScheduledJobRegistry
+
+from tokencache import Token, TokenStore
+from tokencache.emulator import Emulator
+
+from .conftest import SCOPE, Workers, wait_for
+
+
+def opaque(expires_in: float, **kw: object) -> Token:
+    """A token that did not come from the emulator (so we can tell it from a refreshed one)."""
+    return Token(token="ya29.original-token-0000", scope=SCOPE, expires=int(time.time() + expires_in), **kw)  # type: ignore[arg-type]
+
+
+def replaced(store: TokenStore, old: Token, info: object = SCOPE) -> Token | None:
+    found = store.find(info)
+    return found if found is not None and found.token != old.token else None
+
+
+def next_run(store: TokenStore) -> float | None:
+    registry = ScheduledJobRegistry(queue=store.refresh_queue.queue)
+    scores = store.redis.zrange(registry.key, 0, -1, withscores=True)
+    assert len(scores) <= 1, scores
+    return scores[0][1] if scores else None
+
+
+def settled(store: TokenStore) -> bool:
+    """No refresh queued or running, and the next one scheduled well ahead."""
+    q = store.refresh_queue.queue
+    at = next_run(store)
+    return q.count == 0 and q.started_job_registry.count == 0 and at is not None and at > time.time() + 60
+
+
+def test_token_with_12s_of_life_is_replaced_before_it_expires(store: TokenStore, workers: Workers, emulator: Emulator) -> None:
+    workers.start(1)
+    old = opaque(12)
+    store.store(old)
+    new = wait_for(lambda: replaced(store, old), timeout=old.expires - time.time(), what="refresh")
+    assert time.time() < old.expires
+    assert new.scope == SCOPE and new.expires > old.expires
+    assert emulator.stats()["issued"] == 1
+    wait_for(lambda: settled(store), 10, what="next refresh scheduled")
+    assert abs(next_run(store) - (new.expires - 10)) <= 2
+
+
+def test_thousand_stores_one_job_one_request(store: TokenStore, workers: Workers, emulator: Emulator) -> None:
+    workers.start(1)
+    for _ in range(1000):
+        old = opaque(13)
+        store.store(old)
+    assert next_run(store) is not None
+    wait_for(lambda: replaced(store, old), timeout=15, what="refresh")
+    wait_for(lambda: settled(store), 10, what="next refresh scheduled")
+    assert emulator.stats()["issued"] == 1
+
+
+def test_token_stored_expired_is_refreshed_within_3s(store: TokenStore, workers: Workers, emulator: Emulator) -> None:
+    workers.start(1)
+    started = time.monotonic()
+    store.store(opaque(-30))
+    wait_for(lambda: store.find(SCOPE), timeout=3, what="refreshed token")
+    print(f"stored expired -> fresh in {time.monotonic() - started:.2f}s")
+
+
+def test_two_workers_racing_call_the_endpoint_once(store: TokenStore, workers: Workers, emulator: Emulator) -> None:
+    emulator.config.latency = 1.0
+    workers.start(1)
+    workers.start(1)
+    old = opaque(9)  # inside the margin: due at once
+    job = store.store(old)
+    # A duplicate of the same job on the queue: both idle workers pop one at the same moment.
+    store.redis.rpush(store.refresh_queue.queue.key, job.id, job.id)
+    wait_for(lambda: replaced(store, old), timeout=8, what="refresh")
+    wait_for(lambda: settled(store), 10, what="all runs finished")
+    assert emulator.stats()["token_requests"] == 1
+
+
+def test_failures_retry_with_backoff_and_keep_the_old_token(store: TokenStore, workers: Workers, emulator: Emulator) -> None:
+    emulator.config.fail_next = 2
+    workers.start(1)
+    old = opaque(14)
+    store.store(old)
+    key = store.keys.token(store.key_for(old))
+    seen_failures: set[int] = set()
+
+    def refreshed() -> Token | None:
+        current = store.find(SCOPE)
+        assert current is not None, "the old token must stay readable while refreshes fail"
+        seen_failures.add(int(store.redis.hget(key, "failures") or 0))
+        return current if current.token != old.token else None
+
+    wait_for(refreshed, timeout=old.expires - time.time() - 1, interval=0.02, what="refresh after two failures")
+    stats = emulator.stats()
+    assert stats["failed"] == 2 and stats["issued"] == 1
+    assert {1, 2} <= seen_failures, seen_failures
+    assert store.redis.hget(key, "failures") == b"0"
+
+
+def test_failure_is_visible_in_bookkeeping(store: TokenStore, workers: Workers, emulator: Emulator) -> None:
+    emulator.config.fail_next = 1000
+    workers.start(1)
+    old = opaque(13)
+    store.store(old)
+    key = store.keys.token(store.key_for(old))
+    wait_for(lambda: store.redis.hget(key, "last_error"), timeout=8, what="failure recorded")
+    assert old.token.encode() not in store.redis.hget(key, "last_error")
+    assert int(store.redis.hget(key, "failures")) >= 1
+
+
+def test_sigkill_mid_refresh_does_not_stop_the_next_refresh(store: TokenStore, workers: Workers, emulator: Emulator) -> None:
+    emulator.config.latency = 4.0
+    victim = workers.start(1)
+    old = opaque(17)  # due in 7 s
+    store.store(old)
+    wait_for(lambda: emulator.stats()["token_requests"] >= 1, timeout=12, what="refresh in flight")
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait(5)
+    emulator.config.latency = 0.0
+    workers.start(1)
+    new = wait_for(lambda: replaced(store, old), timeout=old.expires - time.time(), what="refresh after SIGKILL")
+    assert time.time() < old.expires and new.expires > old.expires

@@ -1,0 +1,83 @@
+"""Repair finds overdue refreshes (lost jobs, a dead scheduler, a killed worker) and re-enqueues them."""
+
+from __future__ import annotations
+
+import time
+
+from rq.job import Job, JobStatus
+
+from tokencache import Token, TokenStore
+from tokencache.locks import Lock
+from tokencache.refresh import LOCK_TTL
+from tokencache.repair import repair, repair_if_leader
+
+from .conftest import SCOPE
+
+
+def stored(store: TokenStore, expires_in: int = 100) -> tuple[Token, str]:
+    token = Token(token="ya29.repair-test-token", scope=SCOPE, expires=int(time.time()) + expires_in)
+    job = store.store(token)
+    assert job is not None
+    return token, job.id
+
+
+def later(store: TokenStore, seconds: float) -> TokenStore:
+    return TokenStore(store.redis, namespace=store.keys.namespace, refresh_before=store.refresh_before,
+                      queue=store.refresh_queue.name, clock=lambda: time.time() + seconds)
+
+
+def status(store: TokenStore, job_id: str) -> JobStatus | None:
+    job = Job.fetch_many([job_id], store.redis)[0]
+    return job.get_status(refresh=False) if job else None
+
+
+def queued(store: TokenStore) -> list[str]:
+    return store.refresh_queue.queue.get_job_ids()
+
+
+def test_nothing_to_do_when_on_time(store: TokenStore) -> None:
+    _, job_id = stored(store)
+    assert repair(store)["enqueue"] == 0
+    assert repair(later(store, 89))["enqueue"] == 0  # due at +90: not overdue yet
+    assert status(store, job_id) == JobStatus.SCHEDULED and queued(store) == []
+
+
+def test_scheduler_dead_enqueues_the_overdue_job(store: TokenStore) -> None:
+    _, job_id = stored(store)
+    assert repair(later(store, 95))["enqueue"] == 1
+    assert queued(store) == [job_id]
+    assert store.redis.zcard(store.refresh_queue.scheduled.key) == 0
+
+
+def test_lost_job_is_recreated(store: TokenStore) -> None:
+    _, job_id = stored(store)
+    store.redis.delete(Job.key_for(job_id))
+    store.redis.zrem(store.refresh_queue.scheduled.key, job_id)
+    assert repair(later(store, 95))["enqueue"] == 1
+    assert queued(store) == [job_id]
+    job = Job.fetch(job_id, store.redis, serializer=store.refresh_queue.queue.serializer)
+    assert job.kwargs["scope"] == SCOPE
+
+
+def test_started_job_of_a_dead_worker_is_enqueued_once_its_lock_is_gone(store: TokenStore) -> None:
+    token, job_id = stored(store)
+    key = store.key_for(token)
+    store.redis.hset(Job.key_for(job_id), mapping={"status": "started", "started_at": "2020-01-01T00:00:00.000000Z"})
+    lock = Lock(store.redis, store.keys.lock(key), LOCK_TTL)
+    assert lock.acquire()
+    assert repair(later(store, 95))["enqueue"] == 0  # the lock says someone is still working on it
+    lock.release()
+    assert repair(later(store, 95))["enqueue"] == 1
+    assert queued(store) == [job_id]
+
+
+def test_failed_refresh_of_an_expired_token_is_dropped_from_the_index(store: TokenStore) -> None:
+    token, job_id = stored(store, expires_in=-5)
+    store.redis.hset(Job.key_for(job_id), "status", "failed")
+    assert repair(store)["drop"] == 1
+    assert store.redis.zcard(store.keys.index) == 0
+
+
+def test_one_repair_per_interval_across_the_fleet(store: TokenStore) -> None:
+    assert repair_if_leader(store, 5.0) is not None
+    assert repair_if_leader(store, 5.0) is None
