@@ -27,7 +27,9 @@ from tokencache.sources import reset_default_sources
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 
 
-def wait_for(condition: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
+def wait_for(
+    condition: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition"
+) -> Any:
     """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -85,7 +87,9 @@ def credentials_env(tmp_path: Path, emulator: Emulator, monkeypatch: pytest.Monk
     default = emulator.write_service_account(tmp_path / "default.json")
     keys = tmp_path / "keys"
     keys.mkdir()
-    named = emulator.write_service_account(keys / "named.json", email="named@tokencache-emulator.iam.gserviceaccount.com")
+    named = emulator.write_service_account(
+        keys / "named.json", email="named@tokencache-emulator.iam.gserviceaccount.com"
+    )
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "default.json"))
     monkeypatch.setenv("TOKENCACHE_CREDENTIALS", str(keys))
     reset_default_sources()
@@ -115,7 +119,10 @@ class Workers:
         before = self.count()
         proc = subprocess.Popen(
             [sys.executable, "-m", "tokencache", "worker", "-n", str(n)],
-            env=self.env(), stdout=subprocess.DEVNULL, stderr=None, start_new_session=True,
+            env=self.env(),
+            stdout=subprocess.DEVNULL,
+            stderr=None,
+            start_new_session=True,
         )
         self.procs.append(proc)
         if wait:

@@ -8,8 +8,11 @@ from tokencache.keys import Keys, TokenKey, normalize_scope, parse_info
 
 KEYS = Keys("tokencache")
 names = st.text(min_size=1).filter(lambda s: s.strip() != "")
-scopes = st.lists(st.text(alphabet=st.characters(blacklist_categories=("Z", "C"), blacklist_characters=","),
-                          min_size=1), min_size=1, max_size=4).map(" ".join)
+scopes = st.lists(
+    st.text(alphabet=st.characters(blacklist_categories=("Z", "C"), blacklist_characters=","), min_size=1),
+    min_size=1,
+    max_size=4,
+).map(" ".join)
 triples = st.tuples(names, scopes, st.one_of(st.none(), names))
 
 
@@ -43,7 +46,9 @@ def test_readable_key() -> None:
 
 
 @given(triples, triples)
-def test_distinct_triples_never_share_a_key(a: tuple[str, str, str | None], b: tuple[str, str, str | None]) -> None:
+def test_distinct_triples_never_share_a_key(
+    a: tuple[str, str, str | None], b: tuple[str, str, str | None]
+) -> None:
     ka, kb = TokenKey.of(*a), TokenKey.of(*b)
     assert (ka == kb) == (KEYS.token(ka) == KEYS.token(kb))
     assert (ka == kb) == (KEYS.job_id(ka) == KEYS.job_id(kb))

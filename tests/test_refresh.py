@@ -38,7 +38,9 @@ def settled(store: TokenStore) -> bool:
     return q.count == 0 and q.started_job_registry.count == 0 and at is not None and at > time.time() + 60
 
 
-def test_token_with_12s_of_life_is_replaced_before_it_expires(store: TokenStore, workers: Workers, emulator: Emulator) -> None:
+def test_token_with_12s_of_life_is_replaced_before_it_expires(
+    store: TokenStore, workers: Workers, emulator: Emulator
+) -> None:
     workers.start(1)
     old = opaque(12)
     store.store(old)
@@ -61,7 +63,9 @@ def test_thousand_stores_one_job_one_request(store: TokenStore, workers: Workers
     assert emulator.stats()["issued"] == 1
 
 
-def test_token_stored_expired_is_refreshed_within_3s(store: TokenStore, workers: Workers, emulator: Emulator) -> None:
+def test_token_stored_expired_is_refreshed_within_3s(
+    store: TokenStore, workers: Workers, emulator: Emulator
+) -> None:
     workers.start(1)
     started = time.monotonic()
     store.store(opaque(-30))
@@ -69,7 +73,9 @@ def test_token_stored_expired_is_refreshed_within_3s(store: TokenStore, workers:
     print(f"stored expired -> fresh in {time.monotonic() - started:.2f}s")
 
 
-def test_two_workers_racing_call_the_endpoint_once(store: TokenStore, workers: Workers, emulator: Emulator) -> None:
+def test_two_workers_racing_call_the_endpoint_once(
+    store: TokenStore, workers: Workers, emulator: Emulator
+) -> None:
     emulator.config.latency = 1.0
     workers.start(1)
     workers.start(1)
@@ -82,7 +88,9 @@ def test_two_workers_racing_call_the_endpoint_once(store: TokenStore, workers: W
     assert emulator.stats()["token_requests"] == 1
 
 
-def test_failures_retry_with_backoff_and_keep_the_old_token(store: TokenStore, workers: Workers, emulator: Emulator) -> None:
+def test_failures_retry_with_backoff_and_keep_the_old_token(
+    store: TokenStore, workers: Workers, emulator: Emulator
+) -> None:
     emulator.config.fail_next = 2
     workers.start(1)
     old = opaque(14)
@@ -96,7 +104,9 @@ def test_failures_retry_with_backoff_and_keep_the_old_token(store: TokenStore, w
         seen_failures.add(int(store.redis.hget(key, "failures") or 0))
         return current if current.token != old.token else None
 
-    wait_for(refreshed, timeout=old.expires - time.time() - 1, interval=0.02, what="refresh after two failures")
+    wait_for(
+        refreshed, timeout=old.expires - time.time() - 1, interval=0.02, what="refresh after two failures"
+    )
     stats = emulator.stats()
     assert stats["failed"] == 2 and stats["issued"] == 1
     assert {1, 2} <= seen_failures, seen_failures
@@ -114,7 +124,9 @@ def test_failure_is_visible_in_bookkeeping(store: TokenStore, workers: Workers, 
     assert int(store.redis.hget(key, "failures")) >= 1
 
 
-def test_sigkill_mid_refresh_does_not_stop_the_next_refresh(store: TokenStore, workers: Workers, emulator: Emulator) -> None:
+def test_sigkill_mid_refresh_does_not_stop_the_next_refresh(
+    store: TokenStore, workers: Workers, emulator: Emulator
+) -> None:
     emulator.config.latency = 4.0
     victim = workers.start(1)
     old = opaque(17)  # due in 7 s
@@ -124,5 +136,7 @@ def test_sigkill_mid_refresh_does_not_stop_the_next_refresh(store: TokenStore, w
     victim.wait(5)
     emulator.config.latency = 0.0
     workers.start(1)
-    new = wait_for(lambda: replaced(store, old), timeout=old.expires - time.time(), what="refresh after SIGKILL")
+    new = wait_for(
+        lambda: replaced(store, old), timeout=old.expires - time.time(), what="refresh after SIGKILL"
+    )
     assert time.time() < old.expires and new.expires > old.expires

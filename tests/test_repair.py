@@ -22,8 +22,13 @@ def stored(store: TokenStore, expires_in: int = 100) -> tuple[Token, str]:
 
 
 def later(store: TokenStore, seconds: float) -> TokenStore:
-    return TokenStore(store.redis, namespace=store.keys.namespace, refresh_before=store.refresh_before,
-                      queue=store.refresh_queue.name, clock=lambda: time.time() + seconds)
+    return TokenStore(
+        store.redis,
+        namespace=store.keys.namespace,
+        refresh_before=store.refresh_before,
+        queue=store.refresh_queue.name,
+        clock=lambda: time.time() + seconds,
+    )
 
 
 def status(store: TokenStore, job_id: str) -> JobStatus | None:
@@ -62,7 +67,9 @@ def test_lost_job_is_recreated(store: TokenStore) -> None:
 def test_started_job_of_a_dead_worker_is_enqueued_once_its_lock_is_gone(store: TokenStore) -> None:
     token, job_id = stored(store)
     key = store.key_for(token)
-    store.redis.hset(Job.key_for(job_id), mapping={"status": "started", "started_at": "2020-01-01T00:00:00.000000Z"})
+    store.redis.hset(
+        Job.key_for(job_id), mapping={"status": "started", "started_at": "2020-01-01T00:00:00.000000Z"}
+    )
     lock = Lock(store.redis, store.keys.lock(key), LOCK_TTL)
     assert lock.acquire()
     assert repair(later(store, 95))["enqueue"] == 0  # the lock says someone is still working on it
@@ -72,7 +79,7 @@ def test_started_job_of_a_dead_worker_is_enqueued_once_its_lock_is_gone(store: T
 
 
 def test_failed_refresh_of_an_expired_token_is_dropped_from_the_index(store: TokenStore) -> None:
-    token, job_id = stored(store, expires_in=-5)
+    _token, job_id = stored(store, expires_in=-5)
     store.redis.hset(Job.key_for(job_id), "status", "failed")
     assert repair(store)["drop"] == 1
     assert store.redis.zcard(store.keys.index) == 0

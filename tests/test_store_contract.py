@@ -17,7 +17,9 @@ SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 
 
 def token(expires_in: int = 3600, **kw: object) -> Token:
-    fields: dict[str, object] = dict(token="ya29.a0-secret-value-f3k", scope=SCOPE, expires=int(time.time()) + expires_in)
+    fields: dict[str, object] = dict(
+        token="ya29.a0-secret-value-f3k", scope=SCOPE, expires=int(time.time()) + expires_in
+    )
     fields.update(kw)
     return Token(**fields)  # type: ignore[arg-type]
 
@@ -58,7 +60,9 @@ def test_info_and_sub_override_the_key(ts: TokenStore) -> None:
 
 def test_expired_token_is_never_returned(ts: TokenStore) -> None:
     ts.store(token(expires_in=3600))
-    later = TokenStore(ts.redis, namespace="contract", refresh_before=10, queue="contract", clock=lambda: time.time() + 3600)
+    later = TokenStore(
+        ts.redis, namespace="contract", refresh_before=10, queue="contract", clock=lambda: time.time() + 3600
+    )
     assert later.find(SCOPE) is None
     assert list(later.tokens()) == []
 
@@ -71,7 +75,12 @@ def test_store_writes_ttl_and_index(ts: TokenStore) -> None:
     assert ts.redis.zscore(ts.keys.index, key) == t.expires
     fields = {k.decode(): v.decode() for k, v in ts.redis.hgetall(key).items()}
     assert {f: fields[f] for f in ("token", "type", "scope", "sub", "account", "expires")} == {
-        "token": t.token, "type": "Bearer", "scope": SCOPE, "sub": "", "account": "", "expires": str(t.expires),
+        "token": t.token,
+        "type": "Bearer",
+        "scope": SCOPE,
+        "sub": "",
+        "account": "",
+        "expires": str(t.expires),
     }
     assert fields["refresh_at"] == str(t.expires - 10)
 
@@ -172,7 +181,7 @@ def test_unreachable_redis_names_the_url_without_password() -> None:
 def test_scheduled_time_is_aware_utc(ts: TokenStore) -> None:
     t = token(expires_in=7200)
     ts.store(t)
-    (_, at), = scheduled(ts)
+    ((_, at),) = scheduled(ts)
     assert datetime.fromtimestamp(at, UTC) == datetime.fromtimestamp(t.expires - 10, UTC)
 
 

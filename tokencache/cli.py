@@ -61,7 +61,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     for row in rows:
-        print("{account}  {scope}  sub={sub}  expires in {expires_in}s  failures={failures}  {token}".format(**row))
+        print(
+            "{account}  {scope}  sub={sub}  expires in {expires_in}s  failures={failures}  {token}".format(
+                **row
+            )
+        )
     return 0
 
 
@@ -77,7 +81,9 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     """Run the local stand-in for Google's token endpoints."""
     from .emulator import run_emulator
 
-    run_emulator(args.host, args.port, args.keys, args.accounts, args.lifetime, args.latency, args.failure_rate)
+    run_emulator(
+        args.host, args.port, args.keys, args.accounts, args.lifetime, args.latency, args.failure_rate
+    )
     return 0
 
 

@@ -109,8 +109,14 @@ class Keys:
     namespace: str
 
     def __post_init__(self) -> None:
-        if not isinstance(self.namespace, str) or not self.namespace or self.namespace != self.namespace.strip():
-            raise ValueError(f"namespace must be a non-empty string without surrounding spaces: {self.namespace!r}")
+        if (
+            not isinstance(self.namespace, str)
+            or not self.namespace
+            or self.namespace != self.namespace.strip()
+        ):
+            raise ValueError(
+                f"namespace must be a non-empty string without surrounding spaces: {self.namespace!r}"
+            )
 
     @property
     def index(self) -> str:

@@ -101,11 +101,21 @@ class Refresher:
         left = current.token.expires_in(self.store.clock()) if current is not None else 0.0
         delay = None if isinstance(error, ConfigurationError) else backoff(failures, left)
         if delay is None:
-            log.error("refresh of %s failed, giving up (no valid token left to fall back on): %s",
-                      self.key.encode(), error)
+            log.error(
+                "refresh of %s failed, giving up (no valid token left to fall back on): %s",
+                self.key.encode(),
+                error,
+            )
             raise error
-        log.warning("refresh of %s failed (%d in a row): %s; retrying in %.1fs while %s stays valid %.0fs",
-                    self.key.encode(), failures, error, delay, mask(current.token.token) if current else "-", left)
+        log.warning(
+            "refresh of %s failed (%d in a row): %s; retrying in %.1fs while %s stays valid %.0fs",
+            self.key.encode(),
+            failures,
+            error,
+            delay,
+            mask(current.token.token) if current else "-",
+            left,
+        )
         return "failed", delay
 
 

@@ -17,6 +17,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import cast
 
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
@@ -51,7 +52,10 @@ def _due_entries(store: TokenStore, now: float) -> list[_Entry]:
     horizon = now + store.refresh_before - GRACE
     rq = store.refresh_queue
     with redis_errors(store.redis):
-        members = store.redis.zrangebyscore(store.keys.index, "-inf", horizon, 0, BATCH, withscores=True)
+        members = cast(
+            list[tuple[bytes, float]],
+            store.redis.zrangebyscore(store.keys.index, "-inf", horizon, 0, BATCH, withscores=True),
+        )
         keys = [store.keys.parse_token(member.decode()) for member, _ in members]
         with store.redis.pipeline(transaction=False) as pipe:
             for key in keys:
@@ -100,8 +104,11 @@ def repair(store: TokenStore) -> Counter[str]:
         verdict = _verdict(entry, now)
         done[verdict] += 1
         if verdict == "enqueue":
-            log.warning("refresh of %s is overdue (job %s); re-enqueueing it",
-                        entry.key.encode(), entry.job.get_status(refresh=False) if entry.job else "missing")
+            log.warning(
+                "refresh of %s is overdue (job %s); re-enqueueing it",
+                entry.key.encode(),
+                entry.job.get_status(refresh=False) if entry.job else "missing",
+            )
             with redis_errors(store.redis):
                 store.refresh_queue.enqueue(entry.key, store.refresh_before)
         elif verdict == "drop":

@@ -107,7 +107,8 @@ def repeat_current_job(job: Job, delay: float) -> None:
     deletes the job hash). A delay of 0 re-enqueues at once.
     """
     job.repeats_left = 1
-    job.repeat_intervals = [max(0.0, delay)]
+    # RQ types intervals as int but uses timedelta(seconds=...): a float keeps sub-second precision.
+    job.repeat_intervals = [max(0.0, delay)]  # type: ignore[list-item]
 
 
 def utc(timestamp: float) -> datetime:

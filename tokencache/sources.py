@@ -17,20 +17,24 @@ turn the result into a :class:`Token`.
 from __future__ import annotations
 
 import calendar
+import copy
 import json
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import google.auth
-import requests
 import google.auth.exceptions
 import google.auth.transport.requests
-from google.auth.credentials import Credentials, with_scopes_if_required
+import google.oauth2.credentials
+import requests
+from google.auth import impersonated_credentials
+from google.auth.credentials import Credentials, Scoped
+from google.oauth2 import service_account
 
 from . import env
 from .errors import ConfigurationError, RefreshError, UnknownAccountError
@@ -45,7 +49,7 @@ longer than the refresh margin: a hung request would let the token expire and
 hold the refresh lock past its TTL."""
 
 
-class _BoundedRequest(google.auth.transport.requests.Request):  # type: ignore[misc]
+class _BoundedRequest(google.auth.transport.requests.Request):
     """google-auth's requests transport, bounded to one fetch's time budget.
 
     google-auth retries 429/5xx answers of the token endpoint itself, sleeping
@@ -59,13 +63,22 @@ class _BoundedRequest(google.auth.transport.requests.Request):  # type: ignore[m
         super().__init__(session=session)
         self._deadline = time.monotonic() + budget
 
-    def __call__(self, url: str, method: str = "GET", body: Any = None, headers: Any = None,
-                 timeout: float | None = None, **kwargs: Any) -> Any:
+    def __call__(
+        self,
+        url: str,
+        method: str = "GET",
+        body: Any = None,
+        headers: Any = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
         left = self._deadline - time.monotonic()
         if left <= 0:
             raise google.auth.exceptions.TransportError(f"no time left for a request to {url}")
         bounded = left if timeout is None else min(timeout, left)
-        response = super().__call__(url, method=method, body=body, headers=headers, timeout=bounded, **kwargs)
+        response = super().__call__(  # type: ignore[no-untyped-call]
+            url, method=method, body=body, headers=headers, timeout=bounded, **kwargs
+        )
         if response.status == 429 or response.status >= 500:
             raise google.auth.exceptions.TransportError(f"{url} answered HTTP {response.status}")
         return response
@@ -80,7 +93,9 @@ def _key_files(spec: str) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            raise ConfigurationError(f"{env.CREDENTIALS} names {entry!r}, which is neither a file nor a folder")
+            raise ConfigurationError(
+                f"{env.CREDENTIALS} names {entry!r}, which is neither a file nor a folder"
+            )
     return files
 
 
@@ -93,6 +108,45 @@ def _client_email(path: Path) -> str:
     if not isinstance(email, str) or info.get("type") != "service_account":
         raise ConfigurationError(f"{path} is not a service-account key file (no client_email)")
     return email
+
+
+def _authorized_user(info: dict[str, Any]) -> Credentials:
+    # google-auth ignores token_uri in authorized-user files; the emulator (and private endpoints) need it.
+    creds = google.oauth2.credentials.Credentials.from_authorized_user_info(info)
+    if info.get("token_uri"):
+        creds = creds.with_token_uri(info["token_uri"])
+    return cast(Credentials, creds)
+
+
+_LOADERS: dict[str, Callable[[dict[str, Any]], Credentials]] = {
+    "service_account": service_account.Credentials.from_service_account_info,
+    "authorized_user": _authorized_user,
+    "impersonated_service_account": (
+        impersonated_credentials.Credentials.from_impersonated_service_account_info
+    ),
+}
+
+
+def _load_file(path: Path) -> Credentials:
+    """A key file of a type we know, loaded by that type's own constructor.
+
+    google-auth deprecates its any-type loader because a file of an unexpected
+    type can make it run commands or call arbitrary URLs; we accept only these.
+    """
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigurationError(f"cannot read key file {path}: {e}") from e
+    kind = info.get("type") if isinstance(info, dict) else None
+    loader = _LOADERS.get(kind) if isinstance(kind, str) else None
+    if loader is None:
+        raise ConfigurationError(
+            f"{path} has credential type {kind!r}; tokencache loads {', '.join(sorted(_LOADERS))}"
+        )
+    try:
+        return loader(info)
+    except (ValueError, KeyError) as e:
+        raise ConfigurationError(f"{path} is not a valid {kind} file: {e}") from e
 
 
 @dataclass
@@ -134,8 +188,7 @@ class Sources:
 
     def _load(self, account: str) -> Credentials:
         if account in self.files:
-            creds, _ = google.auth.load_credentials_from_file(str(self.files[account]))
-            return creds
+            return _load_file(self.files[account])
         if account == DEFAULT_ACCOUNT and self.use_adc:
             creds, _ = google.auth.default(request=_BoundedRequest(self.timeout, self._session))
             return creds
@@ -156,18 +209,25 @@ class Sources:
             return self._base[account]
 
     def credentials(self, key: TokenKey) -> Credentials:
-        """Fresh credentials for the key's scopes (and subject, for domain-wide delegation)."""
-        creds = with_scopes_if_required(self.base(key.account), key.scopes)
-        if hasattr(creds, "with_scopes") and not getattr(creds, "requires_scopes", False):
-            creds = creds.with_scopes(key.scopes)
-        if key.sub is not None:
-            if not hasattr(creds, "with_subject"):
-                raise ConfigurationError(
-                    f"account {key.account!r} ({type(creds).__module__}.{type(creds).__name__}) cannot "
-                    f"act for a subject (sub={key.sub!r}): domain-wide delegation needs a service-account key"
-                )
-            creds = creds.with_subject(key.sub)
-        return creds
+        """Credentials for the key's scopes (and subject, for domain-wide delegation).
+
+        A copy each time: google-auth credentials keep the token they fetched.
+        Authorized-user credentials carry the scopes granted at login and are
+        used as they are.
+        """
+        base = self.base(key.account)
+        if isinstance(base, Scoped):
+            creds = cast(Credentials, base.with_scopes(key.scopes))  # type: ignore[no-untyped-call]
+        else:
+            creds = copy.copy(base)
+        if key.sub is None:
+            return creds
+        if not hasattr(creds, "with_subject"):
+            raise ConfigurationError(
+                f"account {key.account!r} ({type(creds).__module__}.{type(creds).__name__}) cannot "
+                f"act for a subject (sub={key.sub!r}): domain-wide delegation needs a service-account key"
+            )
+        return cast(Credentials, creds.with_subject(key.sub))
 
     def fetch(self, key: TokenKey, *, scope: str | None = None, account: str | None = None) -> Token:
         """Ask the account's source for a new token (blocking, at most ``timeout`` per request)."""

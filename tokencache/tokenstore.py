@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from redis import Redis
 from rq.job import Job
@@ -28,6 +28,7 @@ __all__ = ["TokenRecord", "TokenStore"]
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+Raw = dict[bytes, bytes]
 _BATCH = 500
 
 
@@ -126,7 +127,7 @@ class TokenStore:
         job = None
         with redis_errors(self.redis), self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(redis_key)
-            pipe.hset(redis_key, mapping=fields)
+            pipe.hset(redis_key, mapping=fields)  # type: ignore[arg-type]  # redis-py wants a Mapping of its unions
             pipe.expireat(redis_key, token.expires)
             pipe.zadd(self.keys.index, {redis_key: token.expires})
             if schedule:
@@ -152,7 +153,7 @@ class TokenStore:
         key = parse_info(info, sub)
         redis_key = self.keys.token(key)
         with redis_errors(self.redis):
-            raw = self.redis.hgetall(redis_key)
+            raw = cast(Raw, self.redis.hgetall(redis_key))
         return self._usable(redis_key, raw)
 
     def _usable(self, redis_key: str, raw: dict[bytes, bytes]) -> Token | None:
@@ -170,7 +171,7 @@ class TokenStore:
     def record(self, key: TokenKey) -> TokenRecord | None:
         """The token stored under ``key`` with its bookkeeping, valid or not (None if absent/malformed)."""
         with redis_errors(self.redis):
-            raw = self.redis.hgetall(self.keys.token(key))
+            raw = cast(Raw, self.redis.hgetall(self.keys.token(key)))
         return self._record(key, raw)
 
     def _record(self, key: TokenKey, raw: dict[bytes, bytes]) -> TokenRecord | None:
@@ -191,7 +192,7 @@ class TokenStore:
         """Every indexed token that is still in Redis, with its bookkeeping (expired ones included)."""
         for start in range(0, self._index_size(), _BATCH):
             with redis_errors(self.redis):
-                members = self.redis.zrange(self.keys.index, start, start + _BATCH - 1)
+                members = cast(list[bytes], self.redis.zrange(self.keys.index, start, start + _BATCH - 1))
                 with self.redis.pipeline(transaction=False) as pipe:
                     for member in members:
                         pipe.hgetall(member)

@@ -29,7 +29,7 @@ REPAIR_INTERVAL = 1.0
 """Seconds between repair passes of the fleet (the pool loop ticks once a second)."""
 
 
-class RefreshPool(WorkerPool):  # type: ignore[misc]
+class RefreshPool(WorkerPool):
     """RQ's worker pool plus the repair pass in its once-a-second supervision loop."""
 
     def __init__(self, store: TokenStore, num_workers: int, **kwargs: Any) -> None:
@@ -55,7 +55,9 @@ def _check_redis(redis: Redis) -> None:
         redis.ping()
 
 
-def run_pool(store: TokenStore, num_workers: int, *, burst: bool = False, logging_level: str = "INFO") -> None:
+def run_pool(
+    store: TokenStore, num_workers: int, *, burst: bool = False, logging_level: str = "INFO"
+) -> None:
     """Run the pool in the foreground until SIGTERM/SIGINT (or until idle with ``burst``)."""
     if num_workers < 1:
         raise ValueError(f"num_workers must be at least 1, got {num_workers}")

@@ -1,0 +1,95 @@
+"""The `tokencache` executable in subprocesses, against the private Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from tokencache import Token, TokenStore
+from tokencache.emulator import Emulator
+from tokencache.redisserver import free_port
+
+from .conftest import SCOPE, Workers, wait_for
+
+
+def run(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tokencache", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_token_prints_the_cached_token_and_nothing_else(store: TokenStore, workers: Workers) -> None:
+    token = Token(token="ya29.cached-token-value", scope=SCOPE, expires=int(time.time()) + 600)
+    store.store(token)
+    out = run("token", SCOPE, env=workers.env())
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "ya29.cached-token-value\n"
+
+
+def test_token_fetches_on_a_miss_with_local_credentials(
+    store: TokenStore, workers: Workers, emulator: Emulator
+) -> None:
+    out = run("token", "b a", env=workers.env())
+    assert out.returncode == 0, out.stderr
+    assert emulator.validate(out.stdout.strip()) is not None
+    assert store.find("a b").token == out.stdout.strip()
+
+
+def test_unknown_account_is_one_line_and_nonzero(workers: Workers) -> None:
+    out = run("token", SCOPE, "--account", "nobody@example.com", env=workers.env())
+    assert out.returncode != 0
+    assert out.stderr.count("\n") == 1 and "nobody@example.com" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_redis_down_is_one_line_and_nonzero(workers: Workers) -> None:
+    env = dict(workers.env(), TOKENCACHE_REDIS_URL=f"redis://:sekret@127.0.0.1:{free_port()}/0")
+    out = run("ls", env=env)
+    assert out.returncode != 0 and out.stderr.count("\n") == 1
+    assert "127.0.0.1" in out.stderr and "sekret" not in out.stderr
+
+
+def test_ls_masks_tokens(store: TokenStore, workers: Workers) -> None:
+    store.store(Token(token="ya29.a0-very-secret-f3k", scope=SCOPE, expires=int(time.time()) + 600))
+    out = run("ls", "--json", env=workers.env())
+    assert out.returncode == 0, out.stderr
+    (row,) = json.loads(out.stdout)
+    assert row["token"] == "ya29.a0…f3k" and row["scope"] == SCOPE
+    plain = run("ls", env=workers.env())
+    assert "very-secret" not in plain.stdout and "ya29.a0…f3k" in plain.stdout
+
+
+def test_worker_stops_gracefully_on_sigterm(store: TokenStore, workers: Workers) -> None:
+    proc = workers.start(2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(20) == 0
+    wait_for(lambda: workers.count() == 0, 10, what="workers unregistered")
+
+
+def test_plain_rq_worker_with_the_settings_module(store: TokenStore, workers: Workers) -> None:
+    old = Token(token="ya29.before-plain-rq", scope=SCOPE, expires=int(time.time()) - 1)
+    store.store(old)
+    job_id = store.keys.job_id(store.key_for(old))
+    store.refresh_queue.enqueue(store.key_for(old), store.refresh_before)  # as repair would
+    out = subprocess.run(
+        [
+            os.path.join(os.path.dirname(sys.executable), "rq"),
+            "worker",
+            "-c",
+            "workers.settings",
+            "--burst",
+            "--serializer",
+            "rq.serializers.JSONSerializer",
+        ],
+        env=workers.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert store.find(SCOPE) is not None, out.stderr
+    assert store.redis.zrange(store.refresh_queue.scheduled.key, 0, -1) == [job_id.encode()]  # next run
