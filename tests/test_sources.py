@@ -121,3 +121,11 @@ def test_metadata_server_through_adc(tmp_path: Path, emulator: Emulator) -> None
     assert emulator.validate(token) is not None
     assert "cannot act for a subject" in refused
     assert emulator.stats()["by_grant"]["metadata"] == 1
+
+
+def test_folder_skips_files_that_are_not_service_account_keys(tmp_path: Path, emulator: Emulator) -> None:
+    email = "sa@tokencache-emulator.iam.gserviceaccount.com"
+    emulator.write_service_account(tmp_path / "sa.json", email=email)
+    emulator.write_authorized_user(tmp_path / "authorized_user.json")
+    sources = Sources.from_env({"TOKENCACHE_CREDENTIALS": str(tmp_path)})
+    assert sources.accounts() == ["default", email]

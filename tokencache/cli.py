@@ -123,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lifetime", type=int, default=3600)
     p.add_argument("--latency", type=float, default=0.0)
     p.add_argument("--failure-rate", type=float, default=0.0)
+    p.add_argument("--public-url", default=None, help="URL the key files name (default: the bound address)")
     p.set_defaults(func=cmd_emulator)
 
     p = sub.add_parser("demo", help="run the whole system on an embedded Redis")

@@ -691,8 +691,10 @@ class Emulator:
         *,
         verbose: bool = False,
         clock: Callable[[], float] = time.time,
+        public_url: str | None = None,
     ) -> None:
         self._host = host
+        self._public_url = public_url.rstrip("/") if public_url else None
         self._server = _Server(host, port, verbose)
         self._app = _App(config or EmulatorConfig(), self.url + "/token", clock)
         self._server.app = self._app
@@ -702,7 +704,8 @@ class Emulator:
 
     @property
     def url(self) -> str:
-        return f"http://{self.metadata_host}"
+        """Where clients reach us: ``public_url`` (as in compose) or the bound address."""
+        return self._public_url or f"http://{self.metadata_host}"
 
     @property
     def token_uri(self) -> str:
@@ -879,10 +882,12 @@ def run_emulator(
     failure_rate: float,
     *,
     verbose: bool = False,
+    public_url: str | None = None,
 ) -> None:
     """Serve the emulator for the CLI until SIGINT/SIGTERM, after writing key files."""
     config = EmulatorConfig(lifetime=lifetime, latency=latency, failure_rate=failure_rate)
-    with _until_signalled() as stop, Emulator(host, port, config, verbose=verbose) as emulator:
+    emulator = Emulator(host, port, config, verbose=verbose, public_url=public_url)
+    with _until_signalled() as stop, emulator:
         for line in _write_key_files(emulator, keys_dir, accounts):
             print(line)
         print(f"emulator listening on {emulator.url}", flush=True)

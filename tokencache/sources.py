@@ -19,6 +19,7 @@ from __future__ import annotations
 import calendar
 import copy
 import json
+import logging
 import os
 import threading
 import time
@@ -42,6 +43,8 @@ from .keys import DEFAULT_ACCOUNT, TokenKey
 from .token import Token
 
 __all__ = ["FETCH_TIMEOUT", "Sources", "default_sources"]
+
+log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT = 5.0
 """Seconds one token request may take. google-auth's own default is 120 s, far
@@ -84,29 +87,42 @@ class _BoundedRequest(google.auth.transport.requests.Request):
         return response
 
 
-def _key_files(spec: str) -> list[Path]:
-    files: list[Path] = []
+def _named_accounts(spec: str) -> dict[str, Path]:
+    """``client_email`` -> key file for every entry of ``TOKENCACHE_CREDENTIALS``.
+
+    A file named outright must be a service-account key; in a folder, other
+    JSON files (an authorized-user file beside the keys, say) are skipped.
+    """
+    accounts: dict[str, Path] = {}
     for entry in filter(None, spec.split(os.pathsep)):
         path = Path(entry)
         if path.is_dir():
-            files.extend(sorted(path.glob("*.json")))
+            for file in sorted(path.glob("*.json")):
+                email = _client_email(file)
+                if email is None:
+                    log.warning("%s: skipping %s, not a service-account key file", env.CREDENTIALS, file)
+                else:
+                    accounts[email] = file
         elif path.is_file():
-            files.append(path)
+            email = _client_email(path)
+            if email is None:
+                raise ConfigurationError(f"{path} is not a service-account key file (no client_email)")
+            accounts[email] = path
         else:
             raise ConfigurationError(
                 f"{env.CREDENTIALS} names {entry!r}, which is neither a file nor a folder"
             )
-    return files
+    return accounts
 
 
-def _client_email(path: Path) -> str:
+def _client_email(path: Path) -> str | None:
     try:
         info = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ConfigurationError(f"cannot read key file {path}: {e}") from e
     email = info.get("client_email") if isinstance(info, dict) else None
     if not isinstance(email, str) or info.get("type") != "service_account":
-        raise ConfigurationError(f"{path} is not a service-account key file (no client_email)")
+        return None
     return email
 
 
@@ -166,7 +182,7 @@ class Sources:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Sources:
         """Read the accounts from ``GOOGLE_APPLICATION_CREDENTIALS`` and ``TOKENCACHE_CREDENTIALS``."""
         environ = os.environ if environ is None else environ
-        files = {_client_email(path): path for path in _key_files(environ.get(env.CREDENTIALS, ""))}
+        files = _named_accounts(environ.get(env.CREDENTIALS, ""))
         default_file = environ.get(env.GOOGLE_APPLICATION_CREDENTIALS)
         if default_file:
             if not Path(default_file).is_file():
