@@ -97,6 +97,27 @@ def credentials_env(tmp_path: Path, emulator: Emulator, monkeypatch: pytest.Monk
     reset_default_sources()
 
 
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (RQ's work-horses put themselves in their own process group)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
 class Workers:
     """``tokencache worker`` subprocesses for one test, stopped at its end."""
 
@@ -126,13 +147,17 @@ class Workers:
         )
         self.procs.append(proc)
         if wait:
-            wait_for(lambda: self.count() >= before + n and self.scheduler_running(), 30, what="workers up")
+            # "idle" or "busy" means the worker's loop (and its signal handlers) is running.
+            wait_for(
+                lambda: self.count(ready=True) >= before + n and self.scheduler_running(), 30, what="workers"
+            )
         return proc
 
-    def count(self) -> int:
+    def count(self, *, ready: bool = False) -> int:
         from rq import Worker
 
-        return len(Worker.all(queue=self.store.refresh_queue.queue))
+        workers = Worker.all(queue=self.store.refresh_queue.queue)
+        return sum(1 for w in workers if not ready or w.get_state() in ("idle", "busy"))
 
     def scheduler_running(self) -> bool:
         from rq.scheduler import RQScheduler

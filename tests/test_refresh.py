@@ -11,7 +11,7 @@ from rq.registry import ScheduledJobRegistry
 from tokencache import Token, TokenStore
 from tokencache.emulator import Emulator
 
-from .conftest import SCOPE, Workers, wait_for
+from .conftest import SCOPE, Workers, descendants, wait_for
 
 
 def opaque(expires_in: float, **kw: object) -> Token:
@@ -124,7 +124,7 @@ def test_failure_is_visible_in_bookkeeping(store: TokenStore, workers: Workers, 
     assert int(store.redis.hget(key, "failures")) >= 1
 
 
-def test_sigkill_mid_refresh_does_not_stop_the_next_refresh(
+def test_sigkill_of_the_whole_worker_mid_refresh_does_not_stop_the_next_refresh(
     store: TokenStore, workers: Workers, emulator: Emulator
 ) -> None:
     emulator.config.latency = 4.0
@@ -132,11 +132,64 @@ def test_sigkill_mid_refresh_does_not_stop_the_next_refresh(
     old = opaque(17)  # due in 7 s
     store.store(old)
     wait_for(lambda: emulator.stats()["token_requests"] >= 1, timeout=12, what="refresh in flight")
-    os.killpg(victim.pid, signal.SIGKILL)
+    tree = descendants(victim.pid)  # the pool, its worker, the scheduler and the work-horse
+    for pid in [victim.pid, *tree]:
+        os.kill(pid, signal.SIGKILL)
     victim.wait(5)
+    wait_for(
+        lambda: not (descendants(victim.pid) | tree) & {int(p) for p in os.listdir("/proc") if p.isdigit()},
+        timeout=5,
+        what="the killed processes gone",
+    )
     emulator.config.latency = 0.0
     workers.start(1)
     new = wait_for(
         lambda: replaced(store, old), timeout=old.expires - time.time(), what="refresh after SIGKILL"
     )
     assert time.time() < old.expires and new.expires > old.expires
+    assert emulator.stats()["issued"] == 2  # the killed request was answered too, but never stored
+
+
+def test_sigkill_of_the_work_horse_alone_does_not_stop_the_next_refresh(
+    store: TokenStore, workers: Workers, emulator: Emulator
+) -> None:
+    emulator.config.latency = 3.0
+    pool = workers.start(1)
+    idle = descendants(pool.pid)
+    old = opaque(17)  # due in 7 s
+    store.store(old)
+    wait_for(lambda: emulator.stats()["token_requests"] >= 1, timeout=12, what="refresh in flight")
+    (horse,) = descendants(pool.pid) - idle
+    os.kill(horse, signal.SIGKILL)
+    emulator.config.latency = 0.0
+    new = wait_for(
+        lambda: replaced(store, old), timeout=old.expires - time.time(), what="refresh after SIGKILL"
+    )
+    assert time.time() < old.expires and new.expires > old.expires
+
+
+def test_delete_during_a_refresh_is_not_undone(
+    store: TokenStore, workers: Workers, emulator: Emulator
+) -> None:
+    emulator.config.latency = 2.0
+    workers.start(1)
+    old = opaque(9)  # due at once
+    store.store(old)
+    wait_for(lambda: emulator.stats()["token_requests"] >= 1, timeout=5, what="refresh in flight")
+    assert store.delete(SCOPE)
+    wait_for(lambda: emulator.stats()["issued"] >= 1, timeout=5, what="the fetch answered")
+    wait_for(lambda: store.refresh_queue.queue.started_job_registry.count == 0, timeout=5, what="job done")
+    wait_for(lambda: next_run(store) is None, timeout=5, what="no further refresh scheduled")
+    assert store.find(SCOPE) is None and store.redis.zcard(store.keys.index) == 0
+
+
+def test_short_lived_tokens_do_not_make_workers_hammer_the_endpoint(
+    store: TokenStore, workers: Workers, emulator: Emulator
+) -> None:
+    emulator.config.lifetime = 1
+    workers.start(1)
+    store.store(opaque(-1))
+    wait_for(lambda: emulator.stats()["token_requests"] >= 2, timeout=10, what="two attempts")
+    before = emulator.stats()["token_requests"]
+    time.sleep(4)  # a window to count requests in, not a wait for an event
+    assert emulator.stats()["token_requests"] - before <= 4  # backs off: not 13 requests a second

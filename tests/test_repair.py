@@ -78,6 +78,32 @@ def test_started_job_of_a_dead_worker_is_enqueued_once_its_lock_is_gone(store: T
     assert queued(store) == [job_id]
 
 
+def test_crashed_refresh_is_retried_but_a_deliberate_give_up_is_not(store: TokenStore) -> None:
+    token, job_id = stored(store)
+    store.redis.hset(Job.key_for(job_id), "status", "failed")  # e.g. a work-horse killed alone
+    assert repair(later(store, 95))["enqueue"] == 1
+    store.redis.hset(Job.key_for(job_id), "status", "failed")
+    store.redis.hset(store.keys.token(store.key_for(token)), "gave_up_at", "1")
+    assert repair(later(store, 95)) == {"ok": 1}
+
+
+def test_a_schedule_later_than_the_tokens_refresh_time_is_corrected(store: TokenStore) -> None:
+    token, job_id = stored(store)
+    store.redis.zadd(store.refresh_queue.scheduled.key, {job_id: token.expires + 3000})  # a lost race
+    assert repair(later(store, 89))["enqueue"] == 0
+    assert repair(later(store, 95))["enqueue"] == 1
+    assert queued(store) == [job_id]
+
+
+def test_junk_in_the_index_and_partial_job_hashes_do_not_stop_repair(store: TokenStore) -> None:
+    _, job_id = stored(store)
+    store.redis.zadd(store.keys.index, {"not-a-token-key": 1})
+    store.redis.delete(Job.key_for(job_id))
+    store.redis.hset(Job.key_for(job_id), "last_heartbeat", "2020-01-01T00:00:00.000000Z")  # no data field
+    assert repair(later(store, 95))["enqueue"] == 1
+    assert store.redis.zscore(store.keys.index, "not-a-token-key") is None
+
+
 def test_failed_refresh_of_an_expired_token_is_dropped_from_the_index(store: TokenStore) -> None:
     _token, job_id = stored(store, expires_in=-5)
     store.redis.hset(Job.key_for(job_id), "status", "failed")

@@ -108,6 +108,7 @@ def test_expired_or_inside_margin_is_refreshed_at_once(ts: TokenStore) -> None:
     now = time.time()
     ts.store(token(expires_in=-5))
     ts.store(token(expires_in=5), "inside-margin")
+    assert len(scheduled(ts)) == 2
     for _, at in scheduled(ts):
         assert now - 1 <= at <= now + 1
 

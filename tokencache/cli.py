@@ -37,7 +37,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     if token is None:
         key = TokenKey.of(args.account, args.scope, args.sub)
         token = default_sources().fetch(key, scope=args.scope, account=args.account)
-        store.write(key, token, schedule=True, fetched=True)
+        store.write(key, token, fetched=True)
     print(token.token)
     return 0
 
@@ -97,25 +97,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokencache", description="Fleet-wide Google OAuth2 token cache.")
     parser.add_argument("--redis-url", default=None, help=f"Redis URL (default: ${env.REDIS_URL})")
+    # --redis-url works before or after the command; SUPPRESS keeps a value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--redis-url", default=argparse.SUPPRESS, help=f"Redis URL (default: ${env.REDIS_URL})"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("token", help="print an access token (like gcloud auth print-access-token)")
+    p = sub.add_parser(
+        "token", parents=[common], help="print an access token (like gcloud auth print-access-token)"
+    )
     p.add_argument("scope")
     p.add_argument("--account", default=None)
     p.add_argument("--sub", default=None)
     p.set_defaults(func=cmd_token)
 
-    p = sub.add_parser("ls", help="list cached tokens (masked)")
+    p = sub.add_parser("ls", parents=[common], help="list cached tokens (masked)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ls)
 
-    p = sub.add_parser("worker", help="run the refresh worker pool")
+    p = sub.add_parser("worker", parents=[common], help="run the refresh worker pool")
     p.add_argument("-n", "--workers", type=int, default=2)
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("emulator", help="run the local Google token endpoint")
+    p = sub.add_parser("emulator", parents=[common], help="run the local Google token endpoint")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8089)
     p.add_argument("--keys", default=None, help="folder to write service-account key files into")
@@ -126,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--public-url", default=None, help="URL the key files name (default: the bound address)")
     p.set_defaults(func=cmd_emulator)
 
-    p = sub.add_parser("demo", help="run the whole system on an embedded Redis")
+    p = sub.add_parser("demo", parents=[common], help="run the whole system on an embedded Redis")
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--lifetime", type=int, default=15)
     p.set_defaults(func=cmd_demo)

@@ -66,7 +66,7 @@ def redis_errors(client: Redis) -> Iterator[None]:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as e:
         raise RedisUnavailableError(
-            f"cannot reach Redis at {describe(client)}: {e}. "
+            f"cannot reach Redis at {describe(client)}: {str(e).rstrip('.')}. "
             f"Is redis-server running, and is {env.REDIS_URL} right?"
         ) from e
     except redis.RedisError as e:

@@ -148,7 +148,7 @@ def _watch(
 ) -> int:
     # The first token: an app that holds the key fetches it once; from then on the workers keep it fresh.
     key = TokenKey.of(None, SCOPE, None)
-    store.write(key, Sources(files={"default": key_file}).fetch(key), schedule=True, fetched=True)
+    store.write(key, Sources(files={"default": key_file}).fetch(key), fetched=True)
     started = time.time()
     finds = multiprocessing.Value("q", 0)
     misses = multiprocessing.Value("q", 0)

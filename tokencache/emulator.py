@@ -643,7 +643,12 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # a bug in the emulator must not look like a network failure
             traceback.print_exc(file=sys.stderr)
             reply = _Reply.error(HTTPStatus.INTERNAL_SERVER_ERROR, "server_error", type(exc).__name__)
-        self._write(reply)
+        try:
+            self._write(reply)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = (
+                True  # the client gave up (a timeout, a killed worker): nothing to tell it
+            )
 
     def _read_request(self) -> _Request:
         url = urlsplit(self.path)

@@ -5,7 +5,8 @@ gives no exactly-once promise: the scheduler polls once a second with
 whole-second scores (so a job can start up to a second early), repair may
 re-enqueue a job it believes lost, and a SIGKILLed worker leaves its job
 half-done. So the job takes the token's lock, re-reads the token, fetches only
-if a refresh is really due, and always ends by telling RQ when to run it next.
+if a refresh is really due, writes only if the token was not deleted
+meanwhile, and always ends by telling RQ when to run it next.
 """
 
 from __future__ import annotations
@@ -22,35 +23,41 @@ from .keys import DEFAULT_ACCOUNT, TokenKey
 from .locks import Lock
 from .scheduling import repeat_current_job
 from .sources import FETCH_TIMEOUT, Sources, default_sources
-from .token import EXPIRY_SKEW, mask
-from .tokenstore import TokenRecord, TokenStore, record_failure
+from .token import EXPIRY_SKEW, Token, mask
+from .tokenstore import TokenRecord, TokenStore, record_failure, replace_if_indexed
 
-__all__ = ["LOCK_TTL", "Refresher", "refresh"]
+__all__ = ["LOCK_TTL", "Refresher", "backoff", "refresh"]
 
 log = logging.getLogger(__name__)
 
 LOCK_TTL = FETCH_TIMEOUT + 1.0
 """A refresh holds its token's lock this long at most: one bounded fetch plus a write.
-Kept below the default 10 s margin so a refresh killed mid-fetch is retried before expiry."""
+Kept well below the default 10 s margin so that a refresh killed mid-fetch is
+retried (by repair, once the lock is gone) before the token expires."""
 EARLY = 2.0
 """Seconds before ``refresh_at`` at which a run still counts as due (RQ may start jobs ~1 s early)."""
+MIN_DELAY = 1.0
+"""The shortest wait before a job runs again, so nothing can make a worker fetch in a tight loop."""
 BUSY_RETRY = 1.0
 """Seconds to wait before looking again when another process holds the token's lock."""
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
+GIVE_UP_AFTER = 5
+"""Consecutive failures after which, with no valid token left, the job stops and fails in RQ."""
 
 
-def backoff(failures: int, time_left: float) -> float | None:
-    """Delay before retry number ``failures``: exponential, equal jitter, landing before expiry.
+def backoff(failures: int, time_left: float) -> float:
+    """Delay before retry number ``failures``: exponential with equal jitter.
 
-    None when the current token has no time left for another try.
+    While the current token is valid the retry is pulled in to land before it
+    expires, so a token is not lost to the wait itself.
     """
     ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, failures - 1))
     delay = random.uniform(ceiling / 2, ceiling)
     latest = time_left - EXPIRY_SKEW - 0.5
-    if latest <= 0:
-        return None
-    return min(delay, latest)
+    if latest > 0:
+        delay = min(delay, latest)
+    return max(0.5, delay)
 
 
 @dataclass
@@ -61,6 +68,8 @@ class Refresher:
     key: TokenKey
     sources: Sources
     owner: str
+    failures: int = 0
+    """Consecutive failed attempts before this one (kept in the RQ job's meta between runs)."""
 
     def run(self) -> tuple[str, float | None]:
         if not self.store.indexed(self.key):
@@ -81,12 +90,20 @@ class Refresher:
             if now < due - EARLY:
                 return "not due", due - now
         try:
-            token = self.sources.fetch(self.key, scope=self._scope(current), account=self._account(current))
+            token = self._fetch(current)
         except (RefreshError, ConfigurationError) as e:
             return self._failed(current, e)
-        self.store.write(self.key, token, schedule=False, fetched=True)
+        if not replace_if_indexed(self.store, self.key, token):
+            return "deleted", None
+        self.failures = 0
         log.info("refreshed %s: %s, expires in %ds", self.key.encode(), mask(token.token), token.expires_in())
-        return "refreshed", self.store.due_at(token, fetched=True) - self.store.clock()
+        return "refreshed", max(MIN_DELAY, self.store.due_at(token, fetched=True) - self.store.clock())
+
+    def _fetch(self, current: TokenRecord | None) -> Token:
+        token = self.sources.fetch(self.key, scope=self._scope(current), account=self._account(current))
+        if token.expires_in(self.store.clock()) <= EXPIRY_SKEW + 1:
+            raise RefreshError(f"the token endpoint returned a token that lives {token.expires_in():.0f}s")
+        return token
 
     def _scope(self, current: TokenRecord | None) -> str:
         return current.token.scope if current is not None else self.key.scope
@@ -96,21 +113,20 @@ class Refresher:
             return current.token.account
         return None if self.key.account == DEFAULT_ACCOUNT else self.key.account
 
-    def _failed(self, current: TokenRecord | None, error: Exception) -> tuple[str, float | None]:
-        failures = record_failure(self.store, self.key, str(error))
+    def _failed(self, current: TokenRecord | None, error: Exception) -> tuple[str, float]:
+        self.failures += 1
         left = current.token.expires_in(self.store.clock()) if current is not None else 0.0
-        delay = None if isinstance(error, ConfigurationError) else backoff(failures, left)
-        if delay is None:
-            log.error(
-                "refresh of %s failed, giving up (no valid token left to fall back on): %s",
-                self.key.encode(),
-                error,
-            )
+        hopeless = isinstance(error, ConfigurationError)
+        if hopeless or (left <= EXPIRY_SKEW and self.failures >= GIVE_UP_AFTER):
+            record_failure(self.store, self.key, str(error), gave_up=True)
+            log.error("refresh of %s failed %d times, giving up: %s", self.key.encode(), self.failures, error)
             raise error
+        record_failure(self.store, self.key, str(error))
+        delay = backoff(self.failures, left)
         log.warning(
-            "refresh of %s failed (%d in a row): %s; retrying in %.1fs while %s stays valid %.0fs",
+            "refresh of %s failed (%d in a row): %s; retrying in %.1fs; current token %s, %.0fs left",
             self.key.encode(),
-            failures,
+            self.failures,
             error,
             delay,
             mask(current.token.token) if current else "-",
@@ -125,8 +141,20 @@ def refresh(namespace: str, account: str, scope: str, sub: str | None, refresh_b
     if not isinstance(job, Job):
         raise RuntimeError("tokencache.refresh.refresh runs inside an RQ worker")
     store = TokenStore(job.connection, namespace=namespace, refresh_before=refresh_before, queue=job.origin)
-    refresher = Refresher(store, TokenKey(account, scope, sub), default_sources(), owner=job.id)
-    outcome, delay = refresher.run()
+    key = TokenKey(account, scope, sub)
+    refresher = Refresher(
+        store, key, default_sources(), owner=job.id, failures=int(job.meta.get("failures", 0))
+    )
+    try:
+        outcome, delay = refresher.run()
+    except (RefreshError, ConfigurationError):
+        raise  # a deliberate give-up: RQ's failed registry records it
+    except Exception:
+        # Anything else (Redis failing over mid-write, a bug) must not end the refresh chain.
+        refresher.failures += 1
+        outcome, delay = "crashed", backoff(refresher.failures, 0.0)
+        log.exception("refresh of %s crashed; retrying in %.1fs", key.encode(), delay)
+    job.meta["failures"] = refresher.failures  # saved with the repeat, read by the next run
     if delay is not None:
         repeat_current_job(job, delay)
     return outcome

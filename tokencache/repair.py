@@ -1,11 +1,13 @@
 """Repair: find tokens whose refresh is overdue and get them refreshed anyway.
 
 RQ alone can lose a refresh: a worker SIGKILLed mid-job leaves it "started"
-until its heartbeat expires (a minute or more), a dead scheduler is replaced
-only after its lock's TTL and a maintenance pass (minutes), and a Redis
-failover can drop recent writes. The refresh margin is ten seconds, so the
-worker pool runs :func:`repair` every second or so (one worker of the fleet at
-a time, under ``{ns}:repair``) and re-enqueues what is overdue.
+until its heartbeat expires (a minute or more), a work-horse killed alone
+fails its job, a dead scheduler is replaced only after its lock's TTL and a
+maintenance pass (minutes), a Redis failover can drop recent writes, and a
+``store()`` that lands while the token's job finishes can be overwritten by
+that job's own repeat. The refresh margin is ten seconds, so the worker pool
+runs :func:`repair` every second (one worker of the fleet at a time, under
+``{ns}:repair``) and re-enqueues what is overdue.
 
 It reads only the index entries that are due (a range query on the sorted
 set), never ``KEYS`` or a full ``SCAN``.
@@ -19,22 +21,25 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import cast
 
+from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from .connection import redis_errors
 from .keys import TokenKey
 from .locks import Lock
-from .refresh import LOCK_TTL
 from .tokenstore import TokenStore
 
-__all__ = ["GRACE", "repair", "repair_if_leader"]
+__all__ = ["DEAD_AFTER", "GRACE", "repair", "repair_if_leader"]
 
 log = logging.getLogger(__name__)
 
 GRACE = 3.0
 """Seconds a refresh may be late before repair steps in: the scheduler polls every
 second with whole-second scores, so anything later than this is not normal jitter."""
+DEAD_AFTER = 2.0
+"""A job "started" this long ago whose token lock is free has lost its worker: a live
+refresh holds the lock from its first milliseconds to its end."""
 BATCH = 1000
 
 
@@ -42,58 +47,123 @@ BATCH = 1000
 class _Entry:
     key: TokenKey
     expires: float
-    token_exists: bool
+    refresh_at: float | None  # None: the token hash is gone
+    gave_up: bool
     lock_held: bool
     scheduled_at: float | None
     job: Job | None
 
 
+def _fetch_jobs(store: TokenStore, ids: list[str]) -> list[Job | None]:
+    """The jobs by id; an unreadable job hash (a partial one left by RQ's heartbeat) counts as missing."""
+    try:
+        return Job.fetch_many(ids, store.redis, serializer=JSONSerializer)
+    except (NoSuchJobError, ValueError, TypeError):
+        return [_fetch_one(store, job_id) for job_id in ids]
+
+
+def _fetch_one(store: TokenStore, job_id: str) -> Job | None:
+    try:
+        return Job.fetch(job_id, store.redis, serializer=JSONSerializer)
+    except (NoSuchJobError, ValueError, TypeError):
+        return None
+
+
+def _parse_members(store: TokenStore, members: list[tuple[bytes, float]]) -> list[tuple[TokenKey, float]]:
+    parsed = []
+    for member, expires in members:
+        try:
+            parsed.append((store.keys.parse_token(member.decode()), expires))
+        except (UnicodeDecodeError, ValueError):
+            log.warning("dropping %r from %s: not a token key", member, store.keys.index)
+            store.redis.zrem(store.keys.index, member)
+    return parsed
+
+
 def _due_entries(store: TokenStore, now: float) -> list[_Entry]:
     horizon = now + store.refresh_before - GRACE
-    rq = store.refresh_queue
+    scheduled_key = store.refresh_queue.scheduled.key
     with redis_errors(store.redis):
         members = cast(
             list[tuple[bytes, float]],
             store.redis.zrangebyscore(store.keys.index, "-inf", horizon, 0, BATCH, withscores=True),
         )
-        keys = [store.keys.parse_token(member.decode()) for member, _ in members]
+        entries = _parse_members(store, members)
         with store.redis.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.exists(store.keys.token(key))
+            for key, _ in entries:
+                pipe.hmget(store.keys.token(key), "refresh_at", "gave_up_at")
                 pipe.exists(store.keys.lock(key))
-                pipe.zscore(rq.scheduled.key, store.keys.job_id(key))
+                pipe.zscore(scheduled_key, store.keys.job_id(key))
             flags = pipe.execute()
-        jobs = Job.fetch_many([store.keys.job_id(k) for k in keys], store.redis, serializer=JSONSerializer)
+        jobs = _fetch_jobs(store, [store.keys.job_id(key) for key, _ in entries])
     return [
-        _Entry(key, expires, bool(flags[3 * i]), bool(flags[3 * i + 1]), flags[3 * i + 2], jobs[i])
-        for i, (key, (_, expires)) in enumerate(zip(keys, members, strict=True))
+        _Entry(
+            key,
+            expires,
+            _number(flags[3 * i][0]),
+            flags[3 * i][1] is not None,
+            bool(flags[3 * i + 1]),
+            flags[3 * i + 2],
+            jobs[i],
+        )
+        for i, (key, expires) in enumerate(entries)
     ]
 
 
-def _started_long_ago(job: Job, now: float) -> bool:
+def _number(raw: bytes | None) -> float | None:
+    try:
+        return float(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def _started_ago(job: Job, now: float) -> float:
     started = job.started_at
     if started is None:
-        return True
+        return float("inf")
     started = started if started.tzinfo else started.replace(tzinfo=UTC)
-    return (datetime.fromtimestamp(now, UTC) - started).total_seconds() > LOCK_TTL + 1
+    return (datetime.fromtimestamp(now, UTC) - started).total_seconds()
+
+
+def _scheduled_verdict(entry: _Entry, now: float) -> str:
+    if entry.scheduled_at is None or entry.scheduled_at <= now - GRACE:
+        return "enqueue"  # overdue in the schedule: no scheduler is moving it
+    if entry.refresh_at is not None and now > entry.refresh_at + GRACE < entry.scheduled_at:
+        return "enqueue"  # scheduled after the token's own refresh time (a store() lost a race)
+    return "ok"
 
 
 def _verdict(entry: _Entry, now: float) -> str:
     """What to do with one overdue token: 'ok', 'enqueue' or 'drop'."""
     job = entry.job
-    status = job.get_status(refresh=False) if job is not None else None
-    if status == JobStatus.FAILED or (job is None and not entry.token_exists and entry.expires < now):
-        # The refresh gave up (or the token died with its job): RQ's failed registry tells why.
-        return "ok" if entry.token_exists else "drop"
+    token_exists = entry.refresh_at is not None
+    if job is None:
+        return "enqueue" if token_exists or entry.expires >= now else "drop"
+    status = job.get_status(refresh=False)
+    if status == JobStatus.FAILED:
+        # A refresh that gave up on purpose stays failed (RQ's failed registry says why);
+        # one that crashed (a killed work-horse) is retried while the token is cached.
+        if not token_exists:
+            return "drop"
+        return "ok" if entry.gave_up else "enqueue"
     if status == JobStatus.SCHEDULED:
-        late = entry.scheduled_at is None or entry.scheduled_at <= now - GRACE
-        return "enqueue" if late else "ok"
+        return _scheduled_verdict(entry, now)
     if status == JobStatus.QUEUED:
         return "ok"
     if status == JobStatus.STARTED:
-        dead = not entry.lock_held and _started_long_ago(job, now)  # type: ignore[arg-type]
+        dead = not entry.lock_held and _started_ago(job, now) > DEAD_AFTER
         return "enqueue" if dead else "ok"
-    return "enqueue"  # missing, finished without a repeat, stopped, canceled
+    return "enqueue"  # finished without a repeat, stopped, canceled
+
+
+def _enqueue(store: TokenStore, entry: _Entry) -> None:
+    status = entry.job.get_status(refresh=False) if entry.job else "missing"
+    log.warning("refresh of %s is overdue (job %s); re-enqueueing it", entry.key.encode(), status)
+    refresh_before = store.refresh_before
+    if entry.job is not None:
+        refresh_before = int(entry.job.kwargs.get("refresh_before", refresh_before))
+    with redis_errors(store.redis):
+        store.refresh_queue.enqueue(entry.key, refresh_before)
 
 
 def repair(store: TokenStore) -> Counter[str]:
@@ -104,13 +174,7 @@ def repair(store: TokenStore) -> Counter[str]:
         verdict = _verdict(entry, now)
         done[verdict] += 1
         if verdict == "enqueue":
-            log.warning(
-                "refresh of %s is overdue (job %s); re-enqueueing it",
-                entry.key.encode(),
-                entry.job.get_status(refresh=False) if entry.job else "missing",
-            )
-            with redis_errors(store.redis):
-                store.refresh_queue.enqueue(entry.key, store.refresh_before)
+            _enqueue(store, entry)
         elif verdict == "drop":
             with redis_errors(store.redis):
                 store.redis.zrem(store.keys.index, store.keys.token(entry.key))

@@ -46,7 +46,7 @@ __all__ = ["FETCH_TIMEOUT", "Sources", "default_sources"]
 
 log = logging.getLogger(__name__)
 
-FETCH_TIMEOUT = 5.0
+FETCH_TIMEOUT = 4.0
 """Seconds one token request may take. google-auth's own default is 120 s, far
 longer than the refresh margin: a hung request would let the token expire and
 hold the refresh lock past its TTL."""

@@ -102,7 +102,7 @@ class TokenStore:
 
     def store(self, token: Token, info: object = None, sub: str | None = None) -> Job | None:
         """Cache ``token`` for the fleet and schedule its refresh; returns the refresh job."""
-        return self.write(self.key_for(token, info, sub), token, schedule=True)
+        return self.write(self.key_for(token, info, sub), token)
 
     def due_at(self, token: Token, *, fetched: bool) -> int:
         """When the token's refresh should run: ``refresh_before`` ahead of expiry.
@@ -117,21 +117,22 @@ class TokenStore:
             due = max(due, now + (token.expires - now) // 2)
         return max(due, now)
 
-    def write(self, key: TokenKey, token: Token, *, schedule: bool, fetched: bool = False) -> Job | None:
-        """Atomically write hash, TTL, index entry and (if ``schedule``) the refresh job."""
+    def write(self, key: TokenKey, token: Token, *, fetched: bool = False) -> Job:
+        """Atomically write hash, TTL, index entry and the refresh job, under ``key``.
+
+        ``fetched`` says the token was just fetched from its source (see :meth:`due_at`).
+        """
         now = int(self.clock())
         refresh_at = self.due_at(token, fetched=fetched)
         redis_key = self.keys.token(key)
         job_id = self.keys.job_id(key)
         fields = to_fields(token, refresh_at=refresh_at, stored_at=now, job=job_id, refreshed=fetched)
-        job = None
         with redis_errors(self.redis), self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(redis_key)
             pipe.hset(redis_key, mapping=fields)  # type: ignore[arg-type]  # redis-py wants a Mapping of its unions
             pipe.expireat(redis_key, token.expires)
             pipe.zadd(self.keys.index, {redis_key: token.expires})
-            if schedule:
-                job = self.refresh_queue.schedule(pipe, key, self.refresh_before, utc(refresh_at))
+            job = self.refresh_queue.schedule(pipe, key, self.refresh_before, utc(refresh_at))
             pipe.execute()
         return job
 
@@ -219,15 +220,52 @@ _RECORD_FAILURE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
     local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
     redis.call('HSET', KEYS[1], 'last_error', ARGV[1], 'last_error_at', ARGV[2])
+    if ARGV[3] == '1' then
+        redis.call('HSET', KEYS[1], 'gave_up_at', ARGV[2])
+    end
     return failures
 end
 return 0
 """
 
+_REPLACE_IF_INDEXED = """
+if not redis.call('ZSCORE', KEYS[2], KEYS[1]) then
+    return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIREAT', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[1], KEYS[1])
+return 1
+"""
 
-def record_failure(store: TokenStore, key: TokenKey, message: str) -> int:
+
+def record_failure(store: TokenStore, key: TokenKey, message: str, *, gave_up: bool = False) -> int:
     """Count a failed refresh in the token's hash (if it still exists); the new count, or 0."""
     with redis_errors(store.redis):
-        return int(
-            store.redis.eval(_RECORD_FAILURE, 1, store.keys.token(key), message[:500], int(store.clock()))
+        reply = store.redis.eval(
+            _RECORD_FAILURE, 1, store.keys.token(key), message[:500], int(store.clock()), int(gave_up)
         )
+    return int(cast(int, reply))
+
+
+def replace_if_indexed(store: TokenStore, key: TokenKey, token: Token) -> bool:
+    """Write a refreshed token unless the token was deleted meanwhile (its index entry is gone).
+
+    The refresh job's write: a ``delete()`` that lands while the job fetches
+    must not be undone by the job storing its result.
+    """
+    now = int(store.clock())
+    fields = to_fields(
+        token,
+        refresh_at=store.due_at(token, fetched=True),
+        stored_at=now,
+        job=store.keys.job_id(key),
+        refreshed=True,
+    )
+    flat = [item for pair in fields.items() for item in pair]
+    with redis_errors(store.redis):
+        reply = store.redis.eval(
+            _REPLACE_IF_INDEXED, 2, store.keys.token(key), store.keys.index, token.expires, *flat
+        )
+    return bool(reply)

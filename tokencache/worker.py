@@ -9,6 +9,8 @@ SIGINT stops the pool gracefully: each worker finishes its current job.
 from __future__ import annotations
 
 import logging
+import signal
+import time
 from typing import Any
 
 from redis import Redis
@@ -18,6 +20,7 @@ from rq.worker_pool import WorkerPool
 from .connection import redis_errors
 from .errors import TokenCacheError
 from .repair import repair_if_leader
+from .scheduling import JOB_TIMEOUT
 from .sources import default_sources
 from .tokenstore import TokenStore
 
@@ -27,6 +30,8 @@ log = logging.getLogger(__name__)
 
 REPAIR_INTERVAL = 1.0
 """Seconds between repair passes of the fleet (the pool loop ticks once a second)."""
+STOP_TIMEOUT = JOB_TIMEOUT + 10
+"""Seconds a graceful stop may take (a running refresh finishing) before workers are killed."""
 
 
 class RefreshPool(WorkerPool):
@@ -41,6 +46,7 @@ class RefreshPool(WorkerPool):
             **kwargs,
         )
         self.store = store
+        self._stop_requested_at: float | None = None
 
     def check_workers(self, respawn: bool = True) -> None:
         super().check_workers(respawn=respawn)
@@ -48,6 +54,23 @@ class RefreshPool(WorkerPool):
             repair_if_leader(self.store, REPAIR_INTERVAL)
         except TokenCacheError as e:
             log.warning("repair pass skipped: %s", e)
+        except Exception:
+            # Supervision (respawning workers, the next repair) must outlive any one bad pass.
+            log.exception("repair pass failed")
+
+    def request_stop(self, signum: int | None = None, frame: object = None) -> None:
+        if self._stop_requested_at is None:
+            self._stop_requested_at = time.monotonic()
+        super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
+
+    def all_workers_have_stopped(self) -> bool:
+        stopped = bool(super().all_workers_have_stopped())
+        waited = time.monotonic() - (self._stop_requested_at or time.monotonic())
+        if not stopped and waited > STOP_TIMEOUT:
+            log.warning("workers still running %.0fs after the stop request; killing them", waited)
+            for data in list(self.worker_dict.values()):
+                self.stop_worker(data, sig=signal.SIGKILL)
+        return stopped
 
 
 def _check_redis(redis: Redis) -> None:
