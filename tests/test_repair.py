@@ -7,8 +7,7 @@ import time
 from rq.job import Job, JobStatus
 
 from tokencache import Token, TokenStore
-from tokencache.locks import Lock
-from tokencache.refresh import LOCK_TTL
+from tokencache.locks import LOCK_TTL, Lock
 from tokencache.repair import repair, repair_if_leader
 
 from .conftest import SCOPE

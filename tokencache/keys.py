@@ -8,6 +8,8 @@ Schema (``{ns}`` is the namespace, ``tokencache`` by default)::
                                                         last_refresh, failures, last_error, job)
     {ns}:index                           zset   member: the token's hash key, score: expires
     {ns}:lock:{account}:{scope}:{sub}    string single-flight lock (SET NX PX, value = owner)
+    {ns}:want:{account}:{scope}:{sub}    string marks that an app asked the workers for this token (SET NX PX)
+    {ns}:fetched:{account}:{scope}:{sub} pubsub "a fetch of this token ended" (JSON ok/error, no token)
     {ns}:repair                          string lock that lets one worker of the fleet run a repair pass
     rq:job:tc-{digest}                   hash   (RQ) the token's one refresh job; digest = blake2b of
                                                 the token's hash key, so the id is deterministic
@@ -135,6 +137,12 @@ class Keys:
 
     def lock(self, key: TokenKey) -> str:
         return f"{self.namespace}:lock:{key.encode()}"
+
+    def want(self, key: TokenKey) -> str:
+        return f"{self.namespace}:want:{key.encode()}"
+
+    def channel(self, key: TokenKey) -> str:
+        return f"{self.namespace}:fetched:{key.encode()}"
 
     def parse_token(self, redis_key: str) -> TokenKey:
         """The TokenKey of a token hash's Redis key (from the index)."""

@@ -11,7 +11,14 @@ from dataclasses import dataclass, field
 
 from redis import Redis
 
-__all__ = ["Lock"]
+from .sources import FETCH_TIMEOUT
+
+__all__ = ["LOCK_TTL", "Lock"]
+
+LOCK_TTL = FETCH_TIMEOUT + 1.0
+"""A fetch holds its token's lock this long at most: one bounded fetch plus a write.
+Kept well below the default 10 s margin so that a refresh killed mid-fetch is
+retried (by repair, once the lock is gone) before the token expires."""
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then

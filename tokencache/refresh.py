@@ -20,9 +20,9 @@ from rq.job import Job
 
 from .errors import ConfigurationError, RefreshError
 from .keys import DEFAULT_ACCOUNT, TokenKey
-from .locks import Lock
+from .locks import LOCK_TTL, Lock
 from .scheduling import repeat_current_job
-from .sources import FETCH_TIMEOUT, Sources, default_sources
+from .sources import Sources, default_sources
 from .token import EXPIRY_SKEW, Token, mask
 from .tokenstore import TokenRecord, TokenStore, record_failure, replace_if_indexed
 
@@ -30,10 +30,6 @@ __all__ = ["LOCK_TTL", "Refresher", "backoff", "refresh"]
 
 log = logging.getLogger(__name__)
 
-LOCK_TTL = FETCH_TIMEOUT + 1.0
-"""A refresh holds its token's lock this long at most: one bounded fetch plus a write.
-Kept well below the default 10 s margin so that a refresh killed mid-fetch is
-retried (by repair, once the lock is gone) before the token expires."""
 EARLY = 2.0
 """Seconds before ``refresh_at`` at which a run still counts as due (RQ may start jobs ~1 s early)."""
 MIN_DELAY = 1.0

@@ -126,6 +126,12 @@ def _client_email(path: Path) -> str | None:
     return email
 
 
+def _adc_path() -> str:
+    from google.auth import _cloud_sdk
+
+    return str(_cloud_sdk.get_application_default_credentials_path())
+
+
 def _authorized_user(info: dict[str, Any]) -> Credentials:
     # google-auth ignores token_uri in authorized-user files; the emulator (and private endpoints) need it.
     creds = google.oauth2.credentials.Credentials.from_authorized_user_info(info)
@@ -200,7 +206,18 @@ class Sources:
         return sorted(names)
 
     def has(self, account: str) -> bool:
-        return account in self.files or (account == DEFAULT_ACCOUNT and self.use_adc)
+        """Whether this process can fetch tokens of ``account`` itself, judged without any network call.
+
+        ADC counts only when it is visibly configured (gcloud's file, or an
+        explicit ``GCE_METADATA_HOST``): probing for a metadata server costs
+        seconds on machines that have none, and an app without credentials
+        should hand the fetch to the workers instead of waiting on that.
+        """
+        if account in self.files:
+            return True
+        if account != DEFAULT_ACCOUNT or not self.use_adc:
+            return False
+        return bool(os.environ.get("GCE_METADATA_HOST")) or Path(_adc_path()).is_file()
 
     def _load(self, account: str) -> Credentials:
         if account in self.files:

@@ -18,9 +18,12 @@ from rq.job import Job
 
 from . import env
 from .connection import connect, redis_errors
+from .fleet import FleetFetch, check_timeout
 from .keys import Keys, TokenKey, parse_info
+from .notify import error_message, ok_message
 from .record import Bookkeeping, MalformedRecord, from_fields, to_fields
 from .scheduling import RefreshQueue, utc
+from .sources import Sources, default_sources
 from .token import Freshness, Token
 
 __all__ = ["TokenRecord", "TokenStore"]
@@ -60,6 +63,7 @@ class TokenStore:
         refresh_before: int | None = None,
         queue: str | None = None,
         clock: Clock = time.time,
+        sources: Sources | None = None,
     ) -> None:
         if not isinstance(redis, Redis):
             raise TypeError(f"redis must be a redis.Redis client, not {type(redis).__name__}")
@@ -70,6 +74,14 @@ class TokenStore:
         )
         self.refresh_queue = RefreshQueue(redis, queue or env.queue_name(), self.keys)
         self.clock = clock
+        self._sources = sources
+
+    @property
+    def sources(self) -> Sources:
+        """Where this process fetches tokens itself on a ``for_scope`` miss (default: the environment's)."""
+        if self._sources is None:
+            self._sources = default_sources()
+        return self._sources
 
     @classmethod
     def from_url(
@@ -79,12 +91,12 @@ class TokenStore:
         namespace: str | None = None,
         refresh_before: int | None = None,
         queue: str | None = None,
+        sources: Sources | None = None,
         **redis_options: Any,
     ) -> TokenStore:
         """A store on the Redis at ``url`` (``None`` reads ``TOKENCACHE_REDIS_URL``)."""
-        return cls(
-            connect(url, **redis_options), namespace=namespace, refresh_before=refresh_before, queue=queue
-        )
+        redis = connect(url, **redis_options)
+        return cls(redis, namespace=namespace, refresh_before=refresh_before, queue=queue, sources=sources)
 
     def __repr__(self) -> str:
         return f"TokenStore(namespace={self.keys.namespace!r}, refresh_before={self.refresh_before})"
@@ -133,6 +145,7 @@ class TokenStore:
             pipe.expireat(redis_key, token.expires)
             pipe.zadd(self.keys.index, {redis_key: token.expires})
             job = self.refresh_queue.schedule(pipe, key, self.refresh_before, utc(refresh_at))
+            pipe.publish(self.keys.channel(key), ok_message())
             pipe.execute()
         return job
 
@@ -151,11 +164,19 @@ class TokenStore:
 
     def find(self, info: object, sub: str | None = None) -> Token | None:
         """The cached token for ``info``/``sub``, or None; never an expired one."""
-        key = parse_info(info, sub)
+        return self.find_key(parse_info(info, sub))
+
+    def find_key(self, key: TokenKey) -> Token | None:
+        """:meth:`find` by a parsed key."""
         redis_key = self.keys.token(key)
         with redis_errors(self.redis):
             raw = cast(Raw, self.redis.hgetall(redis_key))
         return self._usable(redis_key, raw)
+
+    def for_scope(self, info: object, sub: str | None = None, timeout: float = 30.0) -> Token:
+        """The cached token, or one fetched once for the whole fleet (see :mod:`tokencache.fleet`)."""
+        key = parse_info(info, sub)
+        return FleetFetch(self, key, check_timeout(timeout)).run()
 
     def _usable(self, redis_key: str, raw: dict[bytes, bytes]) -> Token | None:
         if not raw:
@@ -233,19 +254,21 @@ if not redis.call('ZSCORE', KEYS[2], KEYS[1]) then
     return 0
 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 redis.call('EXPIREAT', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[1], KEYS[1])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 """
 
 
 def record_failure(store: TokenStore, key: TokenKey, message: str, *, gave_up: bool = False) -> int:
-    """Count a failed refresh in the token's hash (if it still exists); the new count, or 0."""
+    """Count a failed refresh in the hash (if it still exists) and tell waiters; the new count, or 0."""
     with redis_errors(store.redis):
         reply = store.redis.eval(
             _RECORD_FAILURE, 1, store.keys.token(key), message[:500], int(store.clock()), int(gave_up)
         )
+        store.redis.publish(store.keys.channel(key), error_message(message))
     return int(cast(int, reply))
 
 
@@ -266,6 +289,13 @@ def replace_if_indexed(store: TokenStore, key: TokenKey, token: Token) -> bool:
     flat = [item for pair in fields.items() for item in pair]
     with redis_errors(store.redis):
         reply = store.redis.eval(
-            _REPLACE_IF_INDEXED, 2, store.keys.token(key), store.keys.index, token.expires, *flat
+            _REPLACE_IF_INDEXED,
+            2,
+            store.keys.token(key),
+            store.keys.index,
+            token.expires,
+            store.keys.channel(key),
+            ok_message(),
+            *flat,
         )
     return bool(reply)
