@@ -6,7 +6,7 @@ ahead of its expiry. See DESIGN.md for the contract and README.md for use.
 
 from __future__ import annotations
 
-from .defaults import default_store, delete, find, reset_default_store, store, tokens
+from .defaults import default_store, delete, find, for_scope, reset_default_store, store, tokens
 from .errors import (
     ConfigurationError,
     FetchTimeoutError,
@@ -37,6 +37,7 @@ __all__ = [
     "default_store",
     "delete",
     "find",
+    "for_scope",
     "mask",
     "normalize_scope",
     "reset_default_store",

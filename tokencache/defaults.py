@@ -14,7 +14,7 @@ from rq.job import Job
 from .token import Token
 from .tokenstore import TokenStore
 
-__all__ = ["default_store", "delete", "find", "reset_default_store", "store", "tokens"]
+__all__ = ["default_store", "delete", "find", "for_scope", "reset_default_store", "store", "tokens"]
 
 _store: TokenStore | None = None
 _lock = threading.Lock()
@@ -46,6 +46,11 @@ def store(token: Token, info: object = None, sub: str | None = None) -> Job | No
 def find(info: object, sub: str | None = None) -> Token | None:
     """:meth:`TokenStore.find` on the default store."""
     return default_store().find(info, sub)
+
+
+def for_scope(info: object, sub: str | None = None, timeout: float = 30.0) -> Token:
+    """:meth:`TokenStore.for_scope` on the default store."""
+    return default_store().for_scope(info, sub, timeout)
 
 
 def delete(info: object, sub: str | None = None) -> bool:

@@ -103,6 +103,10 @@ class TokenStore:
 
     # -- writing -------------------------------------------------------------
 
+    def key_for_info(self, info: object, sub: str | None = None) -> TokenKey:
+        """The key ``find(info, sub)`` reads."""
+        return parse_info(info, sub)
+
     def key_for(self, token: Token, info: object = None, sub: str | None = None) -> TokenKey:
         """The key ``store(token, info, sub)`` files the token under (Goth's override rules)."""
         if not isinstance(token, Token):

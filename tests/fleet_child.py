@@ -1,0 +1,40 @@
+"""One app process of a simulated fleet: waits for the go signal, calls for_scope once, prints JSON.
+
+    python -m tests.fleet_child REDIS_URL NAMESPACE QUEUE INDEX TIMEOUT
+
+Used by the stampede tests and by bench/stampede.py. The go signal is a
+per-process list (BLPOP), so the parent releases all processes with one
+pipelined write instead of a sleep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+
+from tokencache import TokenCacheError, TokenStore
+
+SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+
+
+def main() -> None:
+    url, namespace, queue, index, timeout = sys.argv[1:6]
+    store = TokenStore.from_url(url, namespace=namespace, queue=queue)
+    store.sources.has("default")  # read the environment before the clock starts
+    store.redis.rpush(f"{namespace}:test:ready", index)
+    store.redis.blpop([f"{namespace}:test:go:{index}"], timeout=60)
+    started = time.time()
+    result: dict[str, object] = {"index": int(index), "started": started}
+    try:
+        token = store.for_scope(SCOPE, timeout=float(timeout))
+        result["token"] = hashlib.sha256(token.token.encode()).hexdigest()
+    except TokenCacheError as e:
+        result["error"] = f"{type(e).__name__}: {e}"
+    result["ended"] = time.time()
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""for_scope across real processes: one fetch per token for the whole fleet."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tokencache import FetchTimeoutError, RefreshError, TokenStore
+from tokencache.emulator import Emulator
+from tokencache.sources import Sources
+
+from .conftest import SCOPE, Workers, wait_for
+
+FLEET = 16
+
+
+def app_env(store: TokenStore, redis_url: str, tmp_path: Path, *, credentials: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "TOKENCACHE_", "GCE_"))}
+    env.update(TOKENCACHE_REDIS_URL=redis_url, CLOUDSDK_CONFIG=str(tmp_path / "no-gcloud"))
+    if credentials:
+        env["GOOGLE_APPLICATION_CREDENTIALS"] = credentials
+    return env
+
+
+def run_fleet(
+    store: TokenStore, redis_url: str, env: dict[str, str], n: int, timeout: float = 30
+) -> list[Any]:
+    """Start n app processes, release them at one instant, return what each printed."""
+    ns, queue = store.keys.namespace, store.refresh_queue.name
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.fleet_child", redis_url, ns, queue, str(i), str(timeout)],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(n)
+    ]
+    wait_for(lambda: store.redis.llen(f"{ns}:test:ready") == n, 30, what="app processes ready")
+    with store.redis.pipeline() as pipe:
+        for i in range(n):
+            pipe.rpush(f"{ns}:test:go:{i}", 1)
+        pipe.execute()
+    return [json.loads(p.communicate(timeout=timeout + 30)[0]) for p in procs]
+
+
+@pytest.fixture
+def key_file(tmp_path: Path, emulator: Emulator) -> str:
+    path = tmp_path / "app-key.json"
+    emulator.write_service_account(path)
+    return str(path)
+
+
+def test_cold_cache_with_credentials_fetches_once(
+    store: TokenStore, redis_url: str, emulator: Emulator, key_file: str, tmp_path: Path
+) -> None:
+    emulator.config.latency = 0.3
+    results = run_fleet(store, redis_url, app_env(store, redis_url, tmp_path, credentials=key_file), FLEET)
+    assert all("token" in r for r in results), results
+    assert len({r["token"] for r in results}) == 1
+    assert emulator.stats()["token_requests"] == 1
+
+
+def test_cold_cache_without_credentials_asks_the_workers_once(
+    store: TokenStore, redis_url: str, emulator: Emulator, workers: Workers, tmp_path: Path
+) -> None:
+    emulator.config.latency = 0.3
+    workers.start(2)
+    results = run_fleet(store, redis_url, app_env(store, redis_url, tmp_path, credentials=None), FLEET)
+    assert all("token" in r for r in results), results
+    assert len({r["token"] for r in results}) == 1
+    assert emulator.stats()["token_requests"] == 1
+    assert (
+        store.find(SCOPE) is not None and store.refresh_queue.scheduled.count == 1
+    )  # kept fresh from now on
+
+
+def test_a_failed_fetch_reaches_every_waiter_as_an_error(
+    store: TokenStore, redis_url: str, emulator: Emulator, key_file: str, tmp_path: Path
+) -> None:
+    emulator.config.latency = 1.0
+    emulator.config.fail_next = 1
+    results = run_fleet(store, redis_url, app_env(store, redis_url, tmp_path, credentials=key_file), 8)
+    assert all("RefreshError" in r.get("error", "") for r in results), results
+    slowest = max(r["ended"] - r["started"] for r in results)
+    assert slowest < 1.0 + 0.9, f"waiters heard of the failure {slowest:.2f}s after the start"
+
+
+def test_a_failed_worker_fetch_reaches_app_waiters(
+    store: TokenStore, redis_url: str, emulator: Emulator, workers: Workers, tmp_path: Path
+) -> None:
+    workers.start(1)
+    emulator.config.latency = 1.0
+    emulator.config.fail_next = 1
+    results = run_fleet(store, redis_url, app_env(store, redis_url, tmp_path, credentials=None), 4)
+    assert all("RefreshError" in r.get("error", "") and "500" in r["error"] for r in results), results
+    assert max(r["ended"] - r["started"] for r in results) < 1.0 + 1.5
+
+
+def test_a_sigkilled_fetcher_is_taken_over_after_its_lock_ttl(
+    store: TokenStore, redis_url: str, emulator: Emulator, key_file: str, tmp_path: Path
+) -> None:
+    from tokencache.locks import LOCK_TTL
+
+    emulator.config.latency = 30.0
+    env = app_env(store, redis_url, tmp_path, credentials=key_file)
+    ns, queue = store.keys.namespace, store.refresh_queue.name
+    victim = subprocess.Popen(
+        [sys.executable, "-m", "tests.fleet_child", redis_url, ns, queue, "0", "60"],
+        env=env,
+        stdout=subprocess.PIPE,
+    )
+    wait_for(lambda: store.redis.llen(f"{ns}:test:ready") == 1, 30, what="fetcher ready")
+    store.redis.rpush(f"{ns}:test:go:0", 1)
+    wait_for(lambda: emulator.stats()["token_requests"] == 1, 10, what="fetch in flight")
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.communicate(timeout=10)
+    emulator.config.latency = 0.0
+    (result,) = run_fleet(store, redis_url, env, 1)
+    took = result["ended"] - result["started"]
+    assert "token" in result, result
+    assert took <= LOCK_TTL + 1.0, f"took over after {took:.1f}s"
+
+
+def test_timeout_names_the_key_and_what_to_check(store: TokenStore, tmp_path: Path) -> None:
+    app = TokenStore(
+        store.redis,
+        namespace=store.keys.namespace,
+        queue=store.refresh_queue.name,
+        sources=Sources(use_adc=False),
+    )
+    started = time.monotonic()
+    with pytest.raises(FetchTimeoutError) as info:
+        app.for_scope(SCOPE, timeout=1.0)
+    assert 1.0 <= time.monotonic() - started < 2.0
+    message = str(info.value)
+    assert store.keys.token(app.key_for_info(SCOPE)) in message and "tokencache worker" in message
+
+
+def test_hit_returns_the_cached_token_without_fetching(store: TokenStore, emulator: Emulator) -> None:
+    from tokencache import Token
+
+    token = Token(token="ya29.cached", scope=SCOPE, expires=int(time.time()) + 600)
+    store.store(token)
+    assert (
+        TokenStore(store.redis, namespace=store.keys.namespace, sources=Sources(use_adc=False)).for_scope(
+            SCOPE, timeout=0.1
+        )
+        == token
+    )
+    assert emulator.stats()["token_requests"] == 0
+
+
+@pytest.mark.parametrize(("timeout", "error"), [(0, ValueError), (-1, ValueError), ("3", TypeError)])
+def test_bad_timeout(store: TokenStore, timeout: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="timeout"):
+        store.for_scope(SCOPE, timeout=timeout)  # type: ignore[arg-type]
+
+
+def test_errors_are_refresh_errors(store: TokenStore, emulator: Emulator, key_file: str) -> None:
+    emulator.config.fail_next = 1
+    app = TokenStore(
+        store.redis, namespace=store.keys.namespace, sources=Sources(files={"default": Path(key_file)})
+    )
+    with pytest.raises(RefreshError, match="500"):
+        app.for_scope(SCOPE, timeout=5)
+    assert app.for_scope(SCOPE, timeout=5).token.startswith("ya29.")
