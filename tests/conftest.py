@@ -6,6 +6,8 @@ folder and stopped at the end; it is the only Redis any test talks to.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import signal
 import subprocess
@@ -67,7 +69,7 @@ def any_redis(request: pytest.FixtureRequest) -> Iterator[Redis]:
     if request.param == "real":
         yield request.getfixturevalue("real_redis")
     else:
-        yield fakeredis.FakeRedis()
+        yield fakeredis.FakeRedis(server=fakeredis.FakeServer())
 
 
 @pytest.fixture
@@ -116,6 +118,41 @@ def descendants(pid: int) -> set[int]:
                 found.add(child)
                 todo.append(child)
     return found
+
+
+class AsyncFacade:
+    """Drives an asyncio TokenStore from synchronous tests, so one contract suite covers both APIs."""
+
+    def __init__(self, store: Any, sync_redis: Redis) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._store = store
+        self.redis = sync_redis  # for the tests' own inspection of what was written
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if not inspect.iscoroutinefunction(attr):
+            return attr
+        return lambda *args, **kwargs: self._loop.run_until_complete(attr(*args, **kwargs))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_") or name == "redis":
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._store, name, value)
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._store.aclose())
+        self._loop.close()
+
+
+def async_client_like(client: Redis) -> Any:
+    """A redis.asyncio (or fakeredis async) client on the same server as ``client``."""
+    import redis.asyncio
+
+    if isinstance(client, fakeredis.FakeRedis):
+        return fakeredis.FakeAsyncRedis(server=client.connection_pool.connection_kwargs["server"])
+    kw = client.connection_pool.connection_kwargs
+    return redis.asyncio.Redis(host=kw["host"], port=kw["port"], db=kw.get("db", 0))
 
 
 class Workers:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import pytest
 from redis import Redis
@@ -11,7 +14,11 @@ from rq.job import Job, JobStatus
 from rq.registry import ScheduledJobRegistry
 
 import tokencache
-from tokencache import RedisUnavailableError, Token, TokenStore
+from tokencache import RedisUnavailableError, Token, TokenStore, aio
+from tokencache.emulator import Emulator
+from tokencache.sources import Sources
+
+from .conftest import AsyncFacade, async_client_like
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 
@@ -24,9 +31,18 @@ def token(expires_in: int = 3600, **kw: object) -> Token:
     return Token(**fields)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-def ts(any_redis: Redis) -> TokenStore:
-    return TokenStore(any_redis, namespace="contract", refresh_before=10, queue="contract")
+@pytest.fixture(params=["sync", "async"])
+def ts(request: pytest.FixtureRequest, any_redis: Redis) -> Iterator[TokenStore]:
+    """The sync store, or the asyncio one driven through a facade: one suite for both APIs."""
+    settings: dict[str, Any] = dict(
+        namespace="contract", refresh_before=10, queue="contract", sources=Sources(use_adc=False)
+    )
+    if request.param == "sync":
+        yield TokenStore(any_redis, **settings)
+        return
+    facade = AsyncFacade(aio.TokenStore(async_client_like(any_redis), **settings), any_redis)
+    yield facade  # type: ignore[misc]
+    facade.close()
 
 
 def scheduled(ts: TokenStore) -> list[tuple[str, float]]:
@@ -199,3 +215,22 @@ def test_module_level_defaults(monkeypatch: pytest.MonkeyPatch, redis_url: str, 
         assert tokencache.delete(SCOPE)
     finally:
         tokencache.reset_default_store()
+
+
+def test_for_scope_hit_and_local_fetch(ts: TokenStore, emulator: Emulator, tmp_path: Path) -> None:
+    t = token()
+    ts.store(t)
+    assert ts.for_scope(SCOPE, timeout=1) == t
+    key_file = tmp_path / "key.json"
+    emulator.write_service_account(key_file)
+    ts.sources = Sources(files={"default": key_file})
+    fetched = ts.for_scope(("default", "b a"), timeout=5)
+    assert emulator.validate(fetched.token) is not None
+    assert ts.find("a b") == fetched and ts.for_scope("a,b", timeout=1) == fetched
+    assert emulator.stats()["token_requests"] == 1
+    assert len(scheduled(ts)) == 2  # the fetched token is kept fresh like a stored one
+
+
+def test_for_scope_timeout_without_credentials_or_workers(ts: TokenStore) -> None:
+    with pytest.raises(tokencache.FetchTimeoutError, match="tokencache worker"):
+        ts.for_scope(SCOPE, timeout=0.3)

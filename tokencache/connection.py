@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from . import env
 from .errors import ConfigurationError, RedisUnavailableError
@@ -48,7 +49,7 @@ def connect(url: str | None = None, **options: Any) -> Redis:
         raise ConfigurationError(f"bad Redis URL {mask_url(url)!r}: {e}") from e
 
 
-def describe(client: Redis) -> str:
+def describe(client: Redis | AsyncRedis) -> str:
     """Where ``client`` points, as a URL without its password."""
     kw = client.connection_pool.connection_kwargs
     if "path" in kw:
@@ -60,7 +61,7 @@ def describe(client: Redis) -> str:
 
 
 @contextmanager
-def redis_errors(client: Redis) -> Iterator[None]:
+def redis_errors(client: Redis | AsyncRedis) -> Iterator[None]:
     """Translate redis-py errors raised inside the block into RedisUnavailableError."""
     try:
         yield

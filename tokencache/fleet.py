@@ -29,7 +29,7 @@ from .notify import error_message, parse
 from .token import Token
 
 if TYPE_CHECKING:
-    from .tokenstore import TokenStore
+    from .tokenstore import StoreCore, TokenStore
 
 __all__ = ["POLL", "WANT_TTL", "FleetFetch", "check_timeout", "timeout_error"]
 
@@ -47,9 +47,7 @@ def check_timeout(timeout: object) -> float:
     return float(timeout)
 
 
-def timeout_error(
-    store: TokenStore, key: TokenKey, timeout: float, fetches_itself: bool
-) -> FetchTimeoutError:
+def timeout_error(store: StoreCore, key: TokenKey, timeout: float, fetches_itself: bool) -> FetchTimeoutError:
     """The error a waiter raises, saying what to check."""
     if fetches_itself:
         hint = (

@@ -20,7 +20,7 @@ LOCK_TTL = FETCH_TIMEOUT + 1.0
 Kept well below the default 10 s margin so that a refresh killed mid-fetch is
 retried (by repair, once the lock is gone) before the token expires."""
 
-_RELEASE = """
+RELEASE_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
     return redis.call('DEL', KEYS[1])
 end
@@ -43,7 +43,7 @@ class Lock:
 
     def release(self) -> bool:
         """Give the lock back if we still hold it; True if it was ours."""
-        return bool(self.redis.eval(_RELEASE, 1, self.name, self.owner))
+        return bool(self.redis.eval(RELEASE_SCRIPT, 1, self.name, self.owner))
 
     def held(self) -> bool:
         """Whether anybody holds the lock right now."""

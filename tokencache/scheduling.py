@@ -15,12 +15,10 @@ Why it looks the way it does:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from redis import Redis
-from redis.client import Pipeline
 from rq import Queue
 from rq.job import Job, JobStatus
 from rq.registry import ScheduledJobRegistry
@@ -37,21 +35,20 @@ JOB_FAILURE_TTL = 24 * 3600
 """How long a refresh that gave up stays in RQ's failed registry for operators to see."""
 
 
-@dataclass(frozen=True)
 class RefreshQueue:
-    """Schedules, cancels and inspects the refresh jobs of one namespace."""
+    """Schedules, cancels and enqueues the refresh jobs of one namespace.
 
-    connection: Redis
-    name: str
-    keys: Keys
+    Every write goes into a caller's pipeline, so it joins the caller's
+    transaction; the asyncio store passes a recorder and replays the commands
+    on ``redis.asyncio`` (RQ itself is synchronous).
+    """
 
-    @property
-    def queue(self) -> Queue:
-        return Queue(self.name, connection=self.connection, serializer=JSONSerializer)
-
-    @property
-    def scheduled(self) -> ScheduledJobRegistry:
-        return ScheduledJobRegistry(queue=self.queue)
+    def __init__(self, connection: Redis, name: str, keys: Keys) -> None:
+        self.connection = connection
+        self.name = name
+        self.keys = keys
+        self.queue = Queue(name, connection=connection, serializer=JSONSerializer)
+        self.scheduled = ScheduledJobRegistry(queue=self.queue)
 
     def job_kwargs(self, key: TokenKey, refresh_before: int) -> dict[str, Any]:
         """The job's arguments: the token's key and settings, never the token."""
@@ -75,28 +72,32 @@ class RefreshQueue:
             status=status,
         )
 
-    def schedule(self, pipe: Pipeline, key: TokenKey, refresh_before: int, at: datetime) -> Job:
+    def schedule(self, pipe: Any, key: TokenKey, refresh_before: int, at: datetime) -> Job:
         """Add (or move) the token's one refresh job to ``at`` inside ``pipe``'s transaction."""
         job = self._job(key, refresh_before, JobStatus.SCHEDULED)
         return self.queue.schedule_job(job, at.astimezone(UTC), pipeline=pipe)
 
-    def enqueue(self, key: TokenKey, refresh_before: int) -> Job:
-        """Put the token's refresh job on the queue now, bypassing the scheduler (for repair)."""
-        job = self._job(key, refresh_before, JobStatus.QUEUED)
-        with self.connection.pipeline(transaction=True) as pipe:
-            pipe.multi()  # before any command: enqueue_job() would start the transaction itself
-            pipe.zrem(self.scheduled.key, job.id)
-            pipe.lrem(self.queue.key, 0, job.id)
-            self.queue.enqueue_job(job, pipeline=pipe)
-            pipe.execute()
-        return job
-
-    def cancel(self, pipe: Pipeline, key: TokenKey) -> None:
+    def cancel(self, pipe: Any, key: TokenKey) -> None:
         """Remove the token's refresh job from the schedule and the queue, inside ``pipe``."""
         job_id = self.keys.job_id(key)
         pipe.zrem(self.scheduled.key, job_id)
         pipe.lrem(self.queue.key, 0, job_id)
         pipe.delete(Job.key_for(job_id))
+
+    def enqueue_into(self, pipe: Any, key: TokenKey, refresh_before: int) -> Job:
+        """Put the token's refresh job on the queue now, bypassing the scheduler, inside ``pipe``'s MULTI."""
+        job = self._job(key, refresh_before, JobStatus.QUEUED)
+        pipe.zrem(self.scheduled.key, job.id)
+        pipe.lrem(self.queue.key, 0, job.id)
+        return self.queue.enqueue_job(job, pipeline=pipe)
+
+    def enqueue(self, key: TokenKey, refresh_before: int) -> Job:
+        """:meth:`enqueue_into` a transaction of its own (repair, for_scope without credentials)."""
+        with self.connection.pipeline(transaction=True) as pipe:
+            pipe.multi()  # before any command: enqueue_job() would start the transaction itself
+            job = self.enqueue_into(pipe, key, refresh_before)
+            pipe.execute()
+        return job
 
 
 def repeat_current_job(job: Job, delay: float) -> None:

@@ -52,7 +52,119 @@ def _check_refresh_before(value: object) -> int:
     return value
 
 
-class TokenStore:
+class StoreCore:
+    """What the sync and the asyncio TokenStore share: settings, keys, and the commands they send.
+
+    Writes are issued into a pipeline-like object (a redis-py pipeline, or a
+    recorder that the asyncio store replays), so both stores write exactly
+    the same layout.
+    """
+
+    def __init__(
+        self,
+        rq_connection: Redis,
+        *,
+        namespace: str | None,
+        refresh_before: int | None,
+        queue: str | None,
+        clock: Clock,
+        sources: Sources | None,
+    ) -> None:
+        self.keys = Keys(env.namespace() if namespace is None else namespace)
+        self.refresh_before = _check_refresh_before(
+            env.refresh_before() if refresh_before is None else refresh_before
+        )
+        self.refresh_queue = RefreshQueue(rq_connection, queue or env.queue_name(), self.keys)
+        self.clock = clock
+        self._sources = sources
+
+    @property
+    def sources(self) -> Sources:
+        """Where this process fetches tokens itself on a ``for_scope`` miss (default: the environment's)."""
+        if self._sources is None:
+            self._sources = default_sources()
+        return self._sources
+
+    @sources.setter
+    def sources(self, sources: Sources) -> None:
+        self._sources = sources
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(namespace={self.keys.namespace!r}, refresh_before={self.refresh_before})"
+        )
+
+    def key_for_info(self, info: object, sub: str | None = None) -> TokenKey:
+        """The key ``find(info, sub)`` reads."""
+        return parse_info(info, sub)
+
+    def key_for(self, token: Token, info: object = None, sub: str | None = None) -> TokenKey:
+        """The key ``store(token, info, sub)`` files the token under (Goth's override rules)."""
+        if not isinstance(token, Token):
+            raise TypeError(f"token must be a tokencache.Token, not {type(token).__name__}")
+        sub = token.sub if sub is None else sub
+        if info is None:
+            return TokenKey.of(token.account, token.scope, sub)
+        return parse_info(info, sub)
+
+    def due_at(self, token: Token, *, fetched: bool) -> int:
+        """When the token's refresh should run: ``refresh_before`` ahead of expiry.
+
+        A token we just fetched whose whole life is shorter than the margin is
+        refreshed at half-life instead, so short-lived tokens cannot make the
+        workers fetch in a loop.
+        """
+        now = int(self.clock())
+        due = token.expires - self.refresh_before
+        if fetched:
+            due = max(due, now + (token.expires - now) // 2)
+        return max(due, now)
+
+    def write_commands(self, pipe: Any, key: TokenKey, token: Token, *, fetched: bool) -> Job:
+        """Queue the commands of a store into ``pipe``: hash, TTL, index entry, refresh job, wake-up."""
+        now = int(self.clock())
+        refresh_at = self.due_at(token, fetched=fetched)
+        redis_key = self.keys.token(key)
+        job_id = self.keys.job_id(key)
+        fields = to_fields(token, refresh_at=refresh_at, stored_at=now, job=job_id, refreshed=fetched)
+        pipe.delete(redis_key)
+        pipe.hset(redis_key, mapping=fields)
+        pipe.expireat(redis_key, token.expires)
+        pipe.zadd(self.keys.index, {redis_key: token.expires})
+        job = self.refresh_queue.schedule(pipe, key, self.refresh_before, utc(refresh_at))
+        pipe.publish(self.keys.channel(key), ok_message())
+        return job
+
+    def delete_commands(self, pipe: Any, key: TokenKey) -> None:
+        """Queue the commands of a delete into ``pipe``: hash, index entry, refresh job."""
+        redis_key = self.keys.token(key)
+        pipe.delete(redis_key)
+        pipe.zrem(self.keys.index, redis_key)
+        self.refresh_queue.cancel(pipe, key)
+
+    def usable_token(self, redis_key: str, raw: dict[bytes, bytes]) -> Token | None:
+        if not raw:
+            return None
+        try:
+            token = from_fields(raw)
+        except MalformedRecord as e:
+            log.warning("ignoring malformed token hash %s: %s", redis_key, e)
+            return None
+        if token.freshness(self.refresh_before, self.clock()) is Freshness.INVALID:
+            return None
+        return token
+
+    def parse_record(self, key: TokenKey, raw: dict[bytes, bytes]) -> TokenRecord | None:
+        if not raw:
+            return None
+        try:
+            return TokenRecord(key, from_fields(raw), Bookkeeping.of(raw))
+        except MalformedRecord as e:
+            log.warning("ignoring malformed token hash %s: %s", self.keys.token(key), e)
+            return None
+
+
+class TokenStore(StoreCore):
     """Shared tokens of one namespace in one Redis, refreshed by the RQ queue of that namespace."""
 
     def __init__(
@@ -67,21 +179,15 @@ class TokenStore:
     ) -> None:
         if not isinstance(redis, Redis):
             raise TypeError(f"redis must be a redis.Redis client, not {type(redis).__name__}")
-        self.redis = redis
-        self.keys = Keys(env.namespace() if namespace is None else namespace)
-        self.refresh_before = _check_refresh_before(
-            env.refresh_before() if refresh_before is None else refresh_before
+        super().__init__(
+            redis,
+            namespace=namespace,
+            refresh_before=refresh_before,
+            queue=queue,
+            clock=clock,
+            sources=sources,
         )
-        self.refresh_queue = RefreshQueue(redis, queue or env.queue_name(), self.keys)
-        self.clock = clock
-        self._sources = sources
-
-    @property
-    def sources(self) -> Sources:
-        """Where this process fetches tokens itself on a ``for_scope`` miss (default: the environment's)."""
-        if self._sources is None:
-            self._sources = default_sources()
-        return self._sources
+        self.redis = redis
 
     @classmethod
     def from_url(
@@ -98,69 +204,26 @@ class TokenStore:
         redis = connect(url, **redis_options)
         return cls(redis, namespace=namespace, refresh_before=refresh_before, queue=queue, sources=sources)
 
-    def __repr__(self) -> str:
-        return f"TokenStore(namespace={self.keys.namespace!r}, refresh_before={self.refresh_before})"
-
     # -- writing -------------------------------------------------------------
-
-    def key_for_info(self, info: object, sub: str | None = None) -> TokenKey:
-        """The key ``find(info, sub)`` reads."""
-        return parse_info(info, sub)
-
-    def key_for(self, token: Token, info: object = None, sub: str | None = None) -> TokenKey:
-        """The key ``store(token, info, sub)`` files the token under (Goth's override rules)."""
-        if not isinstance(token, Token):
-            raise TypeError(f"token must be a tokencache.Token, not {type(token).__name__}")
-        sub = token.sub if sub is None else sub
-        if info is None:
-            return TokenKey.of(token.account, token.scope, sub)
-        return parse_info(info, sub)
 
     def store(self, token: Token, info: object = None, sub: str | None = None) -> Job | None:
         """Cache ``token`` for the fleet and schedule its refresh; returns the refresh job."""
         return self.write(self.key_for(token, info, sub), token)
-
-    def due_at(self, token: Token, *, fetched: bool) -> int:
-        """When the token's refresh should run: ``refresh_before`` ahead of expiry.
-
-        A token we just fetched whose whole life is shorter than the margin is
-        refreshed at half-life instead, so short-lived tokens cannot make the
-        workers fetch in a loop.
-        """
-        now = int(self.clock())
-        due = token.expires - self.refresh_before
-        if fetched:
-            due = max(due, now + (token.expires - now) // 2)
-        return max(due, now)
 
     def write(self, key: TokenKey, token: Token, *, fetched: bool = False) -> Job:
         """Atomically write hash, TTL, index entry and the refresh job, under ``key``.
 
         ``fetched`` says the token was just fetched from its source (see :meth:`due_at`).
         """
-        now = int(self.clock())
-        refresh_at = self.due_at(token, fetched=fetched)
-        redis_key = self.keys.token(key)
-        job_id = self.keys.job_id(key)
-        fields = to_fields(token, refresh_at=refresh_at, stored_at=now, job=job_id, refreshed=fetched)
         with redis_errors(self.redis), self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(redis_key)
-            pipe.hset(redis_key, mapping=fields)  # type: ignore[arg-type]  # redis-py wants a Mapping of its unions
-            pipe.expireat(redis_key, token.expires)
-            pipe.zadd(self.keys.index, {redis_key: token.expires})
-            job = self.refresh_queue.schedule(pipe, key, self.refresh_before, utc(refresh_at))
-            pipe.publish(self.keys.channel(key), ok_message())
+            job = self.write_commands(pipe, key, token, fetched=fetched)
             pipe.execute()
         return job
 
     def delete(self, info: object, sub: str | None = None) -> bool:
         """Forget a token and cancel its refresh; True if it was cached."""
-        key = parse_info(info, sub)
-        redis_key = self.keys.token(key)
         with redis_errors(self.redis), self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(redis_key)
-            pipe.zrem(self.keys.index, redis_key)
-            self.refresh_queue.cancel(pipe, key)
+            self.delete_commands(pipe, parse_info(info, sub))
             deleted, unindexed, *_ = pipe.execute()
         return bool(deleted or unindexed)
 
@@ -175,39 +238,18 @@ class TokenStore:
         redis_key = self.keys.token(key)
         with redis_errors(self.redis):
             raw = cast(Raw, self.redis.hgetall(redis_key))
-        return self._usable(redis_key, raw)
+        return self.usable_token(redis_key, raw)
 
     def for_scope(self, info: object, sub: str | None = None, timeout: float = 30.0) -> Token:
         """The cached token, or one fetched once for the whole fleet (see :mod:`tokencache.fleet`)."""
         key = parse_info(info, sub)
         return FleetFetch(self, key, check_timeout(timeout)).run()
 
-    def _usable(self, redis_key: str, raw: dict[bytes, bytes]) -> Token | None:
-        if not raw:
-            return None
-        try:
-            token = from_fields(raw)
-        except MalformedRecord as e:
-            log.warning("ignoring malformed token hash %s: %s", redis_key, e)
-            return None
-        if token.freshness(self.refresh_before, self.clock()) is Freshness.INVALID:
-            return None
-        return token
-
     def record(self, key: TokenKey) -> TokenRecord | None:
         """The token stored under ``key`` with its bookkeeping, valid or not (None if absent/malformed)."""
         with redis_errors(self.redis):
             raw = cast(Raw, self.redis.hgetall(self.keys.token(key)))
-        return self._record(key, raw)
-
-    def _record(self, key: TokenKey, raw: dict[bytes, bytes]) -> TokenRecord | None:
-        if not raw:
-            return None
-        try:
-            return TokenRecord(key, from_fields(raw), Bookkeeping.of(raw))
-        except MalformedRecord as e:
-            log.warning("ignoring malformed token hash %s: %s", self.keys.token(key), e)
-            return None
+        return self.parse_record(key, raw)
 
     def indexed(self, key: TokenKey) -> bool:
         """Whether ``key`` is in the index (a deleted token is not; an expired one still is)."""
@@ -225,7 +267,7 @@ class TokenStore:
                     replies = pipe.execute()
             for member, raw in zip(members, replies, strict=True):
                 key = self.keys.parse_token(member.decode())
-                found = self._record(key, raw)
+                found = self.parse_record(key, raw)
                 if found is not None:
                     yield found
 
