@@ -1,6 +1,6 @@
 """One app process of a simulated fleet: waits for the go signal, calls for_scope once, prints JSON.
 
-    python -m tests.fleet_child REDIS_URL NAMESPACE QUEUE INDEX TIMEOUT
+    python -m tests.fleet_child REDIS_URL NAMESPACE QUEUE INDEX TIMEOUT [sync|async]
 
 Used by the stampede tests and by bench/stampede.py. The go signal is a
 per-process list (BLPOP), so the parent releases all processes with one
@@ -9,31 +9,44 @@ pipelined write instead of a sleep.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import sys
 import time
 
-from tokencache import TokenCacheError, TokenStore
+from tokencache import Token, TokenCacheError, TokenStore, aio
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 
 
 def main() -> None:
     url, namespace, queue, index, timeout = sys.argv[1:6]
+    mode = sys.argv[6] if len(sys.argv) > 6 else "sync"
     store = TokenStore.from_url(url, namespace=namespace, queue=queue)
     store.sources.has("default")  # read the environment before the clock starts
     store.redis.rpush(f"{namespace}:test:ready", index)
     store.redis.blpop([f"{namespace}:test:go:{index}"], timeout=60)
     started = time.time()
-    result: dict[str, object] = {"index": int(index), "started": started}
+    result: dict[str, object] = {"index": int(index), "started": started, "mode": mode}
     try:
-        token = store.for_scope(SCOPE, timeout=float(timeout))
+        if mode == "async":
+            token = asyncio.run(async_for_scope(url, namespace, queue, float(timeout)))
+        else:
+            token = store.for_scope(SCOPE, timeout=float(timeout))
         result["token"] = hashlib.sha256(token.token.encode()).hexdigest()
     except TokenCacheError as e:
         result["error"] = f"{type(e).__name__}: {e}"
     result["ended"] = time.time()
     print(json.dumps(result), flush=True)
+
+
+async def async_for_scope(url: str, namespace: str, queue: str, timeout: float) -> Token:
+    store = aio.TokenStore.from_url(url, namespace=namespace, queue=queue)
+    try:
+        return await store.for_scope(SCOPE, timeout=timeout)
+    finally:
+        await store.aclose()
 
 
 if __name__ == "__main__":

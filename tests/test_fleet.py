@@ -31,13 +31,14 @@ def app_env(store: TokenStore, redis_url: str, tmp_path: Path, *, credentials: s
 
 
 def run_fleet(
-    store: TokenStore, redis_url: str, env: dict[str, str], n: int, timeout: float = 30
+    store: TokenStore, redis_url: str, env: dict[str, str], n: int, timeout: float = 30, mixed: bool = False
 ) -> list[Any]:
-    """Start n app processes, release them at one instant, return what each printed."""
+    """Start n app processes (every other one asyncio if ``mixed``), release them at one instant."""
     ns, queue = store.keys.namespace, store.refresh_queue.name
+    modes = ["async" if mixed and i % 2 else "sync" for i in range(n)]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.fleet_child", redis_url, ns, queue, str(i), str(timeout)],
+            [sys.executable, "-m", "tests.fleet_child", redis_url, ns, queue, str(i), str(timeout), modes[i]],
             env=env,
             stdout=subprocess.PIPE,
             text=True,
@@ -173,3 +174,24 @@ def test_errors_are_refresh_errors(store: TokenStore, emulator: Emulator, key_fi
     with pytest.raises(RefreshError, match="500"):
         app.for_scope(SCOPE, timeout=5)
     assert app.for_scope(SCOPE, timeout=5).token.startswith("ya29.")
+
+
+@pytest.mark.parametrize("credentials", [True, False], ids=["with-credentials", "via-workers"])
+def test_sync_and_async_processes_share_one_fetch(
+    store: TokenStore,
+    redis_url: str,
+    emulator: Emulator,
+    workers: Workers,
+    key_file: str,
+    tmp_path: Path,
+    credentials: bool,
+) -> None:
+    emulator.config.latency = 0.3
+    if not credentials:
+        workers.start(1)
+    env = app_env(store, redis_url, tmp_path, credentials=key_file if credentials else None)
+    results = run_fleet(store, redis_url, env, FLEET, mixed=True)
+    assert all("token" in r for r in results), results
+    assert {r["mode"] for r in results} == {"sync", "async"}
+    assert len({r["token"] for r in results}) == 1
+    assert emulator.stats()["token_requests"] == 1
