@@ -132,6 +132,7 @@ class StoreCore:
         pipe.expireat(redis_key, token.expires)
         pipe.zadd(self.keys.index, {redis_key: token.expires})
         job = self.refresh_queue.schedule(pipe, key, self.refresh_before, utc(refresh_at))
+        pipe.delete(self.keys.want(key))  # answered: a later miss may ask the workers again at once
         pipe.publish(self.keys.channel(key), ok_message())
         return job
 
@@ -140,6 +141,7 @@ class StoreCore:
         redis_key = self.keys.token(key)
         pipe.delete(redis_key)
         pipe.zrem(self.keys.index, redis_key)
+        pipe.delete(self.keys.want(key))
         self.refresh_queue.cancel(pipe, key)
 
     def usable_token(self, redis_key: str, raw: dict[bytes, bytes]) -> Token | None:
@@ -303,6 +305,7 @@ redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 redis.call('EXPIREAT', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[1], KEYS[1])
+redis.call('DEL', KEYS[3])
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 """
@@ -336,9 +339,10 @@ def replace_if_indexed(store: TokenStore, key: TokenKey, token: Token) -> bool:
     with redis_errors(store.redis):
         reply = store.redis.eval(
             _REPLACE_IF_INDEXED,
-            2,
+            3,
             store.keys.token(key),
             store.keys.index,
+            store.keys.want(key),
             token.expires,
             store.keys.channel(key),
             ok_message(),
