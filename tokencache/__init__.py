@@ -15,34 +15,39 @@ from .errors import (
     TokenCacheError,
     UnknownAccountError,
 )
+from .google_auth import Credentials
 from .keys import TokenKey, normalize_scope
+from .requests_auth import BearerAuth
 from .token import Freshness, Token, mask
 from .tokenstore import TokenStore
 
-__all__ = [
-    # errors
-    "ConfigurationError",
-    "FetchTimeoutError",
+__all__ = [  # noqa: RUF022 - grouped by purpose, as the reader meets them
     # the model
-    "Freshness",
-    "RedisUnavailableError",
-    "RefreshError",
     "Token",
-    "TokenCacheError",
     "TokenKey",
-    # the store
-    "TokenStore",
-    "UnknownAccountError",
-    # module-level calls on the default store
-    "default_store",
-    "delete",
-    "find",
-    "for_scope",
+    "Freshness",
     "mask",
     "normalize_scope",
-    "reset_default_store",
+    # the store
+    "TokenStore",
+    # module-level calls on a default store from the environment
     "store",
+    "find",
+    "for_scope",
+    "delete",
     "tokens",
+    "default_store",
+    "reset_default_store",
+    # google-auth and requests adapters
+    "Credentials",
+    "BearerAuth",
+    # errors
+    "TokenCacheError",
+    "RedisUnavailableError",
+    "RefreshError",
+    "FetchTimeoutError",
+    "ConfigurationError",
+    "UnknownAccountError",
 ]
 
 __version__ = "0.1.0"

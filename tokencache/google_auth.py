@@ -1,0 +1,220 @@
+"""google-auth credentials that read the fleet's shared token instead of asking Google.
+
+``tokencache.Credentials`` drops into anything that takes google-auth
+credentials (``AuthorizedSession``, ``storage.Client(credentials=...)``):
+its ``refresh()`` ignores the transport it is given and calls
+:meth:`TokenStore.for_scope`, so a fresh cached token costs one Redis round
+trip and no Google request, and a miss is fetched once for the whole fleet.
+
+When it re-reads: google-auth treats a token as stale 3m45s before expiry
+(``_helpers.REFRESH_THRESHOLD``) and, in its default blocking mode, calls
+``refresh()`` before *every* request in that window. Our workers replace the
+cached token only ``refresh_before`` seconds ahead of expiry, so reading Redis
+earlier would return the same token again and again. Here a token counts as
+expired once it is inside the store's ``refresh_before`` margin, and then at
+most once per :data:`RECHECK` seconds (the worker's new token lands about a
+second after the margin opens; if the workers are down, we do not hammer
+Redis), and always one :data:`~tokencache.token.EXPIRY_SKEW` before expiry,
+where the store itself stops handing the token out.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Sequence
+
+import google.auth.credentials as ga
+import google.auth.exceptions
+
+from .defaults import default_store
+from .errors import FetchTimeoutError, RedisUnavailableError, TokenCacheError
+from .fleet import check_timeout
+from .token import EXPIRY_SKEW
+from .tokenstore import TokenStore
+
+__all__ = ["RECHECK", "Credentials"]
+
+RECHECK = 1.0
+"""Seconds between re-reads of a token inside its refresh margin (its refresh is due but not seen yet)."""
+
+Scopes = Sequence[str] | str | None
+
+
+def check_scopes(scopes: object, name: str = "scopes") -> list[str] | None:
+    """Scopes as google-auth keeps them: a list of strings, or None when there are none."""
+    if scopes is None:
+        return None
+    if isinstance(scopes, str):
+        parts = scopes.replace(",", " ").split()
+    elif isinstance(scopes, Sequence) and not isinstance(scopes, bytes | bytearray):
+        parts = list(scopes)
+        for part in parts:
+            if not isinstance(part, str):
+                raise TypeError(f"{name} must be strings, got {type(part).__name__} {part!r}")
+            if not part.strip():
+                raise ValueError(f"{name} must not contain empty scopes, got {scopes!r}")
+    else:
+        raise TypeError(f"{name} must be a string or a sequence of strings, not {type(scopes).__name__}")
+    return parts or None
+
+
+def check_name(name: str, value: object) -> str | None:
+    """An optional account or subject: None, or a non-empty string."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string or None, not {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{name} must be a non-empty string or None")
+    return value
+
+
+def check_store(store: object) -> TokenStore | None:
+    if store is not None and not isinstance(store, TokenStore):
+        raise TypeError(f"store must be a tokencache.TokenStore or None, not {type(store).__name__}")
+    return store
+
+
+def _naive_utc(expires: int) -> datetime.datetime:
+    """google-auth's ``expiry``: a naive datetime in UTC."""
+    return datetime.datetime.fromtimestamp(expires, datetime.UTC).replace(tzinfo=None)
+
+
+def _timestamp(expiry: datetime.datetime) -> float:
+    return expiry.replace(tzinfo=datetime.UTC).timestamp()
+
+
+def _translate(error: TokenCacheError) -> google.auth.exceptions.RefreshError:
+    """The google-auth error callers of ``refresh()`` expect, keeping tokencache's message."""
+    retryable = isinstance(error, RedisUnavailableError | FetchTimeoutError)
+    return google.auth.exceptions.RefreshError(str(error), retryable=retryable)
+
+
+class Credentials(ga.Scoped, ga.Credentials):
+    """google-auth credentials whose token is the fleet's shared one, read from tokencache's Redis."""
+
+    def __init__(
+        self,
+        scopes: Scopes,
+        account: str | None = None,
+        subject: str | None = None,
+        *,
+        store: TokenStore | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # google-auth is not annotated
+        self._scopes = check_scopes(scopes)
+        self._default_scopes: list[str] | None = None
+        self._account = check_name("account", account)
+        self._subject = check_name("subject", subject)
+        self._store = check_store(store)
+        self._timeout = check_timeout(timeout)
+        self._margin = 0  # the refresh_before of the store read last (plain data, so pickling works)
+        self._read_at: float | None = None
+
+    def __repr__(self) -> str:
+        store = "default" if self._store is None else repr(self._store)
+        return (
+            f"tokencache.Credentials(scopes={self._scopes!r}, account={self._account!r}, "
+            f"subject={self._subject!r}, store={store})"
+        )
+
+    # -- what it reads -------------------------------------------------------
+
+    @property
+    def account(self) -> str | None:
+        """The tokencache account (None is ``default``)."""
+        return self._account
+
+    @property
+    def subject(self) -> str | None:
+        """The user the token acts for (domain-wide delegation), or None."""
+        return self._subject
+
+    @property
+    def scopes(self) -> list[str] | None:
+        """The scopes given (None until some are)."""
+        return self._scopes
+
+    @property
+    def default_scopes(self) -> list[str] | None:
+        """What a client library offered via ``with_scopes(None, default_scopes)``; used if scopes is None."""
+        return self._default_scopes
+
+    @property
+    def requires_scopes(self) -> bool:
+        """True until scopes are given, so client libraries' ``with_scopes_if_required`` fills them in."""
+        return not self._scopes
+
+    # -- copies --------------------------------------------------------------
+
+    def _copy(
+        self, scopes: Scopes, account: str | None, subject: str | None, default_scopes: Scopes
+    ) -> Credentials:
+        copy = type(self)(scopes, account, subject, store=self._store, timeout=self._timeout)
+        copy._default_scopes = check_scopes(default_scopes, "default_scopes")
+        return copy
+
+    def with_scopes(self, scopes: Scopes, default_scopes: Scopes = None) -> Credentials:
+        """A copy for other scopes (another cached token); ``default_scopes`` apply when scopes are None."""
+        return self._copy(scopes, self._account, self._subject, default_scopes)
+
+    def with_subject(self, subject: str | None) -> Credentials:
+        """A copy acting for ``subject`` (domain-wide delegation; the token of that ``sub``)."""
+        return self._copy(self._scopes, self._account, subject, self._default_scopes)
+
+    def with_account(self, account: str | None) -> Credentials:
+        """A copy reading the tokens of another account (None is ``default``)."""
+        return self._copy(self._scopes, account, self._subject, self._default_scopes)
+
+    # -- reading the token ---------------------------------------------------
+
+    def refresh(self, request: object) -> None:
+        """Read the fleet's token (fetched once for the whole fleet on a miss); ``request`` is not used."""
+        del request  # Google is asked by the token's fetcher, never through the caller's transport
+        scopes = self._scopes or self._default_scopes
+        if not scopes:
+            raise google.auth.exceptions.RefreshError(
+                "tokencache.Credentials has no scopes: pass scopes=... or use with_scopes()"
+            )
+        try:
+            store = self._store or default_store()
+            token = store.for_scope((self._account, " ".join(scopes)), self._subject, self._timeout)
+        except TokenCacheError as e:
+            raise _translate(e) from e
+        self._margin = store.refresh_before
+        self._read_at = store.clock()
+        self.token = token.token
+        self.expiry = _naive_utc(token.expires)
+
+    def _now(self) -> float:
+        return self._store.clock() if self._store is not None else time.time()
+
+    def _reread_at(self, expires: float) -> float:
+        """When the next ``refresh()`` is worth it: see the module docstring."""
+        due = expires - self._margin
+        if self._read_at is not None:
+            due = max(due, self._read_at + RECHECK)
+        return min(due, expires - EXPIRY_SKEW)
+
+    @property
+    def expired(self) -> bool:
+        """Whether a re-read is due: inside the store's refresh margin, not google-auth's 3m45s."""
+        if self.expiry is None:
+            return False
+        return self._now() >= self._reread_at(_timestamp(self.expiry))
+
+    @property
+    def token_state(self) -> ga.TokenState:
+        """FRESH, STALE (re-read due, token still usable) or INVALID, on the same clock as :attr:`expired`."""
+        if self.token is None:
+            return ga.TokenState.INVALID
+        if self.expiry is None:
+            return ga.TokenState.FRESH
+        now, expires = self._now(), _timestamp(self.expiry)
+        if now >= expires - EXPIRY_SKEW:  # where the store stops handing the token out
+            return ga.TokenState.INVALID
+        if now >= self._reread_at(expires):
+            return ga.TokenState.STALE
+        return ga.TokenState.FRESH
