@@ -30,6 +30,7 @@ import google.auth.exceptions
 from .defaults import default_store
 from .errors import FetchTimeoutError, RedisUnavailableError, TokenCacheError
 from .fleet import check_timeout
+from .keys import check_name
 from .token import EXPIRY_SKEW
 from .tokenstore import TokenStore
 
@@ -57,17 +58,6 @@ def check_scopes(scopes: object, name: str = "scopes") -> list[str] | None:
     else:
         raise TypeError(f"{name} must be a string or a sequence of strings, not {type(scopes).__name__}")
     return parts or None
-
-
-def check_name(name: str, value: object) -> str | None:
-    """An optional account or subject: None, or a non-empty string."""
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a string or None, not {type(value).__name__}")
-    if not value.strip():
-        raise ValueError(f"{name} must be a non-empty string or None")
-    return value
 
 
 def check_store(store: object) -> TokenStore | None:

@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-__all__ = ["DEFAULT_ACCOUNT", "Keys", "TokenKey", "normalize_scope", "parse_info"]
+__all__ = ["DEFAULT_ACCOUNT", "Keys", "TokenKey", "check_name", "normalize_scope", "parse_info"]
 
 DEFAULT_ACCOUNT = "default"
 _SCOPE_SPLIT = re.compile(r"[\s,]+")
@@ -47,13 +47,15 @@ def normalize_scope(scope: str, *, name: str = "scope") -> str:
     return " ".join(parts)
 
 
-def _check_name(name: str, value: str | None) -> None:
+def check_name(name: str, value: object) -> str | None:
+    """An optional account or subject: None, or a non-empty string (TypeError/ValueError naming it)."""
     if value is None:
-        return
+        return None
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a string or None, not {type(value).__name__}")
     if not value.strip():
         raise ValueError(f"{name} must be a non-empty string or None")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,8 +69,8 @@ class TokenKey:
     @classmethod
     def of(cls, account: str | None, scope: str, sub: str | None) -> TokenKey:
         """Validate and normalize the three parts (``account=None`` is ``default``)."""
-        _check_name("account", account)
-        _check_name("sub", sub)
+        check_name("account", account)
+        check_name("sub", sub)
         return cls(account or DEFAULT_ACCOUNT, normalize_scope(scope), sub)
 
     @property
