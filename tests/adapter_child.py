@@ -18,6 +18,7 @@ from typing import Any
 import google.auth.exceptions
 import requests
 from google.auth.transport.requests import AuthorizedSession
+from redis import Redis
 
 from tokencache import Token, TokenStore
 from tokencache.google_auth import Credentials
@@ -39,7 +40,8 @@ def main() -> None:
     store.for_scope = counting  # type: ignore[method-assign]
     credentials = Credentials([SCOPE], store=store)
     store.redis.rpush(f"{namespace}:test:ready", index)
-    store.redis.blpop([f"{namespace}:test:go:{index}"], timeout=60)
+    # A client of its own: a blocking pop outlasts the store's 5 s socket timeout.
+    Redis.from_url(url).blpop([f"{namespace}:test:go:{index}"], timeout=60)
     result: dict[str, Any] = {"index": int(index)}
     statuses = Counter[int]()
     try:

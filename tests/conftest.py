@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import os
 import signal
 import subprocess
@@ -97,6 +98,30 @@ def credentials_env(tmp_path: Path, emulator: Emulator, monkeypatch: pytest.Monk
     reset_default_sources()
     yield {"default": default["client_email"], "named": named["client_email"]}
     reset_default_sources()
+
+
+def app_env(redis_url: str, tmp_path: Path, *, credentials: str | None) -> dict[str, str]:
+    """The environment of an app process: this Redis, and a key file only if ``credentials`` names one."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "TOKENCACHE_", "GCE_"))}
+    env.update(TOKENCACHE_REDIS_URL=redis_url, CLOUDSDK_CONFIG=str(tmp_path / "no-gcloud"))
+    if credentials:
+        env["GOOGLE_APPLICATION_CREDENTIALS"] = credentials
+    return env
+
+
+def run_apps(store: TokenStore, commands: list[list[str]], env: dict[str, str], timeout: float) -> list[Any]:
+    """Start one process per command, release them all at one instant, return the JSON each printed.
+
+    Each child pushes its index to ``{ns}:test:ready`` and blocks on ``{ns}:test:go:{index}``.
+    """
+    ns = store.keys.namespace
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True) for cmd in commands]
+    wait_for(lambda: store.redis.llen(f"{ns}:test:ready") == len(procs), 30, what="app processes ready")
+    with store.redis.pipeline() as pipe:
+        for i in range(len(procs)):
+            pipe.rpush(f"{ns}:test:go:{i}", 1)
+        pipe.execute()
+    return [json.loads(p.communicate(timeout=timeout)[0]) for p in procs]
 
 
 def descendants(pid: int) -> set[int]:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import pickle
-import subprocess
 import sys
 import threading
 import time
@@ -37,7 +35,7 @@ from tokencache.google_auth import RECHECK, Credentials
 from tokencache.requests_auth import BearerAuth
 from tokencache.sources import Sources
 
-from .conftest import SCOPE, Workers, wait_for
+from .conftest import SCOPE, Workers, app_env, run_apps
 
 OTHER = "https://www.googleapis.com/auth/devstorage.read_only"
 USER = "user@example.com"
@@ -183,29 +181,11 @@ def run_children(
 ) -> list[Any]:
     """n app processes, released at one instant, each making ``each`` requests through the adapter."""
     ns, queue = store.keys.namespace, store.refresh_queue.name
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.adapter_child", redis_url, ns, queue, str(i), api, str(each)],
-            env=env,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+    commands = [
+        [sys.executable, "-m", "tests.adapter_child", redis_url, ns, queue, str(i), api, str(each)]
         for i in range(n)
     ]
-    wait_for(lambda: store.redis.llen(f"{ns}:test:ready") == n, 30, what="app processes ready")
-    with store.redis.pipeline() as pipe:
-        for i in range(n):
-            pipe.rpush(f"{ns}:test:go:{i}", 1)
-        pipe.execute()
-    return [json.loads(p.communicate(timeout=60)[0]) for p in procs]
-
-
-def child_env(redis_url: str, tmp_path: Path, credentials: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "TOKENCACHE_", "GCE_"))}
-    env.update(TOKENCACHE_REDIS_URL=redis_url, CLOUDSDK_CONFIG=str(tmp_path / "no-gcloud"))
-    if credentials:
-        env["GOOGLE_APPLICATION_CREDENTIALS"] = credentials
-    return env
+    return run_apps(store, commands, env, 60)
 
 
 @pytest.mark.parametrize("fetcher", ["workers", "an app with credentials"])
@@ -226,7 +206,7 @@ def test_a_thousand_requests_from_four_processes_make_one_token_request(
         key_file = str(tmp_path / "app-key.json")
         emulator.write_service_account(key_file)
     emulator.config.latency = 0.3  # so all four really miss together
-    results = run_children(store, redis_url, api, child_env(redis_url, tmp_path, key_file), 4, 250)
+    results = run_children(store, redis_url, api, app_env(redis_url, tmp_path, credentials=key_file), 4, 250)
     assert all("token" in r and r["statuses"] == {"200": 250} for r in results), results
     assert len({r["token"] for r in results}) == 1
     assert [r["reads"] for r in results] == [1, 1, 1, 1]  # one cache read per process, not per request

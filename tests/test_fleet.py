@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,40 +16,22 @@ from tokencache import FetchTimeoutError, RefreshError, TokenStore
 from tokencache.emulator import Emulator
 from tokencache.sources import Sources
 
-from .conftest import SCOPE, Workers, wait_for
+from .conftest import SCOPE, Workers, app_env, run_apps, wait_for
 
 FLEET = 16
-
-
-def app_env(store: TokenStore, redis_url: str, tmp_path: Path, *, credentials: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "TOKENCACHE_", "GCE_"))}
-    env.update(TOKENCACHE_REDIS_URL=redis_url, CLOUDSDK_CONFIG=str(tmp_path / "no-gcloud"))
-    if credentials:
-        env["GOOGLE_APPLICATION_CREDENTIALS"] = credentials
-    return env
 
 
 def run_fleet(
     store: TokenStore, redis_url: str, env: dict[str, str], n: int, timeout: float = 30, mixed: bool = False
 ) -> list[Any]:
-    """Start n app processes (every other one asyncio if ``mixed``), release them at one instant."""
+    """n app processes calling for_scope once (every other one asyncio if ``mixed``), released at once."""
     ns, queue = store.keys.namespace, store.refresh_queue.name
     modes = ["async" if mixed and i % 2 else "sync" for i in range(n)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.fleet_child", redis_url, ns, queue, str(i), str(timeout), modes[i]],
-            env=env,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+    commands = [
+        [sys.executable, "-m", "tests.fleet_child", redis_url, ns, queue, str(i), str(timeout), modes[i]]
         for i in range(n)
     ]
-    wait_for(lambda: store.redis.llen(f"{ns}:test:ready") == n, 30, what="app processes ready")
-    with store.redis.pipeline() as pipe:
-        for i in range(n):
-            pipe.rpush(f"{ns}:test:go:{i}", 1)
-        pipe.execute()
-    return [json.loads(p.communicate(timeout=timeout + 30)[0]) for p in procs]
+    return run_apps(store, commands, env, timeout + 30)
 
 
 @pytest.fixture
@@ -64,7 +45,7 @@ def test_cold_cache_with_credentials_fetches_once(
     store: TokenStore, redis_url: str, emulator: Emulator, key_file: str, tmp_path: Path
 ) -> None:
     emulator.config.latency = 0.3
-    results = run_fleet(store, redis_url, app_env(store, redis_url, tmp_path, credentials=key_file), FLEET)
+    results = run_fleet(store, redis_url, app_env(redis_url, tmp_path, credentials=key_file), FLEET)
     assert all("token" in r for r in results), results
     assert len({r["token"] for r in results}) == 1
     assert emulator.stats()["token_requests"] == 1
@@ -75,7 +56,7 @@ def test_cold_cache_without_credentials_asks_the_workers_once(
 ) -> None:
     emulator.config.latency = 0.3
     workers.start(2)
-    results = run_fleet(store, redis_url, app_env(store, redis_url, tmp_path, credentials=None), FLEET)
+    results = run_fleet(store, redis_url, app_env(redis_url, tmp_path, credentials=None), FLEET)
     assert all("token" in r for r in results), results
     assert len({r["token"] for r in results}) == 1
     assert emulator.stats()["token_requests"] == 1
@@ -89,7 +70,7 @@ def test_a_failed_fetch_reaches_every_waiter_as_an_error(
 ) -> None:
     emulator.config.latency = 1.0
     emulator.config.fail_next = 1
-    results = run_fleet(store, redis_url, app_env(store, redis_url, tmp_path, credentials=key_file), 8)
+    results = run_fleet(store, redis_url, app_env(redis_url, tmp_path, credentials=key_file), 8)
     assert all("RefreshError" in r.get("error", "") for r in results), results
     slowest = max(r["ended"] - r["started"] for r in results)
     assert slowest < 1.0 + 0.9, f"waiters heard of the failure {slowest:.2f}s after the start"
@@ -101,7 +82,7 @@ def test_a_failed_worker_fetch_reaches_app_waiters(
     workers.start(1)
     emulator.config.latency = 1.0
     emulator.config.fail_next = 1
-    results = run_fleet(store, redis_url, app_env(store, redis_url, tmp_path, credentials=None), 4)
+    results = run_fleet(store, redis_url, app_env(redis_url, tmp_path, credentials=None), 4)
     assert all("RefreshError" in r.get("error", "") and "500" in r["error"] for r in results), results
     assert max(r["ended"] - r["started"] for r in results) < 1.0 + 1.5
 
@@ -112,7 +93,7 @@ def test_a_sigkilled_fetcher_is_taken_over_after_its_lock_ttl(
     from tokencache.locks import LOCK_TTL
 
     emulator.config.latency = 30.0
-    env = app_env(store, redis_url, tmp_path, credentials=key_file)
+    env = app_env(redis_url, tmp_path, credentials=key_file)
     ns, queue = store.keys.namespace, store.refresh_queue.name
     victim = subprocess.Popen(
         [sys.executable, "-m", "tests.fleet_child", redis_url, ns, queue, "0", "60"],
@@ -189,7 +170,7 @@ def test_sync_and_async_processes_share_one_fetch(
     emulator.config.latency = 0.3
     if not credentials:
         workers.start(1)
-    env = app_env(store, redis_url, tmp_path, credentials=key_file if credentials else None)
+    env = app_env(redis_url, tmp_path, credentials=key_file if credentials else None)
     results = run_fleet(store, redis_url, env, FLEET, mixed=True)
     assert all("token" in r for r in results), results
     assert {r["mode"] for r in results} == {"sync", "async"}

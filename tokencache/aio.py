@@ -28,8 +28,7 @@ from redis import RedisError
 from redis.asyncio import Redis as AsyncRedis
 from rq.job import Job
 
-from . import env
-from .connection import SOCKET_TIMEOUT, mask_url, redis_errors
+from .connection import connect, redis_errors
 from .errors import ConfigurationError, RefreshError
 from .fleet import POLL, WANT_TTL, account_arg, check_timeout, timeout_error
 from .keys import TokenKey, parse_info
@@ -104,13 +103,7 @@ class TokenStore(StoreCore):
         **redis_options: Any,
     ) -> TokenStore:
         """A store on the Redis at ``url`` (``None`` reads ``TOKENCACHE_REDIS_URL``)."""
-        url = url or env.redis_url()
-        redis_options.setdefault("socket_timeout", SOCKET_TIMEOUT)
-        redis_options.setdefault("socket_connect_timeout", SOCKET_TIMEOUT)
-        try:
-            client = AsyncRedis.from_url(url, **redis_options)
-        except ValueError as e:
-            raise ConfigurationError(f"bad Redis URL {mask_url(url)!r}: {e}") from e
+        client = connect(url, client_class=AsyncRedis, **redis_options)
         return cls(client, namespace=namespace, refresh_before=refresh_before, queue=queue, sources=sources)
 
     async def aclose(self) -> None:

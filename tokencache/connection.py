@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -20,6 +20,8 @@ from . import env
 from .errors import ConfigurationError, RedisUnavailableError
 
 __all__ = ["connect", "describe", "mask_url", "redis_errors"]
+
+C = TypeVar("C", Redis, AsyncRedis)
 
 SOCKET_TIMEOUT = 5.0
 """Seconds before a Redis call gives up: long enough for a loaded server, short enough for a request path."""
@@ -37,14 +39,17 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
-def connect(url: str | None = None, **options: Any) -> Redis:
-    """A redis-py client for ``url`` (``None`` reads ``TOKENCACHE_REDIS_URL``)."""
+def connect(url: str | None = None, *, client_class: type[C] = Redis, **options: Any) -> C:  # type: ignore[assignment]
+    """A redis-py client (sync, or ``client_class=redis.asyncio.Redis``) for ``url``.
+
+    ``None`` reads ``TOKENCACHE_REDIS_URL``. Timeouts default to :data:`SOCKET_TIMEOUT`.
+    """
     url = url or env.redis_url()
     options.setdefault("socket_timeout", SOCKET_TIMEOUT)
     options.setdefault("socket_connect_timeout", SOCKET_TIMEOUT)
     options.setdefault("health_check_interval", 30)
     try:
-        return Redis.from_url(url, **options)
+        return client_class.from_url(url, **options)
     except ValueError as e:
         raise ConfigurationError(f"bad Redis URL {mask_url(url)!r}: {e}") from e
 
