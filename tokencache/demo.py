@@ -3,7 +3,7 @@
 It starts a private redis-server (unless ``TOKENCACHE_REDIS_URL`` or
 ``--redis-url`` names one; then it touches only the ``tokencache-demo``
 namespace), the emulator with short-lived tokens, a ``tokencache worker``
-pool, and app processes that call ``find()`` in a loop. Every second it prints
+pool, and app processes (without credentials) that call ``for_scope()`` in a loop. Every second it prints
 the token's state; at the end, how many token requests Google (the emulator)
 saw against how many token lifetimes elapsed.
 """
@@ -42,11 +42,11 @@ def _app(
     finds: multiprocessing.sharedctypes.Synchronized[int],
     misses: multiprocessing.sharedctypes.Synchronized[int],
 ) -> None:
-    """One app process: find() the token for every 'request', as a web worker would."""
-    store = TokenStore.from_url(url, namespace=NAMESPACE, queue=NAMESPACE)
+    """One app process without credentials: for_scope() for every 'request', as a web worker would."""
+    store = TokenStore.from_url(url, namespace=NAMESPACE, queue=NAMESPACE, sources=Sources(use_adc=False))
     done = missed = 0
     while time.time() < stop_at:
-        token = store.find(SCOPE)
+        token = store.for_scope(SCOPE, timeout=10)
         done += 1
         if token is None or token.expires <= time.time():
             missed += 1
@@ -138,17 +138,13 @@ def run_demo(redis_url: str | None, *, duration: float = 30.0, lifetime: int = 1
         store = TokenStore.from_url(url, namespace=NAMESPACE, queue=NAMESPACE)
         try:
             with _workers(url, key_file, store):
-                return _watch(store, url, emulator, key_file, duration, lifetime)
+                return _watch(store, url, emulator, duration, lifetime)
         finally:
             store.delete(SCOPE)
 
 
-def _watch(
-    store: TokenStore, url: str, emulator: Emulator, key_file: Path, duration: float, lifetime: int
-) -> int:
-    # The first token: an app that holds the key fetches it once; from then on the workers keep it fresh.
-    key = TokenKey.of(None, SCOPE, None)
-    store.write(key, Sources(files={"default": key_file}).fetch(key), fetched=True)
+def _watch(store: TokenStore, url: str, emulator: Emulator, duration: float, lifetime: int) -> int:
+    # The cache starts cold: the apps' first for_scope() asks the workers, once for the whole fleet.
     started = time.time()
     finds = multiprocessing.Value("q", 0)
     misses = multiprocessing.Value("q", 0)
@@ -170,7 +166,7 @@ def _summary(emulator: Emulator, duration: float, lifetime: int, finds: int, mis
     requests = emulator.stats()["issued"]
     lifetimes = duration / max(1, lifetime - env.DEFAULT_REFRESH_BEFORE)
     print()
-    print(f"summary: {APPS} app processes made {finds} find() calls, {misses} misses")
+    print(f"summary: {APPS} app processes made {finds} for_scope() calls, {misses} misses")
     print(
         f"  token requests at the endpoint: {requests} "
         f"(one per refresh interval: ~{lifetimes:.0f} in {duration:.0f}s, plus the first)"
