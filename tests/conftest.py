@@ -222,9 +222,8 @@ class Workers:
         return sum(1 for w in workers if not ready or w.get_state() in ("idle", "busy"))
 
     def scheduler_running(self) -> bool:
-        from rq.scheduler import RQScheduler
-
-        return bool(self.store.redis.exists(RQScheduler.get_locking_key(self.store.refresh_queue.name)))
+        """The scheduler process registered itself, which it does after installing its signal handlers."""
+        return self.store.refresh_queue.queue.scheduler_pid is not None
 
     def stop(self) -> None:
         for proc in self.procs:

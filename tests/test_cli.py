@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tokencache import Token, TokenStore
 from tokencache.emulator import Emulator
 from tokencache.redisserver import free_port
@@ -40,16 +42,66 @@ def test_token_fetches_on_a_miss_with_local_credentials(
 
 
 def test_unknown_account_is_one_line_and_nonzero(workers: Workers) -> None:
+    workers.start(1)  # the workers answer: they hold no such account either
+    started = time.monotonic()
     out = run("token", SCOPE, "--account", "nobody@example.com", env=workers.env())
-    assert out.returncode != 0
-    assert out.stderr.count("\n") == 1 and "nobody@example.com" in out.stderr
+    assert out.returncode == 1 and time.monotonic() - started < 10
+    assert out.stderr.count("\n") == 1 and "no credentials for account 'nobody@example.com'" in out.stderr
     assert "Traceback" not in out.stderr
 
 
-def test_redis_down_is_one_line_and_nonzero(workers: Workers) -> None:
+def test_bad_scope_is_one_line_and_nonzero(workers: Workers) -> None:
+    out = run("token", " , ", env=workers.env())
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "scope" in out.stderr
+
+
+def test_token_json(store: TokenStore, workers: Workers) -> None:
+    token = Token(token="ya29.cached-token-json", scope=SCOPE, expires=int(time.time()) + 600)
+    store.store(token)
+    out = run("token", SCOPE, "--json", "--redis-url", workers.redis_url, env=workers.env())
+    data = json.loads(out.stdout)
+    assert (
+        data["token"] == token.token and data["expires"] == token.expires and 590 <= data["expires_in"] <= 600
+    )
+
+
+def test_status_healthy_and_attention(store: TokenStore, workers: Workers) -> None:
+    token = Token(token="ya29.a0-status-secret-f3k", scope=SCOPE, expires=int(time.time()) + 600)
+    store.store(token)
+    down = run("status", "--json", env=workers.env())
+    assert down.returncode == 1
+    report = json.loads(down.stdout)
+    assert report["workers"] == 0 and any("no worker" in p for p in report["problems"])
+    workers.start(1)
+    up = run("status", "--json", env=workers.env())
+    assert up.returncode == 0, up.stdout
+    report = json.loads(up.stdout)
+    assert (
+        report["workers"] == 1 and report["scheduler"] and report["tokens"] == 1 and report["scheduled"] == 1
+    )
+    table = run("status", env=workers.env())
+    assert table.returncode == 0 and "workers" in table.stdout and "ok" in table.stdout
+    for out in (down, up, table):
+        assert "status-secret" not in out.stdout + out.stderr
+
+
+def test_status_reports_overdue_refreshes(store: TokenStore, workers: Workers) -> None:
+    token = Token(token="ya29.overdue", scope=SCOPE, expires=int(time.time()) + 5)
+    job = store.store(token)
+    store.redis.delete(job.key)  # a lost job (no worker runs here, so nothing repairs it)
+    store.redis.zrem(store.refresh_queue.scheduled.key, job.id)
+    out = run("status", "--json", env=workers.env())
+    report = json.loads(out.stdout)
+    assert out.returncode == 1
+    assert report["overdue"] == [store.key_for(token).encode()]
+    assert any("overdue" in problem for problem in report["problems"])
+
+
+@pytest.mark.parametrize("command", [("ls",), ("status",), ("token", SCOPE)])
+def test_redis_down_is_one_line_and_nonzero(workers: Workers, command: tuple[str, ...]) -> None:
     env = dict(workers.env(), TOKENCACHE_REDIS_URL=f"redis://:sekret@127.0.0.1:{free_port()}/0")
-    out = run("ls", env=env)
-    assert out.returncode != 0 and out.stderr.count("\n") == 1
+    out = run(*command, env=env)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1
     assert "127.0.0.1" in out.stderr and "sekret" not in out.stderr
 
 

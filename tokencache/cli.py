@@ -1,7 +1,12 @@
-"""The ``tokencache`` command: token, ls, worker, emulator, demo.
+"""The ``tokencache`` command: token, ls, status, worker, emulator, demo.
 
-Every command honours the ``TOKENCACHE_*`` environment and ``--redis-url``.
-Errors are one line on stderr and a non-zero exit code, never a traceback.
+Conventions of the tools operators already use: ``token`` prints the token
+and nothing else (like ``gcloud auth print-access-token``); ``ls``/``status``
+print tables (through rich; plain columns when stdout is not a terminal) or
+``--json``; ``status`` exits non-zero when something needs attention, so it
+can be a health check. Every command honours the ``TOKENCACHE_*`` environment
+and ``--redis-url`` (before or after the command). Errors are one line on
+stderr and a non-zero exit code, never a traceback.
 """
 
 from __future__ import annotations
@@ -11,62 +16,133 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
 
 from . import env
+from .connection import describe
 from .errors import TokenCacheError
-from .keys import TokenKey
-from .sources import default_sources
+from .health import Health, check
 from .token import mask
-from .tokenstore import TokenStore
+from .tokenstore import TokenRecord, TokenStore
 
 __all__ = ["main"]
 
-Command = Callable[[argparse.Namespace], int]
+EXIT_ERROR = 1
+EXIT_USAGE = 2
 
 
 def _store(args: argparse.Namespace) -> TokenStore:
     return TokenStore.from_url(args.redis_url)
 
 
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _table(columns: Sequence[str], rows: Sequence[Sequence[str]], console: Console) -> Table:
+    table = Table(*columns, box=box.SIMPLE if console.is_terminal else None, pad_edge=False)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f}s" if abs(value) < 120 else f"{value / 60:.0f}m"
+
+
 def cmd_token(args: argparse.Namespace) -> int:
-    """Print a valid access token: the cached one, or one fetched with this host's credentials."""
-    store = _store(args)
-    info = (args.account, args.scope)
-    token = store.find(info, args.sub)
-    if token is None:
-        key = TokenKey.of(args.account, args.scope, args.sub)
-        token = default_sources().fetch(key, scope=args.scope, account=args.account)
-        store.write(key, token, fetched=True)
-    print(token.token)
+    """Print a valid access token: the cached one, or one fetched once for the fleet."""
+    token = _store(args).for_scope((args.account, args.scope), args.sub, timeout=args.timeout)
+    if args.json:
+        print(json.dumps({**token.to_dict(), "expires_in": int(token.expires_in())}))
+    else:
+        print(token.token)
     return 0
+
+
+def _last_refresh(record: TokenRecord, now: float) -> str:
+    book = record.bookkeeping
+    if book.failures:
+        return f"failing x{book.failures}: {(book.last_error or '')[:60]}"
+    if book.refreshed_at:
+        return f"ok {_seconds(now - book.refreshed_at)} ago"
+    return "stored"
+
+
+def _ls_row(record: TokenRecord, now: float) -> dict[str, Any]:
+    book = record.bookkeeping
+    return {
+        "account": record.key.account,
+        "scope": record.key.scope,
+        "sub": record.key.sub,
+        "expires_in": int(record.token.expires - now),
+        "refresh_at": book.refresh_at,
+        "refresh_in": None if book.refresh_at is None else int(book.refresh_at - now),
+        "last_refresh": _last_refresh(record, now),
+        "failures": book.failures,
+        "token": mask(record.token.token),
+    }
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
     """List cached tokens, masked."""
     now = time.time()
-    rows = [
-        {
-            "account": r.key.account,
-            "scope": r.key.scope,
-            "sub": r.key.sub,
-            "expires_in": int(r.token.expires - now),
-            "refresh_at": r.bookkeeping.refresh_at,
-            "failures": r.bookkeeping.failures,
-            "token": mask(r.token.token),
-        }
-        for r in _store(args).records()
-    ]
+    rows = [_ls_row(record, now) for record in _store(args).records()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    for row in rows:
-        print(
-            "{account}  {scope}  sub={sub}  expires in {expires_in}s  failures={failures}  {token}".format(
-                **row
-            )
+    console = _console()
+    columns = ("ACCOUNT", "SCOPE", "SUB", "EXPIRES IN", "NEXT REFRESH", "LAST REFRESH", "TOKEN")
+    cells = [
+        (
+            r["account"],
+            r["scope"],
+            r["sub"] or "-",
+            _seconds(r["expires_in"]),
+            "-" if r["refresh_in"] is None else f"in {_seconds(r['refresh_in'])}",
+            r["last_refresh"],
+            r["token"],
         )
+        for r in rows
+    ]
+    console.print(_table(columns, cells, console))
+    console.print(f"{len(rows)} token(s)")
     return 0
+
+
+def _status_rows(h: Health) -> list[tuple[str, str]]:
+    return [
+        ("redis", f"{h.redis_url} (Redis {h.redis_version}, {h.redis_memory} used)"),
+        ("namespace / queue", f"{h.namespace} / {h.queue}"),
+        ("workers", f"{h.workers} alive, {h.busy_workers} busy"),
+        ("scheduler", "running" if h.scheduler else "NOT RUNNING"),
+        ("tokens cached", str(h.tokens)),
+        ("refreshes scheduled / queued", f"{h.scheduled} / {h.queued}"),
+        ("refreshes overdue", str(len(h.overdue))),
+        ("refreshes failed (gave up)", str(h.failed)),
+        ("tokens failing to refresh", str(len(h.failing))),
+    ]
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Check Redis, workers, scheduler and refreshes; exit 1 when something needs attention."""
+    store = _store(args)
+    health = check(store, describe(store.redis))
+    if args.json:
+        print(json.dumps(health.as_dict(), indent=2))
+    else:
+        console = _console()
+        console.print(_table(("CHECK", "STATE"), _status_rows(health), console))
+        for problem in health.problems:
+            console.print(f"[bold red]attention:[/] {problem}")
+        if not health.problems:
+            console.print("[green]ok[/]")
+    return EXIT_ERROR if health.problems else 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -82,40 +158,48 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     from .emulator import run_emulator
 
     run_emulator(
-        args.host, args.port, args.keys, args.accounts, args.lifetime, args.latency, args.failure_rate
+        args.host,
+        args.port,
+        args.keys,
+        args.accounts,
+        args.lifetime,
+        args.latency,
+        args.failure_rate,
+        public_url=args.public_url,
     )
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Run the whole system on an embedded Redis and watch a token being refreshed."""
+    """Run the whole system on an embedded Redis and watch the tokens being refreshed."""
     from .demo import run_demo
 
     return run_demo(args.redis_url, duration=args.duration, lifetime=args.lifetime)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokencache", description="Fleet-wide Google OAuth2 token cache.")
-    parser.add_argument("--redis-url", default=None, help=f"Redis URL (default: ${env.REDIS_URL})")
-    # --redis-url works before or after the command; SUPPRESS keeps a value given before it.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--redis-url", default=argparse.SUPPRESS, help=f"Redis URL (default: ${env.REDIS_URL})"
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_data_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "token", parents=[common], help="print an access token (like gcloud auth print-access-token)"
     )
     p.add_argument("scope")
     p.add_argument("--account", default=None)
     p.add_argument("--sub", default=None)
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a fetch on a miss")
+    p.add_argument("--json", action="store_true", help="the whole token as JSON")
     p.set_defaults(func=cmd_token)
 
     p = sub.add_parser("ls", parents=[common], help="list cached tokens (masked)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ls)
 
+    p = sub.add_parser(
+        "status", parents=[common], help="check Redis, workers and refreshes (exit 1: attention)"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+
+def _add_process_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("worker", parents=[common], help="run the refresh worker pool")
     p.add_argument("-n", "--workers", type=int, default=2)
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
@@ -137,6 +221,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--lifetime", type=int, default=15)
     p.set_defaults(func=cmd_demo)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokencache", description="Fleet-wide Google OAuth2 token cache.")
+    parser.add_argument("--redis-url", default=None, help=f"Redis URL (default: ${env.REDIS_URL})")
+    # --redis-url works before or after the command; SUPPRESS keeps a value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--redis-url", default=argparse.SUPPRESS, help=f"Redis URL (default: ${env.REDIS_URL})"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_data_commands(sub, common)
+    _add_process_commands(sub, common)
     return parser
 
 
@@ -147,9 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except TokenCacheError as e:
         print(f"tokencache: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     except (TypeError, ValueError) as e:
         print(f"tokencache: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

@@ -30,7 +30,7 @@ from .keys import TokenKey
 from .locks import Lock
 from .tokenstore import TokenStore
 
-__all__ = ["DEAD_AFTER", "GRACE", "repair", "repair_if_leader"]
+__all__ = ["DEAD_AFTER", "GRACE", "overdue", "repair", "repair_if_leader"]
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,12 @@ def _enqueue(store: TokenStore, entry: _Entry) -> None:
         refresh_before = int(entry.job.kwargs.get("refresh_before", refresh_before))
     with redis_errors(store.redis):
         store.refresh_queue.enqueue(entry.key, refresh_before)
+
+
+def overdue(store: TokenStore) -> list[TokenKey]:
+    """The tokens a repair pass would re-enqueue right now (for ``tokencache status``), changing nothing."""
+    now = store.clock()
+    return [entry.key for entry in _due_entries(store, now) if _verdict(entry, now) == "enqueue"]
 
 
 def repair(store: TokenStore) -> Counter[str]:

@@ -1,0 +1,1 @@
+"""Example programs that use tokencache (not part of the installed package)."""
