@@ -166,7 +166,15 @@ class AsyncFacade:
             setattr(self._store, name, value)
 
     def close(self) -> None:
-        self._loop.run_until_complete(self._store.aclose())
+        async def drain() -> None:
+            # e.g. a shielded fetch that outlived its caller's timeout
+            pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            await self._store.aclose()
+
+        self._loop.run_until_complete(drain())
         self._loop.close()
 
 

@@ -147,13 +147,22 @@ def test_bad_timeout(store: TokenStore, timeout: object, error: type[Exception])
         store.for_scope(SCOPE, timeout=timeout)  # type: ignore[arg-type]
 
 
-def test_errors_are_refresh_errors(store: TokenStore, emulator: Emulator, key_file: str) -> None:
+def test_errors_are_refresh_errors_remembered_briefly(
+    store: TokenStore, emulator: Emulator, key_file: str
+) -> None:
+    from tokencache.tokenstore import ERROR_TTL
+
     emulator.config.fail_next = 1
     app = TokenStore(
         store.redis, namespace=store.keys.namespace, sources=Sources(files={"default": Path(key_file)})
     )
     with pytest.raises(RefreshError, match="500"):
         app.for_scope(SCOPE, timeout=5)
+    with pytest.raises(RefreshError, match="500"):  # a late caller sees the same failure, no new request
+        app.for_scope(SCOPE, timeout=5)
+    assert emulator.stats()["token_requests"] == 1
+    error_key = store.keys.error(app.key_for_info(SCOPE))
+    wait_for(lambda: not store.redis.exists(error_key), ERROR_TTL + 1, what="the error forgotten")
     assert app.for_scope(SCOPE, timeout=5).token.startswith("ya29.")
 
 
@@ -175,4 +184,64 @@ def test_sync_and_async_processes_share_one_fetch(
     assert all("token" in r for r in results), results
     assert {r["mode"] for r in results} == {"sync", "async"}
     assert len({r["token"] for r in results}) == 1
+    assert emulator.stats()["token_requests"] == 1
+
+
+def test_a_failure_reaches_late_waiters_too(store: TokenStore, workers: Workers, tmp_path: Path) -> None:
+    workers.start(1)
+    app = TokenStore(
+        store.redis,
+        namespace=store.keys.namespace,
+        queue=store.refresh_queue.name,
+        sources=Sources(use_adc=False),
+    )
+    unknown = ("nobody@example.com", SCOPE)
+    for _ in range(2):  # the second caller arrives after the workers' answer was published
+        started = time.monotonic()
+        with pytest.raises(RefreshError, match=r"no credentials for account 'nobody@example\.com'"):
+            app.for_scope(unknown, timeout=10)
+        assert time.monotonic() - started < 3
+
+
+def test_a_hundred_threads_of_one_process_share_one_fetch(
+    store: TokenStore, workers: Workers, emulator: Emulator
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    emulator.config.latency = 0.3
+    workers.start(1)
+    app = TokenStore.from_url(
+        workers.redis_url,
+        namespace=store.keys.namespace,
+        queue=store.refresh_queue.name,
+        sources=Sources(use_adc=False),
+    )
+    with ThreadPoolExecutor(100) as pool:
+        tokens = list(pool.map(lambda _: app.for_scope(SCOPE, timeout=10), range(100)))
+    assert len({t.token for t in tokens}) == 1
+    assert emulator.stats()["token_requests"] == 1
+
+
+def test_a_hundred_coroutines_share_one_fetch_and_cancelling_one_does_not_refetch(
+    store: TokenStore, emulator: Emulator, key_file: str, redis_url: str
+) -> None:
+    import asyncio
+
+    from tokencache import aio
+
+    emulator.config.latency = 1.0
+
+    async def main() -> set[str]:
+        app = aio.TokenStore.from_url(
+            redis_url, namespace=store.keys.namespace, sources=Sources(files={"default": Path(key_file)})
+        )
+        try:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(app.for_scope(SCOPE, timeout=10), 0.3)  # cancelled mid-fetch
+            tokens = await asyncio.gather(*(app.for_scope(SCOPE, timeout=10) for _ in range(100)))
+            return {t.token for t in tokens}
+        finally:
+            await app.aclose()
+
+    assert len(asyncio.run(main())) == 1
     assert emulator.stats()["token_requests"] == 1

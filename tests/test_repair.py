@@ -113,3 +113,17 @@ def test_failed_refresh_of_an_expired_token_is_dropped_from_the_index(store: Tok
 def test_one_repair_per_interval_across_the_fleet(store: TokenStore) -> None:
     assert repair_if_leader(store, 5.0) is not None
     assert repair_if_leader(store, 5.0) is None
+
+
+def test_a_placeholder_the_apps_wait_for_is_enqueued_not_dropped(store: TokenStore) -> None:
+    key = store.key_for_info(SCOPE)
+    store.redis.zadd(store.keys.index, {store.keys.token(key): 0})  # asked for, job lost or crashed
+    store.redis.set(store.keys.want(key), "app", px=10_000)
+    assert repair(store)["enqueue"] == 1
+    job_id = store.keys.job_id(key)
+    store.redis.hset(Job.key_for(job_id), "status", "failed")  # its work-horse was killed
+    assert repair(store)["enqueue"] == 1
+    store.redis.delete(store.keys.want(key))  # nobody waits any more (or the refresh gave up)
+    store.redis.hset(Job.key_for(job_id), "status", "failed")
+    assert repair(store)["drop"] == 1
+    assert store.redis.zcard(store.keys.index) == 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+import weakref
 from typing import Any, cast
 
 from redis import Redis as SyncRedis
@@ -30,15 +31,15 @@ from rq.job import Job
 
 from .connection import connect, redis_errors
 from .errors import ConfigurationError, RefreshError
-from .fleet import POLL, WANT_TTL, account_arg, check_timeout, timeout_error
+from .fleet import POLL, WANT_TTL, account_arg, check_timeout, fetch_failed, timeout_error
 from .keys import TokenKey, parse_info
 from .locks import LOCK_TTL, RELEASE_SCRIPT
-from .notify import error_message, parse
+from .notify import parse
 from .sources import Sources
 from .token import Freshness, Token
 from .tokenstore import Clock, Raw, StoreCore
 
-__all__ = ["TokenStore", "default_store", "delete", "find", "for_scope", "store"]
+__all__ = ["TokenStore", "aclose_default", "default_store", "delete", "find", "for_scope", "store"]
 
 
 class _Recorder:
@@ -81,6 +82,7 @@ class TokenStore(StoreCore):
             raise TypeError(f"redis must be a redis.asyncio.Redis client, not {type(redis).__name__}")
         # RQ builds its commands with a sync client that never connects here: we replay them.
         offline = SyncRedis()
+        self._flights: dict[TokenKey, asyncio.Future[Token]] = {}
         super().__init__(
             offline,
             namespace=namespace,
@@ -162,12 +164,29 @@ class TokenStore(StoreCore):
         ]
 
     async def for_scope(self, info: object, sub: str | None = None, timeout: float = 30.0) -> Token:
-        """The cached token, or one fetched once for the whole fleet (see :mod:`tokencache.fleet`)."""
-        return await _FleetFetch(self, parse_info(info, sub), check_timeout(timeout)).run()
+        """The cached token, or one fetched once for the whole fleet (see :mod:`tokencache.fleet`).
+
+        Concurrent misses of this process on one key share one fetch task (one pub/sub connection),
+        and the task is shielded: a caller cancelled mid-fetch does not abandon the fleet's fetch.
+        """
+        key = parse_info(info, sub)
+        timeout = check_timeout(timeout)
+        token = await self.find_key(key)
+        if token is not None:
+            return token
+        task = self._flights.get(key)
+        if task is None:
+            task = asyncio.ensure_future(_FleetFetch(self, key, timeout).run())
+            self._flights[key] = task
+            task.add_done_callback(lambda _: self._flights.pop(key, None))
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            raise timeout_error(self, key, timeout, self.sources.has(key.account)) from None
 
 
 class _FleetFetch:
-    """One ``for_scope`` call of an asyncio process (the twin of :class:`tokencache.fleet.FleetFetch`)."""
+    """One ``for_scope`` miss of an asyncio process (the twin of :class:`tokencache.fleet.FleetFetch`)."""
 
     def __init__(self, store: TokenStore, key: TokenKey, timeout: float) -> None:
         self.store, self.key, self.timeout = store, key, timeout
@@ -175,14 +194,12 @@ class _FleetFetch:
         self.fetches_itself = store.sources.has(key.account)
 
     async def run(self) -> Token:
-        token = await self.store.find_key(self.key)
-        if token is not None:
-            return token
         deadline = time.monotonic() + self.timeout
-        pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = self.store.redis.pubsub()
         try:
             with redis_errors(self.store.redis):
                 await pubsub.subscribe(self.store.keys.channel(self.key))
+                await pubsub.get_message(timeout=min(1.0, self.timeout))  # subscribed before we look
                 while True:
                     token = await self._step()
                     if token is not None:
@@ -196,16 +213,19 @@ class _FleetFetch:
 
     async def _wait(self, pubsub: Any, seconds: float) -> None:
         message = await pubsub.get_message(timeout=seconds)
-        if message is None:
+        if message is None or message["type"] != "message":
             return
         error = parse(message["data"])
         if error is not None and await self.store.find_key(self.key) is None:
-            raise RefreshError(f"fetching {self.store.keys.token(self.key)!r} failed: {error}")
+            raise fetch_failed(self.store, self.key, error)
 
     async def _step(self) -> Token | None:
         token = await self.store.find_key(self.key)
         if token is not None:
             return token
+        error = cast(bytes | None, await self.store.redis.get(self.store.keys.error(self.key)))
+        if error is not None:
+            raise fetch_failed(self.store, self.key, error.decode(errors="replace"))
         if self.fetches_itself:
             return await self._fetch_if_free()
         await self._ask_workers()
@@ -224,20 +244,21 @@ class _FleetFetch:
         try:
             token = await asyncio.to_thread(self.store.sources.fetch, self.key, account=account_arg(self.key))
         except (RefreshError, ConfigurationError) as e:
-            await self.store.redis.publish(self.store.keys.channel(self.key), error_message(str(e)))
+            recorder = _Recorder()
+            self.store.failure_commands(recorder, self.key, str(e), gave_up=False)
+            await self.store._transaction(recorder)
             raise
         await self.store.write(self.key, token, fetched=True)
         return token
 
     async def _ask_workers(self) -> None:
         redis, keys, rq = self.store.redis, self.store.keys, self.store.refresh_queue
-        if not await redis.set(keys.want(self.key), self.owner, nx=True, px=int(WANT_TTL * 1000)):
-            return
-        await redis.zadd(keys.index, {keys.token(self.key): 0}, nx=True)
         if not rq.queue.redis_server_version:  # RQ would ask with its offline sync client
             rq.queue.redis_server_version = await _server_version(redis)
+        if not await redis.set(keys.want(self.key), self.owner, nx=True, px=int(WANT_TTL * 1000)):
+            return
         recorder = _Recorder()
-        rq.enqueue_into(recorder, self.key, self.store.refresh_before)
+        self.store.ask_workers_commands(recorder, self.key)
         await self.store._transaction(recorder)
 
 
@@ -253,17 +274,22 @@ async def _server_version(redis: AsyncRedis) -> tuple[int, int, int]:
 
 # -- module-level calls on a default store -----------------------------------
 
-_default: TokenStore | None = None
-_default_loop: asyncio.AbstractEventLoop | None = None
+_defaults: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TokenStore] = weakref.WeakKeyDictionary()
 
 
 def default_store() -> TokenStore:
     """This event loop's default store, built from the environment (a redis.asyncio client is per loop)."""
-    global _default, _default_loop
     loop = asyncio.get_running_loop()
-    if _default is None or _default_loop is not loop:
-        _default, _default_loop = TokenStore.from_url(None), loop
-    return _default
+    if loop not in _defaults:
+        _defaults[loop] = TokenStore.from_url(None)
+    return _defaults[loop]
+
+
+async def aclose_default() -> None:
+    """Close this event loop's default store (call before the loop ends, e.g. at app shutdown)."""
+    store = _defaults.pop(asyncio.get_running_loop(), None)
+    if store is not None:
+        await store.aclose()
 
 
 async def store(token: Token, info: object = None, sub: str | None = None) -> Job:

@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
-from redis import Redis
+from redis import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool as AsyncBlockingPool
 from redis.asyncio import Redis as AsyncRedis
 
 from . import env
@@ -22,6 +23,9 @@ from .errors import ConfigurationError, RedisUnavailableError
 __all__ = ["connect", "describe", "mask_url", "redis_errors"]
 
 C = TypeVar("C", Redis, AsyncRedis)
+
+MAX_CONNECTIONS = 50
+"""Connections one client opens at most; more concurrent calls wait for one to come free."""
 
 SOCKET_TIMEOUT = 5.0
 """Seconds before a Redis call gives up: long enough for a loaded server, short enough for a request path."""
@@ -42,16 +46,21 @@ def mask_url(url: str) -> str:
 def connect(url: str | None = None, *, client_class: type[C] = Redis, **options: Any) -> C:  # type: ignore[assignment]
     """A redis-py client (sync, or ``client_class=redis.asyncio.Redis``) for ``url``.
 
-    ``None`` reads ``TOKENCACHE_REDIS_URL``. Timeouts default to :data:`SOCKET_TIMEOUT`.
+    ``None`` reads ``TOKENCACHE_REDIS_URL``. Timeouts default to :data:`SOCKET_TIMEOUT`. The pool
+    blocks (up to that timeout) when all its connections are busy instead of failing at once: a
+    hundred threads or coroutines reading tokens at the same moment should queue, not error.
     """
     url = url or env.redis_url()
     options.setdefault("socket_timeout", SOCKET_TIMEOUT)
     options.setdefault("socket_connect_timeout", SOCKET_TIMEOUT)
     options.setdefault("health_check_interval", 30)
+    pool_class = AsyncBlockingPool if client_class is AsyncRedis else BlockingConnectionPool
+    options.setdefault("max_connections", MAX_CONNECTIONS)
     try:
-        return client_class.from_url(url, **options)
+        pool = pool_class.from_url(url, timeout=SOCKET_TIMEOUT, **options)
     except ValueError as e:
         raise ConfigurationError(f"bad Redis URL {mask_url(url)!r}: {e}") from e
+    return client_class(connection_pool=pool)  # type: ignore[arg-type]  # the pool matches the class
 
 
 def describe(client: Redis | AsyncRedis) -> str:

@@ -16,22 +16,26 @@ the next caller take over from a fetcher that died (its lock expires).
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .connection import redis_errors
 from .errors import ConfigurationError, FetchTimeoutError, RefreshError
 from .keys import DEFAULT_ACCOUNT, TokenKey
 from .locks import LOCK_TTL, Lock
-from .notify import error_message, parse
+from .notify import parse
 from .token import Token
 
 if TYPE_CHECKING:
     from .tokenstore import StoreCore, TokenStore
 
-__all__ = ["POLL", "WANT_TTL", "FleetFetch", "check_timeout", "timeout_error"]
+__all__ = ["POLL", "WANT_TTL", "FleetFetch", "Flights", "check_timeout", "fetch_failed", "timeout_error"]
 
 POLL = 0.5
 """Seconds between fallback looks at the cache while waiting (a bound, not the normal wake-up)."""
@@ -62,14 +66,53 @@ def timeout_error(store: StoreCore, key: TokenKey, timeout: float, fetches_itsel
     return FetchTimeoutError(f"no token for {store.keys.token(key)!r} within {timeout:g}s; {hint}")
 
 
+def fetch_failed(store: StoreCore, key: TokenKey, error: str) -> RefreshError:
+    """The error a waiter raises when the fleet's fetch of ``key`` failed."""
+    return RefreshError(f"fetching {store.keys.token(key)!r} failed: {error}")
+
+
 def account_arg(key: TokenKey) -> str | None:
     """The Token.account of a freshly fetched token (``default`` is stored as None)."""
     return None if key.account == DEFAULT_ACCOUNT else key.account
 
 
+class Flights:
+    """Concurrent misses on one key inside one process share one fleet fetch.
+
+    Without this, every thread waiting on a cold key would hold a pub/sub
+    connection of its own and exhaust the client's connection pool.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[TokenKey, Future[Token]] = {}
+
+    def run(self, key: TokenKey, timeout: float, fetch: Callable[[], Token]) -> Token:
+        with self._lock:
+            future = self._running.get(key)
+            leader = future is None
+            if future is None:
+                future = self._running[key] = Future()
+        if not leader:
+            try:
+                return future.result(timeout=timeout)
+            except FutureTimeout:
+                raise FetchTimeoutError(f"no token for {key.encode()!r} within {timeout:g}s") from None
+        try:
+            token = fetch()
+            future.set_result(token)
+            return token
+        except BaseException as e:
+            future.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                del self._running[key]
+
+
 @dataclass
 class FleetFetch:
-    """One ``for_scope`` call of a synchronous process."""
+    """One ``for_scope`` miss of a synchronous process."""
 
     store: TokenStore
     key: TokenKey
@@ -81,12 +124,11 @@ class FleetFetch:
         return self.store.sources.has(self.key.account)
 
     def run(self) -> Token:
-        token = self.store.find_key(self.key)
-        if token is not None:
-            return token
         deadline = time.monotonic() + self.timeout
-        with redis_errors(self.store.redis), self.store.redis.pubsub(ignore_subscribe_messages=True) as sub:  # type: ignore[no-untyped-call]
+        redis = self.store.redis
+        with redis_errors(redis), redis.pubsub() as sub:  # type: ignore[no-untyped-call]
             sub.subscribe(self.store.keys.channel(self.key))
+            sub.get_message(timeout=min(1.0, self.timeout))  # the confirmation: subscribed before we look
             while True:
                 token = self._step()
                 if token is not None:
@@ -98,17 +140,21 @@ class FleetFetch:
 
     def _wait(self, sub: Any, seconds: float) -> None:
         message = sub.get_message(timeout=seconds)
-        if message is None:
+        if message is None or message["type"] != "message":
             return
         error = parse(message["data"])
         if error is not None and self.store.find_key(self.key) is None:
-            raise RefreshError(f"fetching {self.store.keys.token(self.key)!r} failed: {error}")
+            raise fetch_failed(self.store, self.key, error)
 
     def _step(self) -> Token | None:
         """Look once more; fetch or ask the workers if nobody is on it. The token, or None to wait."""
         token = self.store.find_key(self.key)
         if token is not None:
             return token
+        with redis_errors(self.store.redis):
+            error = cast(bytes | None, self.store.redis.get(self.store.keys.error(self.key)))
+        if error is not None:
+            raise fetch_failed(self.store, self.key, error.decode(errors="replace"))
         if self.fetches_itself:
             return self._fetch_if_free()
         self._ask_workers()
@@ -129,8 +175,9 @@ class FleetFetch:
         try:
             token = self.store.sources.fetch(self.key, account=account_arg(self.key))
         except (RefreshError, ConfigurationError) as e:
-            with redis_errors(self.store.redis):
-                self.store.redis.publish(self.store.keys.channel(self.key), error_message(str(e)))
+            with redis_errors(self.store.redis), self.store.redis.pipeline(transaction=True) as pipe:
+                self.store.failure_commands(pipe, self.key, str(e), gave_up=False)
+                pipe.execute()
             raise
         self.store.write(self.key, token, fetched=True)
         return token
@@ -140,5 +187,7 @@ class FleetFetch:
         with redis_errors(redis):
             if not redis.set(keys.want(self.key), self.owner, nx=True, px=int(WANT_TTL * 1000)):
                 return  # asked already; wait for the answer
-            redis.zadd(keys.index, {keys.token(self.key): 0}, nx=True)  # so the job knows it is wanted
-            self.store.refresh_queue.enqueue(self.key, self.store.refresh_before)
+            with redis.pipeline(transaction=True) as pipe:
+                pipe.multi()  # before any command: RQ's enqueue_job() would start the transaction itself
+                self.store.ask_workers_commands(pipe, self.key)
+                pipe.execute()

@@ -10,6 +10,7 @@ Schema (``{ns}`` is the namespace, ``tokencache`` by default)::
     {ns}:lock:{account}:{scope}:{sub}    string single-flight lock (SET NX PX, value = owner)
     {ns}:want:{account}:{scope}:{sub}    string marks that an app asked the workers for this token (SET NX PX)
     {ns}:fetched:{account}:{scope}:{sub} pubsub "a fetch of this token ended" (JSON ok/error, no token)
+    {ns}:error:{account}:{scope}:{sub}   string the last fetch's error, for waiters that subscribed late (PX)
     {ns}:repair                          string lock that lets one worker of the fleet run a repair pass
     rq:job:tc-{digest}                   hash   (RQ) the token's one refresh job; digest = blake2b of
                                                 the token's hash key, so the id is deterministic
@@ -142,6 +143,9 @@ class Keys:
 
     def want(self, key: TokenKey) -> str:
         return f"{self.namespace}:want:{key.encode()}"
+
+    def error(self, key: TokenKey) -> str:
+        return f"{self.namespace}:error:{key.encode()}"
 
     def channel(self, key: TokenKey) -> str:
         return f"{self.namespace}:fetched:{key.encode()}"

@@ -49,6 +49,7 @@ class _Entry:
     expires: float
     refresh_at: float | None  # None: the token hash is gone
     gave_up: bool
+    wanted: bool  # an app asked the workers for this token (the index entry may be a placeholder)
     lock_held: bool
     scheduled_at: float | None
     job: Job | None
@@ -92,19 +93,22 @@ def _due_entries(store: TokenStore, now: float) -> list[_Entry]:
         with store.redis.pipeline(transaction=False) as pipe:
             for key, _ in entries:
                 pipe.hmget(store.keys.token(key), "refresh_at", "gave_up_at")
+                pipe.exists(store.keys.want(key))
                 pipe.exists(store.keys.lock(key))
                 pipe.zscore(scheduled_key, store.keys.job_id(key))
             flags = pipe.execute()
         jobs = _fetch_jobs(store, [store.keys.job_id(key) for key, _ in entries])
+    per = 4  # replies per entry in the pipeline above
     return [
         _Entry(
             key,
             expires,
-            _number(flags[3 * i][0]),
-            flags[3 * i][1] is not None,
-            bool(flags[3 * i + 1]),
-            flags[3 * i + 2],
-            jobs[i],
+            refresh_at=_number(flags[per * i][0]),
+            gave_up=flags[per * i][1] is not None,
+            wanted=bool(flags[per * i + 1]),
+            lock_held=bool(flags[per * i + 2]),
+            scheduled_at=flags[per * i + 3],
+            job=jobs[i],
         )
         for i, (key, expires) in enumerate(entries)
     ]
@@ -138,13 +142,14 @@ def _verdict(entry: _Entry, now: float) -> str:
     job = entry.job
     token_exists = entry.refresh_at is not None
     if job is None:
-        return "enqueue" if token_exists or entry.expires >= now else "drop"
+        return "enqueue" if token_exists or entry.wanted or entry.expires >= now else "drop"
     status = job.get_status(refresh=False)
     if status == JobStatus.FAILED:
-        # A refresh that gave up on purpose stays failed (RQ's failed registry says why);
-        # one that crashed (a killed work-horse) is retried while the token is cached.
+        # A refresh that gave up on purpose stays failed (RQ's failed registry says why, and giving
+        # up withdraws the apps' request); one that crashed (a killed work-horse) is retried while the
+        # token is cached or an app is waiting for it.
         if not token_exists:
-            return "drop"
+            return "enqueue" if entry.wanted else "drop"
         return "ok" if entry.gave_up else "enqueue"
     if status == JobStatus.SCHEDULED:
         return _scheduled_verdict(entry, now)

@@ -18,7 +18,7 @@ from rq.job import Job
 
 from . import env
 from .connection import connect, redis_errors
-from .fleet import FleetFetch, check_timeout
+from .fleet import FleetFetch, Flights, check_timeout
 from .keys import Keys, TokenKey, parse_info
 from .notify import error_message, ok_message
 from .record import Bookkeeping, MalformedRecord, from_fields, to_fields
@@ -31,6 +31,10 @@ __all__ = ["TokenRecord", "TokenStore"]
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+ERROR_TTL = 2.0
+"""Seconds a fetch's error is kept: waiters that subscribed after it was published still see it, and
+callers in that window fail at once instead of stampeding a failing endpoint; after it, a miss
+tries again."""
 Raw = dict[bytes, bytes]
 _BATCH = 500
 
@@ -132,9 +136,29 @@ class StoreCore:
         pipe.expireat(redis_key, token.expires)
         pipe.zadd(self.keys.index, {redis_key: token.expires})
         job = self.refresh_queue.schedule(pipe, key, self.refresh_before, utc(refresh_at))
-        pipe.delete(self.keys.want(key))  # answered: a later miss may ask the workers again at once
+        pipe.delete(self.keys.want(key), self.keys.error(key))  # answered: a later miss may ask again at once
         pipe.publish(self.keys.channel(key), ok_message())
         return job
+
+    def failure_commands(self, pipe: Any, key: TokenKey, message: str, *, gave_up: bool) -> None:
+        """Queue what tells the fleet a fetch failed: the error (kept for late waiters) and the wake-up.
+
+        The error is kept :data:`ERROR_TTL` seconds. A refresh that gave up also withdraws the apps'
+        request to the workers, so the next miss after that window asks again.
+        """
+        pipe.set(self.keys.error(key), message[:500], px=int(ERROR_TTL * 1000))
+        if gave_up:
+            pipe.delete(self.keys.want(key))
+        pipe.publish(self.keys.channel(key), error_message(message))
+
+    def ask_workers_commands(self, pipe: Any, key: TokenKey) -> None:
+        """Queue a request for an immediate refresh by the worker pool (inside a MULTI).
+
+        The index placeholder (score 0) tells the refresh job the token is wanted; it goes in the
+        same transaction as the job so that repair never sees one without the other.
+        """
+        pipe.zadd(self.keys.index, {self.keys.token(key): 0}, nx=True)
+        self.refresh_queue.enqueue_into(pipe, key, self.refresh_before)
 
     def delete_commands(self, pipe: Any, key: TokenKey) -> None:
         """Queue the commands of a delete into ``pipe``: hash, index entry, refresh job."""
@@ -190,6 +214,7 @@ class TokenStore(StoreCore):
             sources=sources,
         )
         self.redis = redis
+        self._flights = Flights()
 
     @classmethod
     def from_url(
@@ -245,7 +270,11 @@ class TokenStore(StoreCore):
     def for_scope(self, info: object, sub: str | None = None, timeout: float = 30.0) -> Token:
         """The cached token, or one fetched once for the whole fleet (see :mod:`tokencache.fleet`)."""
         key = parse_info(info, sub)
-        return FleetFetch(self, key, check_timeout(timeout)).run()
+        timeout = check_timeout(timeout)
+        token = self.find_key(key)
+        if token is not None:
+            return token
+        return self._flights.run(key, timeout, FleetFetch(self, key, timeout).run)
 
     def record(self, key: TokenKey) -> TokenRecord | None:
         """The token stored under ``key`` with its bookkeeping, valid or not (None if absent/malformed)."""
@@ -305,7 +334,7 @@ redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 redis.call('EXPIREAT', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[1], KEYS[1])
-redis.call('DEL', KEYS[3])
+redis.call('DEL', KEYS[3], KEYS[4])
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 """
@@ -313,12 +342,11 @@ return 1
 
 def record_failure(store: TokenStore, key: TokenKey, message: str, *, gave_up: bool = False) -> int:
     """Count a failed refresh in the hash (if it still exists) and tell waiters; the new count, or 0."""
-    with redis_errors(store.redis):
-        reply = store.redis.eval(
-            _RECORD_FAILURE, 1, store.keys.token(key), message[:500], int(store.clock()), int(gave_up)
-        )
-        store.redis.publish(store.keys.channel(key), error_message(message))
-    return int(cast(int, reply))
+    with redis_errors(store.redis), store.redis.pipeline(transaction=True) as pipe:
+        pipe.eval(_RECORD_FAILURE, 1, store.keys.token(key), message[:500], int(store.clock()), int(gave_up))
+        store.failure_commands(pipe, key, message, gave_up=gave_up)
+        reply, *_ = pipe.execute()
+    return int(reply)
 
 
 def replace_if_indexed(store: TokenStore, key: TokenKey, token: Token) -> bool:
@@ -339,10 +367,11 @@ def replace_if_indexed(store: TokenStore, key: TokenKey, token: Token) -> bool:
     with redis_errors(store.redis):
         reply = store.redis.eval(
             _REPLACE_IF_INDEXED,
-            3,
+            4,
             store.keys.token(key),
             store.keys.index,
             store.keys.want(key),
+            store.keys.error(key),
             token.expires,
             store.keys.channel(key),
             ok_message(),
