@@ -35,7 +35,7 @@ from tokencache.google_auth import RECHECK, Credentials
 from tokencache.requests_auth import BearerAuth
 from tokencache.sources import Sources
 
-from .conftest import SCOPE, Workers, app_env, run_apps
+from .conftest import SCOPE, Workers, app_env, run_apps, wait_for
 
 OTHER = "https://www.googleapis.com/auth/devstorage.read_only"
 USER = "user@example.com"
@@ -344,6 +344,8 @@ def test_a_failed_fetch_is_a_google_refresh_error(
     with pytest.raises(google.auth.exceptions.RefreshError, match="500") as info:
         creds.refresh(None)
     assert isinstance(info.value.__cause__, CacheRefreshError) and not info.value.retryable
+    error_key = store.keys.error(store.key_for_info(SCOPE))
+    wait_for(lambda: not store.redis.exists(error_key), 5, what="the failure forgotten (ERROR_TTL)")
     creds.refresh(None)
     assert creds.valid
 

@@ -216,7 +216,7 @@ def test_a_hundred_threads_of_one_process_share_one_fetch(
         queue=store.refresh_queue.name,
         sources=Sources(use_adc=False),
     )
-    with ThreadPoolExecutor(100) as pool:
+    with app, ThreadPoolExecutor(100) as pool:
         tokens = list(pool.map(lambda _: app.for_scope(SCOPE, timeout=10), range(100)))
     assert len({t.token for t in tokens}) == 1
     assert emulator.stats()["token_requests"] == 1

@@ -60,7 +60,7 @@ def connect(url: str | None = None, *, client_class: type[C] = Redis, **options:
         pool = pool_class.from_url(url, timeout=SOCKET_TIMEOUT, **options)
     except ValueError as e:
         raise ConfigurationError(f"bad Redis URL {mask_url(url)!r}: {e}") from e
-    return client_class(connection_pool=pool)  # type: ignore[arg-type]  # the pool matches the class
+    return client_class.from_pool(pool)  # type: ignore[arg-type]  # the client owns (and closes) its pool
 
 
 def describe(client: Redis | AsyncRedis) -> str:

@@ -231,6 +231,16 @@ class TokenStore(StoreCore):
         redis = connect(url, **redis_options)
         return cls(redis, namespace=namespace, refresh_before=refresh_before, queue=queue, sources=sources)
 
+    def close(self) -> None:
+        """Close the Redis connections (the store is not usable afterwards)."""
+        self.redis.close()
+
+    def __enter__(self) -> TokenStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # -- writing -------------------------------------------------------------
 
     def store(self, token: Token, info: object = None, sub: str | None = None) -> Job | None:
