@@ -206,10 +206,10 @@ class Workers:
         )
         return env
 
-    def start(self, n: int = 1, *, wait: bool = True) -> subprocess.Popen[bytes]:
+    def start(self, n: int = 1, *, wait: bool = True, args: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
         before = self.count()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tokencache", "worker", "-n", str(n)],
+            [sys.executable, "-m", "tokencache", "worker", "-n", str(n), *args],
             env=self.env(),
             stdout=subprocess.DEVNULL,
             stderr=None,

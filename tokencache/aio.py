@@ -29,8 +29,9 @@ from redis import RedisError
 from redis.asyncio import Redis as AsyncRedis
 from rq.job import Job
 
+from . import metrics
 from .connection import connect, redis_errors
-from .errors import ConfigurationError, RefreshError
+from .errors import ConfigurationError, RefreshError, TokenCacheError
 from .fleet import POLL, WANT_TTL, account_arg, check_timeout, fetch_failed, timeout_error
 from .keys import TokenKey, parse_info
 from .locks import LOCK_TTL, RELEASE_SCRIPT
@@ -142,7 +143,9 @@ class TokenStore(StoreCore):
         redis_key = self.keys.token(key)
         with redis_errors(self.redis):
             raw = cast(Raw, await self.redis.hgetall(redis_key))
-        return self.usable_token(redis_key, raw)
+        token = self.usable_token(redis_key, raw)
+        metrics.record_read(token is not None)
+        return token
 
     async def tokens(self) -> list[Token]:
         """Every cached token that may still be handed out."""
@@ -179,10 +182,17 @@ class TokenStore(StoreCore):
             task = asyncio.ensure_future(_FleetFetch(self, key, timeout).run())
             self._flights[key] = task
             task.add_done_callback(lambda _: self._flights.pop(key, None))
+        started = time.monotonic()
         try:
-            return await asyncio.wait_for(asyncio.shield(task), timeout)
+            token = await asyncio.wait_for(asyncio.shield(task), timeout)
         except TimeoutError:
+            metrics.observe_fetch_wait(time.monotonic() - started, ok=False)
             raise timeout_error(self, key, timeout, self.sources.has(key.account)) from None
+        except TokenCacheError:
+            metrics.observe_fetch_wait(time.monotonic() - started, ok=False)
+            raise
+        metrics.observe_fetch_wait(time.monotonic() - started, ok=True)
+        return token
 
 
 class _FleetFetch:

@@ -149,7 +149,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """Run the refresh worker pool in the foreground."""
     from .worker import run_pool
 
-    run_pool(_store(args), args.workers, burst=args.burst, logging_level=args.log_level)
+    run_pool(
+        _store(args),
+        args.workers,
+        burst=args.burst,
+        logging_level=args.log_level,
+        metrics_port=args.metrics_port,
+    )
     return 0
 
 
@@ -204,6 +210,7 @@ def _add_process_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--workers", type=int, default=2)
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("emulator", parents=[common], help="run the local Google token endpoint")

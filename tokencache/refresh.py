@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from rq import get_current_job
 from rq.job import Job
 
+from . import metrics
 from .errors import ConfigurationError, RefreshError
 from .keys import DEFAULT_ACCOUNT, TokenKey
 from .locks import LOCK_TTL, Lock
@@ -66,6 +67,8 @@ class Refresher:
     owner: str
     failures: int = 0
     """Consecutive failed attempts before this one (kept in the RQ job's meta between runs)."""
+    lateness: float | None = None
+    """How late this run came after the token's refresh was due (for the lateness metric)."""
 
     def run(self) -> tuple[str, float | None]:
         if not self.store.indexed(self.key):
@@ -85,6 +88,7 @@ class Refresher:
             due = current.bookkeeping.refresh_at or current.token.expires - self.store.refresh_before
             if now < due - EARLY:
                 return "not due", due - now
+            self.lateness = now - due
         try:
             token = self._fetch(current)
         except (RefreshError, ConfigurationError) as e:
@@ -115,6 +119,7 @@ class Refresher:
         hopeless = isinstance(error, ConfigurationError)
         if hopeless or (left <= EXPIRY_SKEW and self.failures >= GIVE_UP_AFTER):
             record_failure(self.store, self.key, str(error), gave_up=True)
+            metrics.record_refresh("gave_up")
             log.error("refresh of %s failed %d times, giving up: %s", self.key.encode(), self.failures, error)
             raise error
         record_failure(self.store, self.key, str(error))
@@ -150,6 +155,7 @@ def refresh(namespace: str, account: str, scope: str, sub: str | None, refresh_b
         refresher.failures += 1
         outcome, delay = "crashed", backoff(refresher.failures, 0.0)
         log.exception("refresh of %s crashed; retrying in %.1fs", key.encode(), delay)
+    metrics.record_refresh(outcome.replace(" ", "_"), refresher.lateness if outcome == "refreshed" else None)
     job.meta["failures"] = refresher.failures  # saved with the repeat, read by the next run
     if delay is not None:
         repeat_current_job(job, delay)

@@ -37,7 +37,7 @@ from google.auth import impersonated_credentials
 from google.auth.credentials import Credentials, Scoped
 from google.oauth2 import service_account
 
-from . import env
+from . import env, metrics
 from .errors import ConfigurationError, RefreshError, UnknownAccountError
 from .keys import DEFAULT_ACCOUNT, TokenKey
 from .token import Token
@@ -265,10 +265,13 @@ class Sources:
     def fetch(self, key: TokenKey, *, scope: str | None = None, account: str | None = None) -> Token:
         """Ask the account's source for a new token (blocking, at most ``timeout`` per request)."""
         creds = self.credentials(key)
+        started = time.monotonic()
         try:
             creds.refresh(_BoundedRequest(self.timeout, self._session))
         except google.auth.exceptions.GoogleAuthError as e:
+            metrics.observe_endpoint(time.monotonic() - started, ok=False)
             raise RefreshError(f"token request for {key.encode()!r} failed: {e}") from e
+        metrics.observe_endpoint(time.monotonic() - started, ok=True)
         if not creds.token or creds.expiry is None:
             raise RefreshError(f"token request for {key.encode()!r} returned no token or no expiry")
         return Token(

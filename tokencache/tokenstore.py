@@ -16,8 +16,9 @@ from typing import Any, cast
 from redis import Redis
 from rq.job import Job
 
-from . import env
+from . import env, metrics
 from .connection import connect, redis_errors
+from .errors import TokenCacheError
 from .fleet import FleetFetch, Flights, check_timeout
 from .keys import Keys, TokenKey, parse_info
 from .notify import error_message, ok_message
@@ -275,7 +276,9 @@ class TokenStore(StoreCore):
         redis_key = self.keys.token(key)
         with redis_errors(self.redis):
             raw = cast(Raw, self.redis.hgetall(redis_key))
-        return self.usable_token(redis_key, raw)
+        token = self.usable_token(redis_key, raw)
+        metrics.record_read(token is not None)
+        return token
 
     def for_scope(self, info: object, sub: str | None = None, timeout: float = 30.0) -> Token:
         """The cached token, or one fetched once for the whole fleet (see :mod:`tokencache.fleet`)."""
@@ -284,7 +287,14 @@ class TokenStore(StoreCore):
         token = self.find_key(key)
         if token is not None:
             return token
-        return self._flights.run(key, timeout, FleetFetch(self, key, timeout).run)
+        started = time.monotonic()
+        try:
+            token = self._flights.run(key, timeout, FleetFetch(self, key, timeout).run)
+        except TokenCacheError:
+            metrics.observe_fetch_wait(time.monotonic() - started, ok=False)
+            raise
+        metrics.observe_fetch_wait(time.monotonic() - started, ok=True)
+        return token
 
     def record(self, key: TokenKey) -> TokenRecord | None:
         """The token stored under ``key`` with its bookkeeping, valid or not (None if absent/malformed)."""

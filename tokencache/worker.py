@@ -4,6 +4,13 @@ N RQ workers (forked by RQ's own :class:`WorkerPool`, restarted if they die)
 with the scheduler on and the JSON serializer, all on the refresh queue; the
 pool's parent process also runs :func:`repair` about once a second. SIGTERM or
 SIGINT stops the pool gracefully: each worker finishes its current job.
+
+The workers are RQ's ``SimpleWorker``: they run each refresh in their own
+process instead of forking a work-horse per job. A refresh is one short HTTP
+call, cheaper than the fork; and with a fixed set of worker processes the
+Prometheus counters (multiprocess mode keeps one file per process) stay a
+fixed set of files. A worker that dies mid-refresh is respawned by the pool
+and its refresh re-enqueued by repair once its lock expires.
 """
 
 from __future__ import annotations
@@ -15,8 +22,10 @@ from typing import Any
 
 from redis import Redis
 from rq.serializers import JSONSerializer
+from rq.worker import SimpleWorker
 from rq.worker_pool import WorkerPool
 
+from . import metrics
 from .connection import redis_errors
 from .errors import TokenCacheError
 from .repair import repair_if_leader
@@ -43,6 +52,7 @@ class RefreshPool(WorkerPool):
             connection=store.redis,
             num_workers=num_workers,
             serializer=JSONSerializer,
+            worker_class=SimpleWorker,
             **kwargs,
         )
         self.store = store
@@ -79,7 +89,12 @@ def _check_redis(redis: Redis) -> None:
 
 
 def run_pool(
-    store: TokenStore, num_workers: int, *, burst: bool = False, logging_level: str = "INFO"
+    store: TokenStore,
+    num_workers: int,
+    *,
+    burst: bool = False,
+    logging_level: str = "INFO",
+    metrics_port: int | None = None,
 ) -> None:
     """Run the pool in the foreground until SIGTERM/SIGINT (or until idle with ``burst``)."""
     if num_workers < 1:
@@ -87,4 +102,8 @@ def run_pool(
     _check_redis(store.redis)
     accounts = default_sources().accounts()  # fail fast on a broken TOKENCACHE_CREDENTIALS
     log.info("refreshing accounts %s on queue %r", ", ".join(accounts), store.refresh_queue.name)
+    if metrics_port is not None:
+        folder = metrics.enable_multiprocess()  # before the workers are forked
+        metrics.serve_worker_metrics(store, metrics_port)
+        log.info("metrics on :%d (multiprocess folder %s)", metrics_port, folder)
     RefreshPool(store, num_workers).start(burst=burst, logging_level=logging_level)

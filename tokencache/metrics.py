@@ -1,0 +1,169 @@
+"""Prometheus metrics, for the worker pool and for apps.
+
+Worker side (``tokencache worker --metrics-port 9108`` serves them):
+
+- ``tokencache_refreshes_total{outcome}`` (counter): refresh-job runs by outcome: refreshed,
+  not due, busy, failed, gave up, deleted, crashed;
+- ``tokencache_refresh_lateness_seconds`` (histogram): when a refresh ran minus when it was due;
+- ``tokencache_endpoint_latency_seconds{result}`` (histogram): token requests to Google, ok/error;
+- ``tokencache_refreshes_scheduled`` (gauge, read at scrape): refresh jobs in RQ's schedule;
+- ``tokencache_refreshes_overdue`` (gauge, read at scrape): refreshes repair would re-enqueue now.
+
+App side (any process; expose them with your own Prometheus endpoint, or
+:func:`start_http_server`):
+
+- ``tokencache_cache_hits_total`` (counter): ``find``/``for_scope`` reads that found a token;
+- ``tokencache_cache_misses_total`` (counter): reads that did not;
+- ``tokencache_fetch_wait_seconds{result}`` (histogram): how long ``for_scope`` waited on a miss.
+
+The metric objects are created on first use, not at import, so a process can
+choose prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``)
+before anything is counted; the worker pool does that for its workers.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter, Histogram
+
+    from .tokenstore import TokenStore
+
+__all__ = [
+    "enable_multiprocess",
+    "observe_endpoint",
+    "observe_fetch_wait",
+    "record_read",
+    "record_refresh",
+    "serve_worker_metrics",
+    "start_http_server",
+]
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LATENESS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass(frozen=True)
+class _Metrics:
+    refreshes: Counter
+    lateness: Histogram
+    endpoint: Histogram
+    hits: Counter
+    misses: Counter
+    fetch_wait: Histogram
+
+
+_metrics: _Metrics | None = None
+_lock = threading.Lock()
+
+
+def _get() -> _Metrics:
+    global _metrics
+    if _metrics is None:
+        with _lock:
+            if _metrics is None:
+                _metrics = _create()
+    return _metrics
+
+
+def _create() -> _Metrics:
+    from prometheus_client import Counter, Histogram
+
+    return _Metrics(
+        refreshes=Counter("tokencache_refreshes", "Refresh-job runs by outcome", ["outcome"]),
+        lateness=Histogram(
+            "tokencache_refresh_lateness_seconds",
+            "When a refresh ran minus when it was due",
+            buckets=LATENESS_BUCKETS,
+        ),
+        endpoint=Histogram(
+            "tokencache_endpoint_latency_seconds",
+            "Token requests to the endpoint",
+            ["result"],
+            buckets=LATENCY_BUCKETS,
+        ),
+        hits=Counter("tokencache_cache_hits", "Cache reads that found a usable token"),
+        misses=Counter("tokencache_cache_misses", "Cache reads that found no usable token"),
+        fetch_wait=Histogram(
+            "tokencache_fetch_wait_seconds",
+            "How long for_scope waited on a miss",
+            ["result"],
+            buckets=LATENCY_BUCKETS,
+        ),
+    )
+
+
+def record_refresh(outcome: str, lateness: float | None = None) -> None:
+    metrics = _get()
+    metrics.refreshes.labels(outcome).inc()
+    if lateness is not None:
+        metrics.lateness.observe(max(0.0, lateness))
+
+
+def observe_endpoint(seconds: float, ok: bool) -> None:
+    _get().endpoint.labels("ok" if ok else "error").observe(seconds)
+
+
+def record_read(hit: bool) -> None:
+    metrics = _get()
+    (metrics.hits if hit else metrics.misses).inc()
+
+
+def observe_fetch_wait(seconds: float, ok: bool) -> None:
+    _get().fetch_wait.labels("ok" if ok else "error").observe(seconds)
+
+
+def enable_multiprocess() -> str:
+    """Switch this process (and the workers it forks later) to prometheus_client's multiprocess mode.
+
+    Returns the folder the processes share; a fresh temporary one unless
+    ``PROMETHEUS_MULTIPROC_DIR`` already names one.
+    """
+    from prometheus_client import values
+
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="tokencache-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+    return folder
+
+
+class _QueueCollector:
+    """Gauges read from Redis at scrape time: what is scheduled, what is overdue."""
+
+    def __init__(self, store: TokenStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        from .repair import overdue
+
+        scheduled = GaugeMetricFamily("tokencache_refreshes_scheduled", "Refresh jobs in RQ's schedule")
+        scheduled.add_metric([], self.store.refresh_queue.scheduled.count)
+        late = GaugeMetricFamily("tokencache_refreshes_overdue", "Refreshes repair would re-enqueue now")
+        late.add_metric([], len(overdue(self.store)))
+        return iter([scheduled, late])
+
+
+def serve_worker_metrics(store: TokenStore, port: int, host: str = "0.0.0.0") -> None:
+    """Serve the pool's metrics (all its workers' counters, plus the queue gauges) on ``host:port``."""
+    from prometheus_client import CollectorRegistry, multiprocess
+    from prometheus_client import start_http_server as serve
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    registry.register(_QueueCollector(store))
+    serve(port, addr=host, registry=registry)
+
+
+def start_http_server(port: int, host: str = "0.0.0.0") -> None:
+    """Serve this process's metrics (the default registry) for an app that has no endpoint of its own."""
+    from prometheus_client import start_http_server as serve
+
+    serve(port, addr=host)
