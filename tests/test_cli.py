@@ -8,8 +8,10 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import requests
 
 from tokencache import Token, TokenStore
 from tokencache.emulator import Emulator
@@ -145,3 +147,35 @@ def test_plain_rq_worker_with_the_settings_module(store: TokenStore, workers: Wo
     assert out.returncode == 0, out.stderr
     assert store.find(SCOPE) is not None, out.stderr
     assert store.redis.zrange(store.refresh_queue.scheduled.key, 0, -1) == [job_id.encode()]  # next run
+
+
+def test_emulator_command_writes_keys_serves_and_stops(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokencache", "emulator", "--port", str(port), "--keys", str(tmp_path),
+         "--accounts", "2", "--lifetime", "60"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        lines = [proc.stdout.readline() for _ in range(4)]  # type: ignore[union-attr]
+        assert lines[-1].startswith("emulator listening on http://127.0.0.1:"), lines
+        assert sorted(p.name for p in tmp_path.glob("*.json")) == [
+            "authorized_user.json",
+            "sa-1.json",
+            "sa-2.json",
+        ]
+        assert (
+            json.loads((tmp_path / "sa-1.json").read_text())["token_uri"] == f"http://127.0.0.1:{port}/token"
+        )
+        stats = requests.get(f"http://127.0.0.1:{port}/stats", timeout=5).json()
+        assert stats["token_requests"] == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(10)
+        proc.stdout.close()  # type: ignore[union-attr]
+    assert code == 0
+
+
+def test_emulator_bad_option_is_one_line(tmp_path: Path) -> None:
+    out = run("emulator", "--port", str(free_port()), "--failure-rate", "2", env=dict(os.environ))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "failure_rate" in out.stderr
