@@ -13,7 +13,7 @@ elapsed, and with what per-process caching would have cost.
 from __future__ import annotations
 
 import contextlib
-import math
+import hashlib
 import multiprocessing
 import os
 import signal
@@ -25,13 +25,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
 from . import env
+from .connection import mask_url
 from .emulator import Emulator, EmulatorConfig
+from .errors import ConfigurationError, TokenCacheError
 from .redisserver import EmbeddedRedis
 from .sources import Sources
 from .token import mask
@@ -51,27 +54,37 @@ APPS = 4
 class _Counts:
     calls: Synchronized[int]
     misses: Synchronized[int]
+    seen: Any  # multiprocessing.Queue of the token digests each app saw
 
     @classmethod
     def new(cls) -> _Counts:
-        return cls(multiprocessing.Value("q", 0), multiprocessing.Value("q", 0))
+        return cls(multiprocessing.Value("q", 0), multiprocessing.Value("q", 0), multiprocessing.Queue())
 
 
 def _app(url: str, stop_at: float, counts: _Counts) -> None:
     """One app process without credentials: for_scope() for every 'request'."""
     store = TokenStore.from_url(url, namespace=NAMESPACE, queue=NAMESPACE, sources=Sources(use_adc=False))
+    seen: set[str] = set()
     with contextlib.suppress(KeyboardInterrupt), store:
         while time.time() < stop_at:
-            _requests(store, min(stop_at, time.time() + 0.5), counts)
+            _requests(store, min(stop_at, time.time() + 0.5), counts, seen)
+    counts.seen.put(sorted(seen))
 
 
-def _requests(store: TokenStore, until: float, counts: _Counts) -> None:
-    """Serve 'requests' until ``until``, then add them to the shared counts (for the live view)."""
+def _requests(store: TokenStore, until: float, counts: _Counts, seen: set[str]) -> None:
+    """Serve 'requests' until ``until``, then add them to the shared counts (for the live view).
+
+    A miss is a request that got no valid token: an error, or (never, by contract) an expired one.
+    """
     calls = missed = 0
     while time.time() < until:
-        token = store.for_scope(SCOPES[calls % len(SCOPES)], timeout=10)
+        try:
+            token = store.for_scope(SCOPES[calls % len(SCOPES)], timeout=5)
+            missed += token.expires <= time.time()
+            seen.add(hashlib.sha256(token.token.encode()).hexdigest()[:16])
+        except TokenCacheError:
+            missed += 1
         calls += 1
-        missed += token.expires <= time.time()
         time.sleep(0.001)
     with counts.calls.get_lock():
         counts.calls.value += calls
@@ -83,7 +96,7 @@ def _requests(store: TokenStore, until: float, counts: _Counts) -> None:
 def _redis(url: str | None, console: Console) -> Iterator[str]:
     url = url or os.environ.get(env.REDIS_URL)
     if url:
-        console.print(f"using the Redis at {env.REDIS_URL} (namespace {NAMESPACE!r} only)")
+        console.print(f"using the Redis at {mask_url(url)} (namespace {NAMESPACE!r} only)", markup=False)
         yield url
         return
     with EmbeddedRedis() as server:
@@ -92,11 +105,12 @@ def _redis(url: str | None, console: Console) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _workers(url: str, key_file: Path, store: TokenStore) -> Iterator[None]:
+def _workers(url: str, key_file: Path, store: TokenStore) -> Iterator[subprocess.Popen[bytes]]:
     worker_env = dict(os.environ)
     worker_env.update({
         env.REDIS_URL: url, env.NAMESPACE: NAMESPACE, env.QUEUE: NAMESPACE,
         env.GOOGLE_APPLICATION_CREDENTIALS: str(key_file), env.CREDENTIALS: "",
+        env.REFRESH_BEFORE: str(store.refresh_before),
     })  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "tokencache", "worker", "-n", "2", "--log-level", "WARNING"],
@@ -104,7 +118,7 @@ def _workers(url: str, key_file: Path, store: TokenStore) -> Iterator[None]:
     )  # fmt: skip
     try:
         _wait_for_workers(store, proc)
-        yield
+        yield proc
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -124,22 +138,27 @@ def _wait_for_workers(store: TokenStore, proc: subprocess.Popen[bytes]) -> None:
         or store.refresh_queue.queue.scheduler_pid is None
     ):
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("the worker pool did not start")
+            raise ConfigurationError("the demo's worker pool did not start (try 'tokencache worker' alone)")
         time.sleep(0.1)
 
 
 @contextlib.contextmanager
-def _apps(url: str, stop_at: float, counts: _Counts) -> Iterator[None]:
+def _apps(url: str, stop_at: float, counts: _Counts) -> Iterator[list[multiprocessing.Process]]:
     apps = [multiprocessing.Process(target=_app, args=(url, stop_at, counts)) for _ in range(APPS)]
     for app in apps:
         app.start()
     try:
-        yield
+        yield apps
+    except BaseException:
+        for app in apps:
+            app.terminate()
+        raise
     finally:
         for app in apps:
             app.join(max(0.0, stop_at - time.time()) + 10)
             if app.is_alive():
                 app.terminate()
+                app.join(5)
 
 
 def _view(store: TokenStore, started: float, emulator: Emulator, counts: _Counts) -> Group:
@@ -167,9 +186,11 @@ def _refresh_period(lifetime: int, refresh_before: int) -> float:
     return max(lifetime - refresh_before, lifetime / 2)
 
 
-def run_demo(redis_url: str | None, *, duration: float = 30.0, lifetime: int = 15) -> int:
-    """Run the demo for ``duration`` seconds; 0 if no app ever missed a token."""
+def run_demo(redis_url: str | None, *, duration: float = 30.0, lifetime: int = 16) -> int:
+    """Run the demo for ``duration`` seconds; 0 if every app request got a valid token, and the endpoint
+    saw exactly one request per token the apps used."""
     console = Console()
+    private = not (redis_url or os.environ.get(env.REDIS_URL))
     with (
         tempfile.TemporaryDirectory(prefix="tokencache-demo-") as tmp,
         _redis(redis_url, console) as url,
@@ -177,44 +198,56 @@ def run_demo(redis_url: str | None, *, duration: float = 30.0, lifetime: int = 1
     ):
         key_file = Path(tmp) / "demo-sa.json"
         emulator.write_service_account(key_file)
-        console.print(
-            f"emulator at {emulator.url}: tokens live {lifetime} s; {APPS} app processes, 2 workers"
-        )
         with TokenStore.from_url(url, namespace=NAMESPACE, queue=NAMESPACE) as store:
+            period = _refresh_period(lifetime, store.refresh_before)
+            console.print(
+                f"emulator at {emulator.url}: tokens live {lifetime} s, refreshed {store.refresh_before} s "
+                f"ahead (every {period:g} s); {APPS} app processes without credentials; 2 workers",
+                markup=False,
+            )
             try:
-                with _workers(url, key_file, store):
-                    return _watch(store, url, emulator, duration, lifetime, console)
+                with _workers(url, key_file, store) as pool:
+                    return _watch(store, url, emulator, duration, pool, console)
             finally:
-                for scope in SCOPES:
-                    store.delete(scope)
+                if not private:  # a private Redis is thrown away; a shared one keeps nothing of ours
+                    for scope in SCOPES:
+                        store.delete(scope)
 
 
 def _watch(
-    store: TokenStore, url: str, emulator: Emulator, duration: float, lifetime: int, console: Console
+    store: TokenStore,
+    url: str,
+    emulator: Emulator,
+    duration: float,
+    pool: subprocess.Popen[bytes],
+    console: Console,
 ) -> int:
     counts = _Counts.new()
-    started = (
-        time.time()
-    )  # the cache is cold: the apps' first for_scope() asks the workers, once for the fleet
-    with _apps(url, started + duration, counts), Live(console=console, auto_refresh=False) as live:
-        while time.time() < started + duration:
+    started = time.time()  # the cache is cold: the apps' first for_scope() asks the workers, once
+    with _apps(url, started + duration, counts) as apps, Live(console=console, auto_refresh=False) as live:
+        while time.time() < started + duration and pool.poll() is None:
             live.update(_view(store, started, emulator, counts), refresh=True)
             time.sleep(1)
-    return _summary(console, emulator, duration, lifetime, counts)
+    seen = set().union(*(counts.seen.get(timeout=10) for app in apps if app.exitcode == 0))
+    crashed = sum(1 for app in apps if app.exitcode != 0) + (pool.poll() is not None)
+    return _summary(console, emulator, duration, counts, len(seen), crashed)
 
 
-def _summary(console: Console, emulator: Emulator, duration: float, lifetime: int, counts: _Counts) -> int:
+def _summary(
+    console: Console, emulator: Emulator, duration: float, counts: _Counts, tokens_used: int, crashed: int
+) -> int:
     requests = emulator.stats()["issued"]
-    period = _refresh_period(lifetime, env.DEFAULT_REFRESH_BEFORE)
-    lifetimes = len(SCOPES) * (1 + math.floor(duration / period))
+    lines = [
+        f"summary after {duration:.0f} s: {APPS} app processes made {counts.calls.value:,} for_scope() calls",
+        f"  misses (an error, or no valid token):  {counts.misses.value}",
+        f"  token requests at the endpoint:        {requests}",
+        f"  token lifetimes the apps used:         {tokens_used} (distinct tokens, {len(SCOPES)} scopes)",
+        f"  per-process caching would have made:   >= {tokens_used * APPS} ({APPS} x {tokens_used})",
+    ]
+    if crashed:
+        lines.append(f"  FAILED: {crashed} process(es) died (app processes or the worker pool)")
     console.print()
-    console.print(
-        f"summary after {duration:.0f} s: {APPS} app processes made {counts.calls.value:,} for_scope() calls"
-    )
-    console.print(f"  misses (no token, or an expired one):  {counts.misses.value}")
-    console.print(f"  token requests at the endpoint:        {requests}")
-    console.print(f"  token lifetimes elapsed ({len(SCOPES)} tokens, one per {period:.1f} s): {lifetimes}")
-    console.print(
-        f"  per-process caching would have made:   {lifetimes * APPS} ({APPS} processes x {lifetimes})"
-    )
-    return 0 if counts.misses.value == 0 else 1
+    for line in lines:
+        console.print(line, markup=False)
+    ok = counts.misses.value == 0 and requests == tokens_used and not crashed
+    return 0 if ok else 1
