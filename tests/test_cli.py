@@ -179,3 +179,42 @@ def test_emulator_command_writes_keys_serves_and_stops(tmp_path: Path) -> None:
 def test_emulator_bad_option_is_one_line(tmp_path: Path) -> None:
     out = run("emulator", "--port", str(free_port()), "--failure-rate", "2", env=dict(os.environ))
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "failure_rate" in out.stderr
+
+
+def test_status_sees_a_sigkilled_pool(store: TokenStore, workers: Workers) -> None:
+    from tokencache.health import POOL_TTL
+
+    from .conftest import descendants
+
+    pool = workers.start(2)
+    assert run("status", env=workers.env()).returncode == 0
+    for pid in [pool.pid, *descendants(pool.pid)]:
+        os.kill(pid, signal.SIGKILL)
+    pool.wait(5)
+
+    def reported() -> dict[str, object] | None:
+        out = run("status", "--json", env=workers.env())
+        report = json.loads(out.stdout)
+        return report if out.returncode == 1 and report["dead_pools"] else None
+
+    report = wait_for(reported, POOL_TTL + 10, interval=0.5, what="the dead pool reported")
+    assert report["workers"] == 0 and report["rq_registrations"] == 2  # RQ still lists the dead workers
+
+
+def test_piped_ls_prints_full_values_and_survives_markup(store: TokenStore, workers: Workers) -> None:
+    scope = (
+        "https://www.googleapis.com/auth/cloud-platform https://www.googleapis.com/auth/devstorage.read_only"
+    )
+    token = Token(token="ya29.a0-piped-secret-f3k", scope=scope, expires=int(time.time()) + 600)
+    store.store(token, sub="someone.with.a.long.name@example.com")
+    store.redis.hset(
+        store.keys.token(store.key_for(token, sub="someone.with.a.long.name@example.com")),
+        mapping={"failures": "1", "last_error": "boom [/oops] [bold]x"},
+    )
+    out = run("ls", env=workers.env())
+    assert out.returncode == 0, out.stderr
+    header, row = out.stdout.splitlines()
+    cells = row.split("\t")
+    assert header.split("\t")[0] == "ACCOUNT" and cells[1] == store.key_for(token).scope
+    assert cells[2] == "someone.with.a.long.name@example.com" and "[/oops]" in cells[5]
+    assert "piped-secret" not in out.stdout and cells[6] == "ya29.a0…f3k"

@@ -137,15 +137,15 @@ class TokenStore(StoreCore):
 
     async def find(self, info: object, sub: str | None = None) -> Token | None:
         """The cached token for ``info``/``sub``, or None; never an expired one."""
-        return await self.find_key(parse_info(info, sub))
+        token = await self.find_key(parse_info(info, sub))
+        metrics.record_read(token is not None)
+        return token
 
     async def find_key(self, key: TokenKey) -> Token | None:
         redis_key = self.keys.token(key)
         with redis_errors(self.redis):
             raw = cast(Raw, await self.redis.hgetall(redis_key))
-        token = self.usable_token(redis_key, raw)
-        metrics.record_read(token is not None)
-        return token
+        return self.usable_token(redis_key, raw)
 
     async def tokens(self) -> list[Token]:
         """Every cached token that may still be handed out."""
@@ -175,6 +175,7 @@ class TokenStore(StoreCore):
         key = parse_info(info, sub)
         timeout = check_timeout(timeout)
         token = await self.find_key(key)
+        metrics.record_read(token is not None)
         if token is not None:
             return token
         task = self._flights.get(key)

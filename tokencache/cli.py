@@ -22,6 +22,7 @@ from typing import Any
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import env
 from .connection import describe
@@ -44,11 +45,16 @@ def _console() -> Console:
     return Console(highlight=False, soft_wrap=True)
 
 
-def _table(columns: Sequence[str], rows: Sequence[Sequence[str]], console: Console) -> Table:
-    table = Table(*columns, box=box.SIMPLE if console.is_terminal else None, pad_edge=False)
+def _print_table(columns: Sequence[str], rows: Sequence[Sequence[str]], console: Console) -> None:
+    """A rich table on a terminal; tab-separated full values otherwise (for grep, cut and awk)."""
+    if not console.is_terminal:
+        for line in (columns, *rows):
+            print("\t".join(line))
+        return
+    table = Table(*columns, box=box.SIMPLE, pad_edge=False)
     for row in rows:
-        table.add_row(*row)
-    return table
+        table.add_row(*(Text(cell) for cell in row))  # Text: a '[' in a scope or an error is not markup
+    console.print(table)
 
 
 def _seconds(value: float) -> str:
@@ -110,8 +116,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
         )
         for r in rows
     ]
-    console.print(_table(columns, cells, console))
-    console.print(f"{len(rows)} token(s)")
+    _print_table(columns, cells, console)
+    if console.is_terminal:
+        console.print(f"{len(rows)} token(s)")
     return 0
 
 
@@ -119,7 +126,8 @@ def _status_rows(h: Health) -> list[tuple[str, str]]:
     return [
         ("redis", f"{h.redis_url} (Redis {h.redis_version}, {h.redis_memory} used)"),
         ("namespace / queue", f"{h.namespace} / {h.queue}"),
-        ("workers", f"{h.workers} alive, {h.busy_workers} busy"),
+        ("worker pools", f"{h.pools} alive" + (f", {len(h.dead_pools)} stopped" if h.dead_pools else "")),
+        ("workers", f"{h.workers} alive ({h.rq_registrations} RQ registrations)"),
         ("scheduler", "running" if h.scheduler else "NOT RUNNING"),
         ("tokens cached", str(h.tokens)),
         ("refreshes scheduled / queued", f"{h.scheduled} / {h.queued}"),
@@ -137,11 +145,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(health.as_dict(), indent=2))
     else:
         console = _console()
-        console.print(_table(("CHECK", "STATE"), _status_rows(health), console))
+        _print_table(("CHECK", "STATE"), _status_rows(health), console)
         for problem in health.problems:
-            console.print(f"[bold red]attention:[/] {problem}")
+            console.print(Text.assemble(("attention: ", "bold red"), problem))
         if not health.problems:
-            console.print("[green]ok[/]")
+            console.print(Text("ok", "green"))
     return EXIT_ERROR if health.problems else 0
 
 
@@ -149,6 +157,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """Run the refresh worker pool in the foreground."""
     from .worker import run_pool
 
+    logging.getLogger("tokencache").setLevel(args.log_level)
     run_pool(
         _store(args),
         args.workers,
@@ -257,3 +266,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except OSError as e:  # a port in use, a folder that cannot be written
+        print(f"tokencache: error: {e}", file=sys.stderr)
+        return EXIT_ERROR

@@ -1,25 +1,34 @@
 """What ``tokencache status`` reports: is the refresh machinery of one namespace healthy?
 
-Built from Redis alone (RQ's worker registrations, the scheduler lock, the
-refresh registries, our index), so any host with Redis access can ask, and the
-same numbers feed the workers' Prometheus gauges.
+Built from Redis alone, so any host with Redis access can ask: the worker
+pools' heartbeats (``{ns}:pools``, written every second by ``tokencache
+worker``), RQ's worker registrations (for fleets running plain ``rq worker``),
+the scheduler, the refresh registries and our index.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from rq import Worker
+from rq.job import Job
 from rq.registry import FailedJobRegistry
-from rq.scheduler import RQScheduler
+from rq.serializers import JSONSerializer
 
 from .connection import redis_errors
+from .keys import TokenKey
 from .repair import overdue
 from .tokenstore import TokenStore
 
-__all__ = ["Health", "check"]
+__all__ = ["POOL_TTL", "Health", "check"]
+
+POOL_TTL = 5.0
+"""A pool whose heartbeat is older than this is dead (it beats every second)."""
+FORGET_POOL = 3600.0
+"""A dead pool's entry is dropped after this long, so ``status`` stops reporting it."""
 
 
 @dataclass(frozen=True)
@@ -31,8 +40,10 @@ class Health:
     redis_memory: str
     namespace: str
     queue: str
+    pools: int
+    dead_pools: list[str]
     workers: int
-    busy_workers: int
+    rq_registrations: int
     scheduler: bool
     tokens: int
     scheduled: int
@@ -47,7 +58,7 @@ class Health:
 
 
 def _problems(h: Health) -> list[str]:
-    found = []
+    found = [f"worker pool {name} stopped (no heartbeat for {POOL_TTL:g} s)" for name in h.dead_pools]
     if h.workers == 0:
         found.append(f"no worker is serving queue {h.queue!r}: start 'tokencache worker'")
     elif not h.scheduler:
@@ -55,22 +66,52 @@ def _problems(h: Health) -> list[str]:
     if h.overdue:
         found.append(f"{len(h.overdue)} refresh(es) overdue")
     if h.failed:
-        found.append(f"{h.failed} refresh job(s) gave up (RQ failed registry)")
+        found.append(f"{h.failed} cached or wanted token(s) whose refresh gave up (see RQ's failed registry)")
     if h.failing:
         found.append(f"{len(h.failing)} token(s) failing to refresh")
     return found
 
 
+def _pools(store: TokenStore, now: float) -> tuple[dict[str, int], list[str]]:
+    """Live pools (name -> live workers) and the names of pools that stopped beating."""
+    live: dict[str, int] = {}
+    dead: list[str] = []
+    raw = cast(dict[bytes, bytes], store.redis.hgetall(store.keys.pools))
+    for name, value in raw.items():
+        beat = json.loads(value)
+        age = now - float(beat["at"])
+        if age <= POOL_TTL:
+            live[name.decode()] = int(beat["workers"])
+        elif age > FORGET_POOL:
+            store.redis.hdel(store.keys.pools, name)
+        else:
+            dead.append(f"{name.decode()} on {beat.get('host', '?')}")
+    return live, dead
+
+
+def _failed_that_matter(store: TokenStore) -> int:
+    """Failed refresh jobs of tokens still cached or wanted (an old typo's job does not count)."""
+    registry = FailedJobRegistry(queue=store.refresh_queue.queue)
+    jobs = Job.fetch_many(registry.get_job_ids(0, 999), store.redis, serializer=JSONSerializer)
+    keys = [TokenKey(j.kwargs["account"], j.kwargs["scope"], j.kwargs["sub"]) for j in jobs if j and j.kwargs]
+    with store.redis.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.zscore(store.keys.index, store.keys.token(key))
+            pipe.exists(store.keys.want(key))
+        replies = pipe.execute()
+    return sum(1 for i in range(len(keys)) if replies[2 * i] is not None or replies[2 * i + 1])
+
+
 def check(store: TokenStore, redis_url: str) -> Health:
     """Look at Redis, the workers, the scheduler and the refresh registries of ``store``'s namespace."""
     rq = store.refresh_queue
+    now = time.time()
     with redis_errors(store.redis):
         info = store.redis.info()
-        workers = Worker.all(queue=rq.queue)
+        live, dead = _pools(store, now)
+        registrations = len(Worker.all(queue=rq.queue))
         failing = [
-            r.key.encode()
-            for r in store.records()
-            if r.bookkeeping.failures and r.token.expires > time.time()
+            r.key.encode() for r in store.records() if r.bookkeeping.failures and r.token.expires > now
         ]
         health = Health(
             redis_url=redis_url,
@@ -78,14 +119,18 @@ def check(store: TokenStore, redis_url: str) -> Health:
             redis_memory=str(info.get("used_memory_human", "?")),
             namespace=store.keys.namespace,
             queue=rq.name,
-            workers=len(workers),
-            busy_workers=sum(1 for w in workers if w.get_state() == "busy"),
-            scheduler=bool(store.redis.exists(RQScheduler.get_locking_key(rq.name))),
+            pools=len(live),
+            dead_pools=dead,
+            # Pools' heartbeats are the truth; RQ's registrations outlive a SIGKILLed worker by minutes,
+            # so they count only where no tokencache pool ever ran (plain 'rq worker').
+            workers=sum(live.values()) if live or dead else registrations,
+            rq_registrations=registrations,
+            scheduler=rq.queue.scheduler_pid is not None,
             tokens=int(store.redis.zcard(store.keys.index)),
             scheduled=rq.scheduled.count,
             queued=rq.queue.count,
             overdue=[key.encode() for key in overdue(store)],
-            failed=FailedJobRegistry(queue=rq.queue).count,
+            failed=_failed_that_matter(store),
             failing=failing,
         )
     return Health(**{**health.as_dict(), "problems": _problems(health)})

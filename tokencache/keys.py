@@ -12,6 +12,7 @@ Schema (``{ns}`` is the namespace, ``tokencache`` by default)::
     {ns}:fetched:{account}:{scope}:{sub} pubsub "a fetch of this token ended" (JSON ok/error, no token)
     {ns}:error:{account}:{scope}:{sub}   string the last fetch's error, for waiters that subscribed late (PX)
     {ns}:repair                          string lock that lets one worker of the fleet run a repair pass
+    {ns}:pools                           hash   pool heartbeats: pool name -> JSON {workers, at, host, pid}
     rq:job:tc-{digest}                   hash   (RQ) the token's one refresh job; digest = blake2b of
                                                 the token's hash key, so the id is deterministic
 
@@ -126,6 +127,10 @@ class Keys:
     @property
     def index(self) -> str:
         return f"{self.namespace}:index"
+
+    @property
+    def pools(self) -> str:
+        return f"{self.namespace}:pools"
 
     @property
     def repair(self) -> str:

@@ -7,7 +7,11 @@ Worker side (``tokencache worker --metrics-port 9108`` serves them):
 - ``tokencache_refresh_lateness_seconds`` (histogram): when a refresh ran minus when it was due;
 - ``tokencache_endpoint_latency_seconds{result}`` (histogram): token requests to Google, ok/error;
 - ``tokencache_refreshes_scheduled`` (gauge, read at scrape): refresh jobs in RQ's schedule;
-- ``tokencache_refreshes_overdue`` (gauge, read at scrape): refreshes repair would re-enqueue now.
+- ``tokencache_refreshes_overdue`` (gauge, read at scrape): refreshes repair would re-enqueue now;
+- ``tokencache_redis_up`` (gauge): whether that scrape could read Redis.
+
+The gauges describe the whole fleet, and every pool exports them: aggregate them with ``max``,
+not ``sum``. A respawned worker adds its own counter files (their counts are kept).
 
 App side (any process; expose them with your own Prometheus endpoint, or
 :func:`start_http_server`):
@@ -23,11 +27,14 @@ before anything is counted; the worker pool does that for its workers.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -122,13 +129,19 @@ def observe_fetch_wait(seconds: float, ok: bool) -> None:
 def enable_multiprocess() -> str:
     """Switch this process (and the workers it forks later) to prometheus_client's multiprocess mode.
 
-    Returns the folder the processes share; a fresh temporary one unless
-    ``PROMETHEUS_MULTIPROC_DIR`` already names one.
+    Returns the folder the processes share: ``PROMETHEUS_MULTIPROC_DIR`` (emptied of an earlier run's
+    files, whose counts would otherwise be summed in) or a fresh temporary one, removed at exit.
     """
     from prometheus_client import values
 
-    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="tokencache-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if folder:
+        for stale in Path(folder).glob("*.db"):
+            stale.unlink(missing_ok=True)
+    else:
+        folder = tempfile.mkdtemp(prefix="tokencache-metrics-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
     values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
     return folder
 
@@ -142,13 +155,21 @@ class _QueueCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
+        from .errors import TokenCacheError
         from .repair import overdue
 
+        up = GaugeMetricFamily("tokencache_redis_up", "Whether the last scrape could read Redis")
+        try:
+            counts = (self.store.refresh_queue.scheduled.count, len(overdue(self.store)))
+        except (TokenCacheError, OSError, ConnectionError):
+            up.add_metric([], 0)  # the workers' own counters are still served
+            return iter([up])
+        up.add_metric([], 1)
         scheduled = GaugeMetricFamily("tokencache_refreshes_scheduled", "Refresh jobs in RQ's schedule")
-        scheduled.add_metric([], self.store.refresh_queue.scheduled.count)
+        scheduled.add_metric([], counts[0])
         late = GaugeMetricFamily("tokencache_refreshes_overdue", "Refreshes repair would re-enqueue now")
-        late.add_metric([], len(overdue(self.store)))
-        return iter([scheduled, late])
+        late.add_metric([], counts[1])
+        return iter([up, scheduled, late])
 
 
 def serve_worker_metrics(store: TokenStore, port: int, host: str = "0.0.0.0") -> None:

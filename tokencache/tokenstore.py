@@ -269,22 +269,23 @@ class TokenStore(StoreCore):
 
     def find(self, info: object, sub: str | None = None) -> Token | None:
         """The cached token for ``info``/``sub``, or None; never an expired one."""
-        return self.find_key(parse_info(info, sub))
+        token = self.find_key(parse_info(info, sub))
+        metrics.record_read(token is not None)
+        return token
 
     def find_key(self, key: TokenKey) -> Token | None:
         """:meth:`find` by a parsed key."""
         redis_key = self.keys.token(key)
         with redis_errors(self.redis):
             raw = cast(Raw, self.redis.hgetall(redis_key))
-        token = self.usable_token(redis_key, raw)
-        metrics.record_read(token is not None)
-        return token
+        return self.usable_token(redis_key, raw)
 
     def for_scope(self, info: object, sub: str | None = None, timeout: float = 30.0) -> Token:
         """The cached token, or one fetched once for the whole fleet (see :mod:`tokencache.fleet`)."""
         key = parse_info(info, sub)
         timeout = check_timeout(timeout)
         token = self.find_key(key)
+        metrics.record_read(token is not None)
         if token is not None:
             return token
         started = time.monotonic()

@@ -15,8 +15,12 @@ and its refresh re-enqueued by repair once its lock expires.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
 import signal
+import socket
 import time
 from typing import Any
 
@@ -61,6 +65,7 @@ class RefreshPool(WorkerPool):
     def check_workers(self, respawn: bool = True) -> None:
         super().check_workers(respawn=respawn)
         try:
+            self._heartbeat()
             repair_if_leader(self.store, REPAIR_INTERVAL)
         except TokenCacheError as e:
             log.warning("repair pass skipped: %s", e)
@@ -68,9 +73,17 @@ class RefreshPool(WorkerPool):
             # Supervision (respawning workers, the next repair) must outlive any one bad pass.
             log.exception("repair pass failed")
 
+    def _heartbeat(self) -> None:
+        """Tell ``tokencache status`` this pool is alive, and with how many live workers."""
+        beat = {"workers": self.number_of_active_workers, "at": time.time(), "host": socket.gethostname(),
+                "pid": os.getpid()}  # fmt: skip
+        self.store.redis.hset(self.store.keys.pools, self.name, json.dumps(beat))
+
     def request_stop(self, signum: int | None = None, frame: object = None) -> None:
         if self._stop_requested_at is None:
             self._stop_requested_at = time.monotonic()
+            with contextlib.suppress(Exception):  # best effort: status ages the entry out anyway
+                self.store.redis.hdel(self.store.keys.pools, self.name)
         super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
 
     def all_workers_have_stopped(self) -> bool:
