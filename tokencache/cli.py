@@ -235,7 +235,7 @@ def _add_process_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("demo", parents=[common], help="run the whole system on an embedded Redis")
     p.add_argument("--duration", type=float, default=30.0)
-    p.add_argument("--lifetime", type=int, default=15)
+    p.add_argument("--lifetime", type=int, default=16)
     p.set_defaults(func=cmd_demo)
 
 
