@@ -48,6 +48,8 @@ SCOPES = (
     "https://www.googleapis.com/auth/devstorage.read_only",
 )
 APPS = 4
+APPS_GRACE = 1.0
+"""Seconds the apps keep reading after the workers stop, so every token fetched is seen by an app."""
 
 
 @dataclass
@@ -120,13 +122,20 @@ def _workers(url: str, key_file: Path, store: TokenStore) -> Iterator[subprocess
         _wait_for_workers(store, proc)
         yield proc
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop the worker pool (SIGTERM, SIGKILL after 20 s); a no-op once it has ended."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _wait_for_workers(store: TokenStore, proc: subprocess.Popen[bytes]) -> None:
@@ -224,12 +233,16 @@ def _watch(
 ) -> int:
     counts = _Counts.new()
     started = time.time()  # the cache is cold: the apps' first for_scope() asks the workers, once
-    with _apps(url, started + duration, counts) as apps, Live(console=console, auto_refresh=False) as live:
-        while time.time() < started + duration and pool.poll() is None:
-            live.update(_view(store, started, emulator, counts), refresh=True)
-            time.sleep(1)
+    # The apps outlast the pool by a moment, so they see every token the workers fetched.
+    with _apps(url, started + duration + APPS_GRACE, counts) as apps:
+        with Live(console=console, auto_refresh=False) as live:
+            while time.time() < started + duration and pool.poll() is None:
+                live.update(_view(store, started, emulator, counts), refresh=True)
+                time.sleep(1)
+        pool_died = pool.poll() is not None
+        _stop(pool)
     seen = set().union(*(counts.seen.get(timeout=10) for app in apps if app.exitcode == 0))
-    crashed = sum(1 for app in apps if app.exitcode != 0) + (pool.poll() is not None)
+    crashed = sum(1 for app in apps if app.exitcode != 0) + pool_died
     return _summary(console, emulator, duration, counts, len(seen), crashed)
 
 
