@@ -107,8 +107,8 @@ class EmbeddedRedis:
         log = self.dir / "redis.log"
         return log.read_text()[-500:] if log.exists() else "(no log)"
 
-    def stop(self, *, cleanup: bool = True) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after 5 s) and, with ``cleanup``, remove its folder."""
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after 5 s) and remove its folder."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -117,14 +117,9 @@ class EmbeddedRedis:
                 self.process.kill()
                 self.process.wait(5)
         self.process = None
-        if cleanup and self._tmp is not None:
+        if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-
-    def restart(self) -> None:
-        """Stop and start again on the same port and folder (appendonly keeps the data)."""
-        self.stop(cleanup=False)
-        self.start()
 
     def __enter__(self) -> EmbeddedRedis:
         return self.start()

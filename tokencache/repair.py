@@ -70,18 +70,21 @@ def _fetch_one(store: TokenStore, job_id: str) -> Job | None:
         return None
 
 
-def _parse_members(store: TokenStore, members: list[tuple[bytes, float]]) -> list[tuple[TokenKey, float]]:
-    parsed = []
+def _parse_members(
+    store: TokenStore, members: list[tuple[bytes, float]]
+) -> tuple[list[tuple[TokenKey, float]], list[bytes]]:
+    """The index members that are token keys, and those that are not (junk for repair to drop)."""
+    parsed, junk = [], []
     for member, expires in members:
         try:
             parsed.append((store.keys.parse_token(member.decode()), expires))
         except (UnicodeDecodeError, ValueError):
-            log.warning("dropping %r from %s: not a token key", member, store.keys.index)
-            store.redis.zrem(store.keys.index, member)
-    return parsed
+            junk.append(member)
+    return parsed, junk
 
 
-def _due_entries(store: TokenStore, now: float) -> list[_Entry]:
+def _due_entries(store: TokenStore, now: float) -> tuple[list[_Entry], list[bytes]]:
+    """The due index entries with what repair needs to judge them, and the junk members found."""
     horizon = now + store.refresh_before - GRACE
     scheduled_key = store.refresh_queue.scheduled.key
     with redis_errors(store.redis):
@@ -89,7 +92,7 @@ def _due_entries(store: TokenStore, now: float) -> list[_Entry]:
             list[tuple[bytes, float]],
             store.redis.zrangebyscore(store.keys.index, "-inf", horizon, 0, BATCH, withscores=True),
         )
-        entries = _parse_members(store, members)
+        entries, junk = _parse_members(store, members)
         with store.redis.pipeline(transaction=False) as pipe:
             for key, _ in entries:
                 pipe.hmget(store.keys.token(key), "refresh_at", "gave_up_at")
@@ -99,7 +102,7 @@ def _due_entries(store: TokenStore, now: float) -> list[_Entry]:
             flags = pipe.execute()
         jobs = _fetch_jobs(store, [store.keys.job_id(key) for key, _ in entries])
     per = 4  # replies per entry in the pipeline above
-    return [
+    due = [
         _Entry(
             key,
             expires,
@@ -112,6 +115,7 @@ def _due_entries(store: TokenStore, now: float) -> list[_Entry]:
         )
         for i, (key, expires) in enumerate(entries)
     ]
+    return due, junk
 
 
 def _number(raw: bytes | None) -> float | None:
@@ -174,14 +178,20 @@ def _enqueue(store: TokenStore, entry: _Entry) -> None:
 def overdue(store: TokenStore) -> list[TokenKey]:
     """The tokens a repair pass would re-enqueue right now (for ``tokencache status``), changing nothing."""
     now = store.clock()
-    return [entry.key for entry in _due_entries(store, now) if _verdict(entry, now) == "enqueue"]
+    due, _ = _due_entries(store, now)
+    return [entry.key for entry in due if _verdict(entry, now) == "enqueue"]
 
 
 def repair(store: TokenStore) -> Counter[str]:
     """One repair pass over the overdue tokens of ``store``; counts what it did."""
     now = store.clock()
     done: Counter[str] = Counter()
-    for entry in _due_entries(store, now):
+    due, junk = _due_entries(store, now)
+    for member in junk:
+        log.warning("dropping %r from %s: not a token key", member, store.keys.index)
+        with redis_errors(store.redis):
+            store.redis.zrem(store.keys.index, member)
+    for entry in due:
         verdict = _verdict(entry, now)
         done[verdict] += 1
         if verdict == "enqueue":
