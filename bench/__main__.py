@@ -1,0 +1,120 @@
+"""Run every benchmark on a private redis-server and emulator; print, and save JSON and a chart.
+
+    .venv/bin/python -m bench [--quick] [--only NAME ...] [--out bench/results]
+
+Each benchmark measures its baseline in the same run (alternating rounds) and
+reports medians; the table shows value, baseline, ratio and target. Not part
+of the test suite: numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+from .common import Result, bench_env
+
+BENCHMARKS = ("find", "store", "memory", "burst", "fleet")
+"""Module names under bench/, in the order they run."""
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3g}"
+
+
+def print_table(results: list[Result]) -> None:
+    header = ("benchmark", "metric", "value", "unit", "baseline", "ratio", "target", "met")
+    rows = [
+        (
+            r.benchmark,
+            r.metric,
+            _fmt(r.value),
+            r.unit,
+            f"{r.baseline} {_fmt(r.baseline_value)}" if r.baseline else "-",
+            _fmt(r.ratio),
+            r.target or "-",
+            {True: "yes", False: "NO", None: "-"}[r.met],
+        )
+        for r in results
+    ]
+    widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
+    for row in (header, tuple("-" * w for w in widths), *rows):
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)))
+
+
+def write_chart(results: list[Result], path: Path) -> None:
+    """One bar per result that has a baseline: the ratio to it, with the target marked where numeric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results if r.ratio is not None]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.5))
+    labels = [f"{r.benchmark}: {r.metric}" for r in rows]
+    colors = ["tab:green" if r.met else ("tab:red" if r.met is False else "tab:gray") for r in rows]
+    ax.barh(labels, [r.ratio or 0 for r in rows], color=colors)
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    for i, r in enumerate(rows):
+        ax.text(r.ratio or 0, i, f" {_fmt(r.ratio)}x vs {r.baseline}", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("ratio to the baseline measured in the same run (log scale)")
+    ax.set_title("tokencache benchmarks (green: target met)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short runs (each benchmark under a minute)")
+    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these benchmarks")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for JSON and PNG")
+    args = parser.parse_args(argv)
+    results: list[Result] = []
+    timings: dict[str, float] = {}
+    with bench_env() as env:
+        for name in args.only or BENCHMARKS:
+            module = importlib.import_module(f"bench.{name}")
+            print(f"== {name} ...", file=sys.stderr, flush=True)
+            started = time.monotonic()
+            env.flush()
+            results.extend(module.run(env, args.quick))
+            timings[name] = round(time.monotonic() - started, 1)
+            print(f"== {name} done in {timings[name]} s", file=sys.stderr, flush=True)
+    print_table(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "quick": args.quick,
+        "python": platform.python_version(),
+        "redis_py": redis.__version__,
+        "machine": platform.machine(),
+        "seconds": timings,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (args.out / "results.json").write_text(
+        json.dumps({"meta": meta, "results": [r.as_dict() for r in results]}, indent=2) + "\n"
+    )
+    write_chart(results, args.out / "results.png")
+    print(f"wrote {args.out / 'results.json'} and {args.out / 'results.png'}", file=sys.stderr)
+    return 0 if all(r.met is not False for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
