@@ -20,7 +20,7 @@ from redis.asyncio import Redis as AsyncRedis
 from . import env
 from .errors import ConfigurationError, RedisUnavailableError
 
-__all__ = ["connect", "describe", "mask_url", "redis_errors"]
+__all__ = ["connect", "describe", "mask_url", "redis_errors", "unavailable"]
 
 C = TypeVar("C", Redis, AsyncRedis)
 
@@ -74,15 +74,20 @@ def describe(client: Redis | AsyncRedis) -> str:
     return f"{scheme}://{auth}{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
 
 
+def unavailable(client: Redis | AsyncRedis, error: redis.RedisError) -> RedisUnavailableError:
+    """Our error for a redis-py error raised by ``client`` (for hot paths that skip :func:`redis_errors`)."""
+    if isinstance(error, redis.ConnectionError | redis.TimeoutError):
+        return RedisUnavailableError(
+            f"cannot reach Redis at {describe(client)}: {str(error).rstrip('.')}. "
+            f"Is redis-server running, and is {env.REDIS_URL} right?"
+        )
+    return RedisUnavailableError(f"Redis at {describe(client)} refused a command: {error}")
+
+
 @contextmanager
 def redis_errors(client: Redis | AsyncRedis) -> Iterator[None]:
     """Translate redis-py errors raised inside the block into RedisUnavailableError."""
     try:
         yield
-    except (redis.ConnectionError, redis.TimeoutError) as e:
-        raise RedisUnavailableError(
-            f"cannot reach Redis at {describe(client)}: {str(e).rstrip('.')}. "
-            f"Is redis-server running, and is {env.REDIS_URL} right?"
-        ) from e
     except redis.RedisError as e:
-        raise RedisUnavailableError(f"Redis at {describe(client)} refused a command: {e}") from e
+        raise unavailable(client, e) from e

@@ -137,11 +137,12 @@ class Keys:
         return f"{self.namespace}:repair"
 
     @property
-    def _token_prefix(self) -> str:
+    def token_prefix(self) -> str:
+        """What every token hash key starts with (the near cache tracks this prefix)."""
         return f"{self.namespace}:token:"
 
     def token(self, key: TokenKey) -> str:
-        return self._token_prefix + key.encode()
+        return self.token_prefix + key.encode()
 
     def lock(self, key: TokenKey) -> str:
         return f"{self.namespace}:lock:{key.encode()}"
@@ -157,9 +158,9 @@ class Keys:
 
     def parse_token(self, redis_key: str) -> TokenKey:
         """The TokenKey of a token hash's Redis key (from the index)."""
-        if not redis_key.startswith(self._token_prefix):
+        if not redis_key.startswith(self.token_prefix):
             raise ValueError(f"{redis_key!r} is not a token key of namespace {self.namespace!r}")
-        return TokenKey.decode(redis_key[len(self._token_prefix) :])
+        return TokenKey.decode(redis_key[len(self.token_prefix) :])
 
     def job_id(self, key: TokenKey) -> str:
         """The refresh job's RQ id: deterministic, and only ``[A-Za-z0-9_-]`` as RQ requires."""

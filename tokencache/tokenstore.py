@@ -13,19 +13,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
+import redis as redis_py
 from redis import Redis
 from rq.job import Job
 
 from . import env, metrics
-from .connection import connect, redis_errors
+from .connection import connect, redis_errors, unavailable
 from .errors import TokenCacheError
 from .fleet import FleetFetch, Flights, check_timeout
 from .keys import Keys, TokenKey, parse_info
+from .nearcache import NearCache
 from .notify import error_message, ok_message
+from .reads import KeyMemo, TokenMemo
 from .record import Bookkeeping, MalformedRecord, from_fields, to_fields
 from .scheduling import RefreshQueue, utc
 from .sources import Sources, default_sources
-from .token import Freshness, Token
+from .token import EXPIRY_SKEW, Freshness, Token
 
 __all__ = ["TokenRecord", "TokenStore"]
 
@@ -82,6 +85,8 @@ class StoreCore:
         self.refresh_queue = RefreshQueue(rq_connection, queue or env.queue_name(), self.keys)
         self.clock = clock
         self._sources = sources
+        self._key_memo = KeyMemo(self.keys)
+        self._token_memo = TokenMemo()
 
     @property
     def sources(self) -> Sources:
@@ -170,14 +175,15 @@ class StoreCore:
         self.refresh_queue.cancel(pipe, key)
 
     def usable_token(self, redis_key: str, raw: dict[bytes, bytes]) -> Token | None:
+        """The token in an HGETALL reply if it may be handed out (Freshness.INVALID inlined: hot path)."""
         if not raw:
             return None
         try:
-            token = from_fields(raw)
+            token = self._token_memo.parse(redis_key, raw)
         except MalformedRecord as e:
             log.warning("ignoring malformed token hash %s: %s", redis_key, e)
             return None
-        if token.freshness(self.refresh_before, self.clock()) is Freshness.INVALID:
+        if token.expires - self.clock() <= EXPIRY_SKEW:
             return None
         return token
 
@@ -203,9 +209,12 @@ class TokenStore(StoreCore):
         queue: str | None = None,
         clock: Clock = time.time,
         sources: Sources | None = None,
+        near_cache: bool = False,
     ) -> None:
         if not isinstance(redis, Redis):
             raise TypeError(f"redis must be a redis.Redis client, not {type(redis).__name__}")
+        if not isinstance(near_cache, bool):
+            raise TypeError(f"near_cache must be True or False, not {type(near_cache).__name__}")
         super().__init__(
             redis,
             namespace=namespace,
@@ -216,6 +225,7 @@ class TokenStore(StoreCore):
         )
         self.redis = redis
         self._flights = Flights()
+        self.near_cache = NearCache(redis, self.keys.token_prefix) if near_cache else None
 
     @classmethod
     def from_url(
@@ -226,14 +236,24 @@ class TokenStore(StoreCore):
         refresh_before: int | None = None,
         queue: str | None = None,
         sources: Sources | None = None,
+        near_cache: bool = False,
         **redis_options: Any,
     ) -> TokenStore:
         """A store on the Redis at ``url`` (``None`` reads ``TOKENCACHE_REDIS_URL``)."""
         redis = connect(url, **redis_options)
-        return cls(redis, namespace=namespace, refresh_before=refresh_before, queue=queue, sources=sources)
+        return cls(
+            redis,
+            namespace=namespace,
+            refresh_before=refresh_before,
+            queue=queue,
+            sources=sources,
+            near_cache=near_cache,
+        )
 
     def close(self) -> None:
-        """Close the Redis connections (the store is not usable afterwards)."""
+        """Close the Redis connections and stop the near cache (the store is not usable afterwards)."""
+        if self.near_cache is not None:
+            self.near_cache.close()
         self.redis.close()
 
     def __enter__(self) -> TokenStore:
@@ -256,35 +276,61 @@ class TokenStore(StoreCore):
         with redis_errors(self.redis), self.redis.pipeline(transaction=True) as pipe:
             job = self.write_commands(pipe, key, token, fetched=fetched)
             pipe.execute()
+        self._forget(key)
         return job
 
     def delete(self, info: object, sub: str | None = None) -> bool:
         """Forget a token and cancel its refresh; True if it was cached."""
         with redis_errors(self.redis), self.redis.pipeline(transaction=True) as pipe:
-            self.delete_commands(pipe, parse_info(info, sub))
+            key = parse_info(info, sub)
+            self.delete_commands(pipe, key)
             deleted, unindexed, *_ = pipe.execute()
+        self._forget(key)
         return bool(deleted or unindexed)
+
+    def _forget(self, key: TokenKey) -> None:
+        """Drop ``key`` from the near cache at once: this process reads its own writes."""
+        if self.near_cache is not None:
+            self.near_cache.invalidate([self.keys.token(key)])
 
     # -- reading -------------------------------------------------------------
 
     def find(self, info: object, sub: str | None = None) -> Token | None:
         """The cached token for ``info``/``sub``, or None; never an expired one."""
-        token = self.find_key(parse_info(info, sub))
+        _, redis_key = self._key_memo.get(info, sub)
+        token = self._near_read(redis_key)
         metrics.record_read(token is not None)
         return token
 
     def find_key(self, key: TokenKey) -> Token | None:
-        """:meth:`find` by a parsed key."""
-        redis_key = self.keys.token(key)
-        with redis_errors(self.redis):
+        """:meth:`find` by a parsed key, always from Redis (the near cache may lag by a push)."""
+        return self._read(self.keys.token(key))
+
+    def _read(self, redis_key: str) -> Token | None:
+        try:
             raw = cast(Raw, self.redis.hgetall(redis_key))
+        except redis_py.RedisError as e:  # no context manager: this is the hot path
+            raise unavailable(self.redis, e) from e
         return self.usable_token(redis_key, raw)
+
+    def _near_read(self, redis_key: str) -> Token | None:
+        """From the near cache if it has the token, else from Redis (filling the cache)."""
+        near = self.near_cache
+        if near is None:
+            return self._read(redis_key)
+        token = near.get(redis_key, self.clock())
+        if token is None:
+            epoch = near.epoch()
+            token = self._read(redis_key)
+            if token is not None:
+                near.put(redis_key, token, epoch)
+        return token
 
     def for_scope(self, info: object, sub: str | None = None, timeout: float = 30.0) -> Token:
         """The cached token, or one fetched once for the whole fleet (see :mod:`tokencache.fleet`)."""
-        key = parse_info(info, sub)
+        key, redis_key = self._key_memo.get(info, sub)
         timeout = check_timeout(timeout)
-        token = self.find_key(key)
+        token = self._near_read(redis_key)
         metrics.record_read(token is not None)
         if token is not None:
             return token

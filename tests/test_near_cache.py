@@ -1,0 +1,255 @@
+"""The near cache: served from the process, never past expiry, and invalidated by Redis within 50 ms.
+
+Every test runs against a real redis-server (fakeredis has no CLIENT TRACKING):
+the session's, or one started by the test when it must be restarted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+
+import pytest
+from redis import Redis
+
+from tokencache import RedisUnavailableError, Token, TokenStore
+from tokencache.redisserver import EmbeddedRedis
+
+from .conftest import SCOPE, wait_for
+
+NS = "tc-near"
+SEEN_WITHIN = 0.050
+"""The issue's bound: a write by another process is seen within 50 ms."""
+
+
+def token(tag: str, life: int = 3600) -> Token:
+    return Token(token=f"ya29.near-{tag}", scope=SCOPE, expires=int(time.time()) + life)
+
+
+def hgetall_calls(client: Redis) -> int:
+    stats = client.info("commandstats").get("cmdstat_hgetall", {})
+    return int(stats.get("calls", 0))
+
+
+@pytest.fixture
+def writer(real_redis: Redis) -> TokenStore:
+    """A plain store: the rest of the fleet."""
+    return TokenStore(real_redis, namespace=NS)
+
+
+@pytest.fixture
+def near(redis_url: str, real_redis: Redis) -> Iterator[TokenStore]:
+    store = TokenStore.from_url(redis_url, namespace=NS, near_cache=True)
+    assert store.near_cache is not None and store.near_cache.wait_active(5)
+    yield store
+    store.close()
+
+
+def wait_seen(read: object, expected: object, timeout: float = 5.0) -> float:
+    """Spin on ``read()`` until it returns ``expected``; seconds it took (fails after ``timeout``)."""
+    started = time.perf_counter()
+    while read() != expected:  # type: ignore[operator]
+        if time.perf_counter() - started > timeout:
+            raise AssertionError(f"not seen within {timeout}s")
+    return time.perf_counter() - started
+
+
+def test_a_hit_makes_no_round_trip(near: TokenStore, writer: TokenStore, real_redis: Redis) -> None:
+    writer.store(token("a"))
+    assert near.find(SCOPE) == token("a")  # the first read fills the cache
+    before = hgetall_calls(real_redis)
+    for _ in range(100):
+        assert near.find(SCOPE) == token("a")
+        assert near.for_scope(SCOPE) == token("a")
+    assert hgetall_calls(real_redis) == before
+
+
+def test_never_past_expiry(redis_url: str, writer: TokenStore) -> None:
+    """The token's own expires is checked on every hit, whatever Redis says (a clock we move)."""
+    now = [time.time()]
+    store = TokenStore(Redis.from_url(redis_url), namespace=NS, near_cache=True, clock=lambda: now[0])
+    try:
+        assert store.near_cache is not None and store.near_cache.wait_active(5)
+        stored = token("short", life=60)
+        writer.store(stored)
+        assert store.find(SCOPE) == stored
+        now[0] = stored.expires - 1.01
+        assert store.find(SCOPE) == stored
+        now[0] = stored.expires - 1  # inside the one-second skew: as find() without the cache
+        assert store.find(SCOPE) is None
+        now[0] = stored.expires + 5
+        assert store.find(SCOPE) is None
+    finally:
+        store.close()
+
+
+def test_token_expiring_in_redis_is_not_served(near: TokenStore, writer: TokenStore) -> None:
+    stored = token("brief", life=3)
+    writer.store(stored)
+    assert near.find(SCOPE) == stored
+    wait_for(lambda: near.find(SCOPE) is None, 5, interval=0.01, what="the expiring token to go")
+    assert time.time() >= stored.expires - 1
+
+
+def test_own_writes_are_seen_at_once(near: TokenStore) -> None:
+    near.store(token("1"))
+    assert near.find(SCOPE) == token("1")
+    near.store(token("2"))
+    assert near.find(SCOPE) == token("2")
+    near.delete(SCOPE)
+    assert near.find(SCOPE) is None
+
+
+def test_writes_by_this_process_on_other_connections(near: TokenStore, writer: TokenStore) -> None:
+    writer.store(token("old"))
+    assert near.find(SCOPE) == token("old")
+    writer.store(token("new"))
+    assert wait_seen(lambda: near.find(SCOPE), token("new")) < SEEN_WITHIN
+    writer.delete(SCOPE)
+    assert wait_seen(lambda: near.find(SCOPE), None) < SEEN_WITHIN
+
+
+_WRITER = textwrap.dedent(
+    """
+    import json, sys, time
+    from tokencache import Token, TokenStore
+    url, ns, scope = sys.argv[1:4]
+    store = TokenStore.from_url(url, namespace=ns)
+    for line in sys.stdin:
+        op, tag = line.split()
+        if op == "store":
+            store.store(Token(token="ya29.near-" + tag, scope=scope, expires=int(time.time()) + 3600))
+        else:
+            store.delete(scope)
+        print(json.dumps({"done": time.time()}), flush=True)
+    """
+)
+
+
+def test_writes_by_another_process_are_seen_within_50ms(near: TokenStore, redis_url: str) -> None:
+    lags = []
+    with subprocess.Popen(
+        [sys.executable, "-c", _WRITER, redis_url, NS, SCOPE],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as child:
+        assert child.stdin is not None and child.stdout is not None
+        for i in range(20):
+            op = "delete" if i % 5 == 4 else "store"
+            expected = None if op == "delete" else f"ya29.near-{i}"
+            child.stdin.write(f"{op} {i}\n")
+            child.stdin.flush()
+            done = json.loads(child.stdout.readline())["done"]
+            wait_seen(lambda: getattr(near.find(SCOPE), "token", None), expected)
+            lags.append(time.time() - done)
+        child.stdin.close()
+    # Seen-at minus the writer's own "done" (same clock): how stale a reader could be.
+    assert max(lags) < SEEN_WITHIN, sorted(lags)
+
+
+def test_fill_racing_an_invalidation_is_not_kept(near: TokenStore, writer: TokenStore) -> None:
+    """A read that started before an invalidation must not put its (maybe old) value in the cache."""
+    cache = near.near_cache
+    assert cache is not None
+    writer.store(token("x"))
+    epoch = cache.epoch()
+    cache.invalidate([near.keys.token(near.key_for(token("x")))])  # as if a push arrived meanwhile
+    cache.put(near.keys.token(near.key_for(token("x"))), token("stale"), epoch)
+    assert near.find(SCOPE) == token("x")
+
+
+def test_flushdb_empties_the_cache(near: TokenStore, writer: TokenStore, real_redis: Redis) -> None:
+    writer.store(token("f"))
+    assert near.find(SCOPE) == token("f")
+    real_redis.flushdb()  # server started by this test
+    assert wait_seen(lambda: near.find(SCOPE), None) < SEEN_WITHIN
+
+
+def test_redis_restart_empties_the_cache() -> None:
+    """After a restart (data gone, writes unseen while down) nothing cached before is served."""
+    server = EmbeddedRedis().start()
+    port = server.port
+    store = TokenStore.from_url(server.url, namespace=NS, near_cache=True, socket_timeout=1)
+    try:
+        assert store.near_cache is not None and store.near_cache.wait_active(5)
+        store.store(token("before"))
+        assert store.find(SCOPE) == token("before")
+        server.stop()
+        wait_for(lambda: not store.near_cache.active, 5, interval=0.01, what="tracking to drop")  # type: ignore[union-attr]
+        with pytest.raises(RedisUnavailableError):
+            store.find(SCOPE)
+        server = EmbeddedRedis(port=port).start()
+        assert store.near_cache.wait_active(10)
+        assert store.find(SCOPE) is None
+        Redis(port=port).hset(store.keys.token(store.key_for(token("x"))), "token", "junk")
+        assert store.find(SCOPE) is None  # a malformed hash is not served from the cache either
+    finally:
+        store.close()
+        server.stop()
+
+
+def test_tracking_refused_falls_back_to_redis(
+    redis_url: str, real_redis: Redis, writer: TokenStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A user without the CLIENT command: find() still works, from Redis, and the log says why."""
+    real_redis.acl_setuser(
+        "nocache", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all", "-client"]
+    )
+    try:
+        url = redis_url.replace("redis://", "redis://nocache:pw@")
+        with caplog.at_level(logging.WARNING, logger="tokencache.nearcache"):
+            store = TokenStore.from_url(url, namespace=NS, near_cache=True)
+            try:
+                assert store.near_cache is not None and not store.near_cache.wait_active(0.5)
+                writer.store(token("plain"))
+                assert store.find(SCOPE) == token("plain")
+                writer.store(token("plain2"))
+                assert store.find(SCOPE) == token("plain2")
+            finally:
+                store.close()
+        assert any(
+            "refused CLIENT TRACKING" in r.getMessage() and "no permissions" in r.getMessage()
+            for r in caplog.records
+        )
+    finally:
+        real_redis.acl_deluser("nocache")
+
+
+def test_forked_child_tracks_on_its_own(near: TokenStore, writer: TokenStore) -> None:
+    writer.store(token("p"))
+    assert near.find(SCOPE) == token("p")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its cache starts empty and inactive, then tracks by itself
+        ok = 0
+        try:
+            cache = near.near_cache
+            assert cache is not None and not cache.active
+            assert near.find(SCOPE) == token("p")  # from Redis
+            assert cache.wait_active(5)
+            os.write(write, b"ready\n")
+            assert near.find(SCOPE) == token("p")
+            wait_for(lambda: near.find(SCOPE) == token("q"), 5, interval=0.001, what="the parent's write")
+            ok = 1
+        finally:
+            os._exit(0 if ok else 1)
+    try:
+        assert os.read(read, 6) == b"ready\n"
+        writer.store(token("q"))
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        os.close(read)
+        os.close(write)
+
+
+def test_bad_near_cache_argument(real_redis: Redis) -> None:
+    with pytest.raises(TypeError, match="near_cache"):
+        TokenStore(real_redis, near_cache="yes")  # type: ignore[arg-type]

@@ -1,0 +1,271 @@
+"""The near cache: tokens kept in the process, dropped the moment Redis says their key changed.
+
+Opt in with ``TokenStore(..., near_cache=True)``. A hit is a dict lookup and
+an expiry check, no round trip. What keeps it correct is Redis itself: a
+dedicated RESP3 connection turns on server-assisted client-side caching in
+broadcast mode for the namespace's token keys
+(``CLIENT TRACKING ON BCAST PREFIX {ns}:token:``), and Redis pushes an
+``invalidate`` message on it for every write, delete or expiry of such a key,
+whoever made it. A thread reads those pushes and drops the keys.
+
+Why broadcast mode: tracking in the default mode follows only the keys read
+on the tracking connection itself, so every pooled connection would need it;
+broadcast needs one connection per process and tells it about every token
+key. Tokens change once per lifetime each, so the extra messages are few.
+
+Why it never serves a stale entry for long, or an expired one ever:
+
+* A hit is checked against the token's own ``expires`` every time (the same
+  one-second skew as ``find()``), whatever Redis says.
+* The cache serves nothing until tracking is confirmed, and is emptied
+  whenever the tracking connection fails or is re-established (a Redis
+  restart, a failover, a network cut: writes made meanwhile were not seen).
+  An idle connection is pinged every :data:`PING_EVERY` seconds, so a silent
+  cut is noticed within :data:`PING_EVERY` + :data:`PING_TIMEOUT` seconds.
+* A read and an invalidation can cross: the reply may carry the old value
+  while the push about a newer write is already being handled. Every
+  invalidation bumps an epoch; a read fills the cache only if no
+  invalidation arrived since it started.
+* A forked child (gunicorn's ``--preload``) starts with an empty cache and its
+  own tracking connection: the parent's thread did not survive the fork.
+
+redis-py's own client-side cache (``cache_config=``) needs Redis 7.4; this
+works from Redis 6 on (tested on 7.0), and on any client of the pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from typing import Any
+
+import redis
+from redis._parsers import _RESP3Parser
+
+from .token import EXPIRY_SKEW, Token
+
+__all__ = ["MAX_ENTRIES", "PING_EVERY", "PING_TIMEOUT", "NearCache"]
+
+log = logging.getLogger(__name__)
+
+MAX_ENTRIES = 10_000
+"""Tokens one process keeps before it starts over (far more than a process uses)."""
+PING_EVERY = 1.0
+"""Seconds of silence on the tracking connection after which it is pinged."""
+PING_TIMEOUT = 2.0
+"""Seconds a ping may go unanswered before the connection counts as lost (and the cache is emptied)."""
+RETRY_MAX = 5.0
+"""Longest wait between attempts to re-establish tracking."""
+_POLL = 0.1
+"""How often the reader thread looks up from the socket (to notice close() and ping deadlines)."""
+_INVALIDATE = (b"invalidate", "invalidate")
+
+
+class NearCache:
+    """Tokens by hash key, valid while Redis tracking is up; see the module docstring."""
+
+    def __init__(self, client: redis.Redis, prefix: str, *, max_entries: int = MAX_ENTRIES) -> None:
+        self._client = client
+        self.prefix = prefix
+        self._max_entries = max_entries
+        self._entries: dict[str, Token] = {}
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._epoch = 0
+        self._active = False
+        self._closed = threading.Event()
+        self._reader: _Reader | None = None
+        self._start()
+        _live.add(self)
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._reader is None and not self._closed.is_set():
+                self._reader = _Reader(self)
+                self._reader.start()
+
+    @property
+    def active(self) -> bool:
+        """Whether tracking is confirmed, so that entries may be served."""
+        return self._active
+
+    def get(self, redis_key: str, now: float) -> Token | None:
+        """The cached token if tracking is up and the token has more than the skew left."""
+        if not self._active:
+            if self._reader is None:
+                self._start()
+            return None
+        token = self._entries.get(redis_key)
+        if token is None or token.expires - now <= EXPIRY_SKEW:
+            return None
+        return token
+
+    def epoch(self) -> int | None:
+        """Take before a read that may fill the cache; None while entries may not be kept."""
+        return self._epoch if self._active else None
+
+    def put(self, redis_key: str, token: Token, epoch: int | None) -> None:
+        """Keep ``token``, read since :meth:`epoch` returned ``epoch``, unless something changed meanwhile."""
+        with self._lock:
+            if epoch is None or not self._active or epoch != self._epoch:
+                return
+            if len(self._entries) >= self._max_entries:
+                self._entries.clear()
+            self._entries[redis_key] = token
+
+    def invalidate(self, keys: list[str] | None) -> None:
+        """Drop ``keys`` (all of them for None); also cancels fills that started before this."""
+        with self._lock:
+            self._epoch += 1
+            if keys is None:
+                self._entries.clear()
+            else:
+                for key in keys:
+                    self._entries.pop(key, None)
+
+    def _set_active(self, active: bool) -> None:
+        with self._lock:
+            self._epoch += 1
+            self._entries.clear()
+            self._active = active
+            self._changed.notify_all()
+
+    def wait_active(self, timeout: float) -> bool:
+        """Wait until tracking is confirmed (for tests, and for callers that want hits from the start)."""
+        self._start()
+        with self._changed:
+            return self._changed.wait_for(lambda: self._active or self._closed.is_set(), timeout) and (
+                self._active
+            )
+
+    def close(self) -> None:
+        """Stop the reader thread and forget every entry."""
+        self._closed.set()
+        with self._changed:
+            self._changed.notify_all()
+        reader = self._reader
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(timeout=PING_TIMEOUT + 1)
+        self._set_active(False)
+
+    def _after_fork(self) -> None:
+        """In a forked child: the reader thread is gone; the first read starts one of the child's own."""
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._entries = {}
+        self._active = False
+        self._epoch += 1
+        self._reader = None
+
+    def connection(self) -> Any:
+        """A new connection like the client's pool makes, but RESP3 and without health checks.
+
+        Health checks would send PING on their own and read its reply, which
+        could be a push; the reader pings itself instead.
+        """
+        pool = self._client.connection_pool
+        kwargs = dict(pool.connection_kwargs)
+        kwargs.update(protocol=3, parser_class=_RESP3Parser, health_check_interval=0)
+        return pool.connection_class(**kwargs)
+
+
+class _Reader(threading.Thread):
+    """Keeps one tracking connection up and applies its invalidation pushes to the cache."""
+
+    def __init__(self, cache: NearCache) -> None:
+        super().__init__(name=f"tokencache-near-cache-{cache.prefix}", daemon=True)
+        self._cache = cache
+        self._closed = cache._closed
+        self._warned = False
+
+    def run(self) -> None:
+        delay = 0.05
+        while not self._closed.is_set():
+            try:
+                self._session(self._cache)
+                delay = 0.05
+            except (redis.RedisError, OSError) as e:
+                self._report(e)
+            finally:
+                self._cache._set_active(False)
+            self._closed.wait(delay)
+            delay = min(RETRY_MAX, delay * 2)
+
+    def _report(self, error: Exception) -> None:
+        level = logging.DEBUG if self._warned else logging.WARNING
+        if isinstance(error, redis.ResponseError):
+            log.log(
+                level,
+                "near cache off: Redis refused CLIENT TRACKING (%s); every find() reads Redis. "
+                "The Redis user needs the +client|tracking command (Redis >= 6).",
+                error,
+            )
+        else:
+            log.log(level, "near cache off until Redis tracking is back; find() reads Redis: %s", error)
+        self._warned = True
+
+    def _session(self, cache: NearCache) -> None:
+        conn = cache.connection()
+        try:
+            conn.connect()
+            conn._parser.set_invalidation_push_handler(lambda push: push)
+            conn.send_command("CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", cache.prefix)
+            reply = self._reply(conn, cache)
+            if isinstance(reply, redis.ResponseError):
+                raise reply
+            cache._set_active(True)
+            if self._warned:
+                log.warning("near cache on again: Redis tracking is back")
+                self._warned = False
+            self._listen(conn, cache)
+        finally:
+            conn.disconnect()
+
+    def _reply(self, conn: Any, cache: NearCache) -> Any:
+        """The next reply that is not a push (applying the pushes read on the way)."""
+        while True:
+            reply = conn.read_response(push_request=True)
+            if not self._apply(reply, cache):
+                return reply
+
+    def _listen(self, conn: Any, cache: NearCache) -> None:
+        last_heard = time.monotonic()
+        ping_sent: float | None = None
+        while not self._closed.is_set():
+            now = time.monotonic()
+            if conn.can_read(timeout=_POLL):
+                reply = conn.read_response(push_request=True)
+                if not self._apply(reply, cache):
+                    ping_sent = None  # the PONG
+                last_heard = time.monotonic()
+            elif ping_sent is not None and now - ping_sent > PING_TIMEOUT:
+                raise redis.TimeoutError(f"no answer to PING in {PING_TIMEOUT} s on the tracking connection")
+            elif ping_sent is None and now - last_heard > PING_EVERY:
+                conn.send_command("PING")
+                ping_sent = now
+
+    @staticmethod
+    def _apply(reply: Any, cache: NearCache) -> bool:
+        """Apply ``reply`` if it is an invalidation push; whether it was one."""
+        if not (isinstance(reply, list) and reply and reply[0] in _INVALIDATE):
+            return False
+        keys = reply[1] if len(reply) > 1 else None
+        if keys is None:  # FLUSHDB/FLUSHALL, or too many keys to name
+            cache.invalidate(None)
+        else:
+            cache.invalidate([k.decode() if isinstance(k, bytes) else str(k) for k in keys])
+        return True
+
+
+_live: weakref.WeakSet[NearCache] = weakref.WeakSet()
+
+
+def _reinit_after_fork() -> None:
+    for cache in list(_live):
+        cache._after_fork()
+
+
+os.register_at_fork(after_in_child=_reinit_after_fork)
