@@ -6,6 +6,7 @@ the session's, or one started by the test when it must be restarted.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from redis import Redis
 from tokencache import RedisUnavailableError, Token, TokenStore
 from tokencache.redisserver import EmbeddedRedis
 
-from .conftest import SCOPE, wait_for
+from .conftest import SCOPE, Workers, wait_for
 
 NS = "tc-near"
 SEEN_WITHIN = 0.050
@@ -51,6 +52,14 @@ def near(redis_url: str, real_redis: Redis) -> Iterator[TokenStore]:
     store.close()
 
 
+def store_and_settle(writer: TokenStore, near: object, stored: Token) -> None:
+    """Store through ``writer`` and wait until ``near``'s cache has handled the push about it."""
+    cache = near.near_cache  # type: ignore[attr-defined]
+    before = cache.epoch()
+    writer.store(stored)
+    wait_for(lambda: cache.epoch() != before, 5, interval=0.001, what="the invalidation push")
+
+
 def wait_seen(read: object, expected: object, timeout: float = 5.0) -> float:
     """Spin on ``read()`` until it returns ``expected``; seconds it took (fails after ``timeout``)."""
     started = time.perf_counter()
@@ -61,7 +70,7 @@ def wait_seen(read: object, expected: object, timeout: float = 5.0) -> float:
 
 
 def test_a_hit_makes_no_round_trip(near: TokenStore, writer: TokenStore, real_redis: Redis) -> None:
-    writer.store(token("a"))
+    store_and_settle(writer, near, token("a"))
     assert near.find(SCOPE) == token("a")  # the first read fills the cache
     before = hgetall_calls(real_redis)
     for _ in range(100):
@@ -253,3 +262,54 @@ def test_forked_child_tracks_on_its_own(near: TokenStore, writer: TokenStore) ->
 def test_bad_near_cache_argument(real_redis: Redis) -> None:
     with pytest.raises(TypeError, match="near_cache"):
         TokenStore(real_redis, near_cache="yes")  # type: ignore[arg-type]
+
+
+def test_asyncio_store_has_the_same_near_cache(redis_url: str, writer: TokenStore, real_redis: Redis) -> None:
+    from tokencache import aio
+
+    async def scenario() -> None:
+        store = aio.TokenStore.from_url(redis_url, namespace=NS, near_cache=True)
+        try:
+            assert store.near_cache is not None
+            assert await asyncio.to_thread(store.near_cache.wait_active, 5)
+            await asyncio.to_thread(store_and_settle, writer, store, token("a1"))
+            assert await store.find(SCOPE) == token("a1")
+            before = hgetall_calls(real_redis)
+            for _ in range(50):
+                assert await store.for_scope(SCOPE) == token("a1")
+            assert hgetall_calls(real_redis) == before
+            writer.store(token("a2"))
+            started = time.perf_counter()
+            while await store.find(SCOPE) != token("a2"):
+                assert time.perf_counter() - started < 5
+            assert time.perf_counter() - started < SEEN_WITHIN
+            await store.delete(SCOPE)
+            assert await store.find(SCOPE) is None
+        finally:
+            await store.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_refresh_by_a_worker_is_seen_within_50ms(store: TokenStore, workers: Workers, redis_url: str) -> None:
+    """The refresh job's write (another process) reaches the near cache as fast as its wake-up message."""
+    near = TokenStore.from_url(redis_url, namespace=store.keys.namespace, near_cache=True)
+    try:
+        assert near.near_cache is not None and near.near_cache.wait_active(5)
+        workers.start(1)
+        old = Token(token="ya29.near-original", scope=SCOPE, expires=int(time.time()) + 12)
+        store_and_settle(store, near, old)  # due in 2 s (refresh_before 10)
+        assert near.find(SCOPE) == old
+        with store.redis.pubsub(ignore_subscribe_messages=True) as sub:  # type: ignore[no-untyped-call]
+            sub.subscribe(store.keys.channel(store.key_for(old)))
+            message = None
+            deadline = time.monotonic() + 15
+            while message is None and time.monotonic() < deadline:
+                message = sub.get_message(timeout=1.0)
+            assert message is not None, "no refresh within 15 s"
+            published = time.perf_counter()
+            lag = wait_seen(lambda: getattr(near.find(SCOPE), "token", old.token) != old.token, True)
+        assert time.perf_counter() - published < SEEN_WITHIN, lag
+        assert near.find(SCOPE).expires > old.expires  # type: ignore[union-attr]
+    finally:
+        near.close()

@@ -30,11 +30,12 @@ from redis.asyncio import Redis as AsyncRedis
 from rq.job import Job
 
 from . import metrics
-from .connection import connect, redis_errors
+from .connection import connect, redis_errors, unavailable
 from .errors import ConfigurationError, RefreshError, TokenCacheError
 from .fleet import POLL, WANT_TTL, account_arg, check_timeout, fetch_failed, timeout_error
 from .keys import TokenKey, parse_info
 from .locks import LOCK_TTL, RELEASE_SCRIPT
+from .nearcache import NearCache
 from .notify import parse
 from .sources import Sources
 from .token import Freshness, Token
@@ -78,9 +79,12 @@ class TokenStore(StoreCore):
         queue: str | None = None,
         clock: Clock = time.time,
         sources: Sources | None = None,
+        near_cache: bool = False,
     ) -> None:
         if not isinstance(redis, AsyncRedis):
             raise TypeError(f"redis must be a redis.asyncio.Redis client, not {type(redis).__name__}")
+        if not isinstance(near_cache, bool):
+            raise TypeError(f"near_cache must be True or False, not {type(near_cache).__name__}")
         # RQ builds its commands with a sync client that never connects here: we replay them.
         offline = SyncRedis()
         self._flights: dict[TokenKey, asyncio.Future[Token]] = {}
@@ -93,6 +97,7 @@ class TokenStore(StoreCore):
             sources=sources,
         )
         self.redis = redis
+        self.near_cache = NearCache(redis, self.keys.token_prefix) if near_cache else None
 
     @classmethod
     def from_url(
@@ -103,13 +108,24 @@ class TokenStore(StoreCore):
         refresh_before: int | None = None,
         queue: str | None = None,
         sources: Sources | None = None,
+        near_cache: bool = False,
         **redis_options: Any,
     ) -> TokenStore:
         """A store on the Redis at ``url`` (``None`` reads ``TOKENCACHE_REDIS_URL``)."""
         client = connect(url, client_class=AsyncRedis, **redis_options)
-        return cls(client, namespace=namespace, refresh_before=refresh_before, queue=queue, sources=sources)
+        return cls(
+            client,
+            namespace=namespace,
+            refresh_before=refresh_before,
+            queue=queue,
+            sources=sources,
+            near_cache=near_cache,
+        )
 
     async def aclose(self) -> None:
+        """Close the Redis connections and stop the near cache (the store is not usable afterwards)."""
+        if self.near_cache is not None:
+            await asyncio.to_thread(self.near_cache.close)
         await self.redis.aclose()
 
     async def _transaction(self, recorder: _Recorder) -> list[Any]:
@@ -126,26 +142,53 @@ class TokenStore(StoreCore):
         recorder = _Recorder()
         job = self.write_commands(recorder, key, token, fetched=fetched)
         await self._transaction(recorder)
+        self._forget(key)
         return job
 
     async def delete(self, info: object, sub: str | None = None) -> bool:
         """Forget a token and cancel its refresh; True if it was cached."""
         recorder = _Recorder()
-        self.delete_commands(recorder, parse_info(info, sub))
+        key = parse_info(info, sub)
+        self.delete_commands(recorder, key)
         deleted, unindexed, *_ = await self._transaction(recorder)
+        self._forget(key)
         return bool(deleted or unindexed)
+
+    def _forget(self, key: TokenKey) -> None:
+        """Drop ``key`` from the near cache at once: this process reads its own writes."""
+        if self.near_cache is not None:
+            self.near_cache.invalidate([self.keys.token(key)])
 
     async def find(self, info: object, sub: str | None = None) -> Token | None:
         """The cached token for ``info``/``sub``, or None; never an expired one."""
-        token = await self.find_key(parse_info(info, sub))
+        _, redis_key = self._key_memo.get(info, sub)
+        token = await self._near_read(redis_key)
         metrics.record_read(token is not None)
         return token
 
     async def find_key(self, key: TokenKey) -> Token | None:
-        redis_key = self.keys.token(key)
-        with redis_errors(self.redis):
+        """:meth:`find` by a parsed key, always from Redis (the near cache may lag by a push)."""
+        return await self._read(self.keys.token(key))
+
+    async def _read(self, redis_key: str) -> Token | None:
+        try:
             raw = cast(Raw, await self.redis.hgetall(redis_key))
+        except RedisError as e:  # no context manager: this is the hot path
+            raise unavailable(self.redis, e) from e
         return self.usable_token(redis_key, raw)
+
+    async def _near_read(self, redis_key: str) -> Token | None:
+        """From the near cache if it has the token, else from Redis (filling the cache)."""
+        near = self.near_cache
+        if near is None:
+            return await self._read(redis_key)
+        token = near.get(redis_key, self.clock())
+        if token is None:
+            epoch = near.epoch()
+            token = await self._read(redis_key)
+            if token is not None:
+                near.put(redis_key, token, epoch)
+        return token
 
     async def tokens(self) -> list[Token]:
         """Every cached token that may still be handed out."""
@@ -172,9 +215,9 @@ class TokenStore(StoreCore):
         Concurrent misses of this process on one key share one fetch task (one pub/sub connection),
         and the task is shielded: a caller cancelled mid-fetch does not abandon the fleet's fetch.
         """
-        key = parse_info(info, sub)
+        key, redis_key = self._key_memo.get(info, sub)
         timeout = check_timeout(timeout)
-        token = await self.find_key(key)
+        token = await self._near_read(redis_key)
         metrics.record_read(token is not None)
         if token is not None:
             return token

@@ -40,11 +40,15 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import redis
+import redis.connection
 from redis._parsers import _RESP3Parser
+from redis.asyncio import Redis as AsyncRedis
 
+from .errors import ConfigurationError
 from .token import EXPIRY_SKEW, Token
 
 __all__ = ["MAX_ENTRIES", "PING_EVERY", "PING_TIMEOUT", "NearCache"]
@@ -67,8 +71,10 @@ _INVALIDATE = (b"invalidate", "invalidate")
 class NearCache:
     """Tokens by hash key, valid while Redis tracking is up; see the module docstring."""
 
-    def __init__(self, client: redis.Redis, prefix: str, *, max_entries: int = MAX_ENTRIES) -> None:
-        self._client = client
+    def __init__(
+        self, client: redis.Redis | AsyncRedis, prefix: str, *, max_entries: int = MAX_ENTRIES
+    ) -> None:
+        self.connection = tracking_connection_factory(client)
         self.prefix = prefix
         self._max_entries = max_entries
         self._entries: dict[str, Token] = {}
@@ -160,16 +166,24 @@ class NearCache:
         self._epoch += 1
         self._reader = None
 
-    def connection(self) -> Any:
-        """A new connection like the client's pool makes, but RESP3 and without health checks.
 
-        Health checks would send PING on their own and read its reply, which
-        could be a push; the reader pings itself instead.
-        """
-        pool = self._client.connection_pool
-        kwargs = dict(pool.connection_kwargs)
-        kwargs.update(protocol=3, parser_class=_RESP3Parser, health_check_interval=0)
-        return pool.connection_class(**kwargs)
+def tracking_connection_factory(client: redis.Redis | AsyncRedis) -> Callable[[], Any]:
+    """New sync connections like ``client``'s pool makes, but RESP3 and without health checks.
+
+    The reader is a thread with a blocking socket even for an asyncio store.
+    Health checks would send PING on their own and read its reply, which
+    could be a push; the reader pings itself instead.
+    """
+    pool = client.connection_pool
+    kwargs = dict(pool.connection_kwargs)
+    kwargs.update(protocol=3, parser_class=_RESP3Parser, health_check_interval=0)
+    connection_class: Any = pool.connection_class
+    if isinstance(client, AsyncRedis):
+        name = connection_class.__name__
+        connection_class = getattr(redis.connection, name, None)
+        if connection_class is None:
+            raise ConfigurationError(f"the near cache cannot track through a {name} connection")
+    return lambda: connection_class(**kwargs)
 
 
 class _Reader(threading.Thread):
