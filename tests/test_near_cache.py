@@ -313,3 +313,23 @@ def test_refresh_by_a_worker_is_seen_within_50ms(store: TokenStore, workers: Wor
         assert near.find(SCOPE).expires > old.expires  # type: ignore[union-attr]
     finally:
         near.close()
+
+
+def test_default_store_from_the_environment(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokencache import ConfigurationError
+    from tokencache.defaults import default_store, reset_default_store
+
+    monkeypatch.setenv("TOKENCACHE_REDIS_URL", redis_url)
+    monkeypatch.setenv("TOKENCACHE_NEAR_CACHE", "1")
+    reset_default_store()
+    try:
+        assert default_store().near_cache is not None
+        monkeypatch.setenv("TOKENCACHE_NEAR_CACHE", "0")
+        reset_default_store()
+        assert default_store().near_cache is None
+        monkeypatch.setenv("TOKENCACHE_NEAR_CACHE", "maybe")
+        reset_default_store()
+        with pytest.raises(ConfigurationError, match="TOKENCACHE_NEAR_CACHE='maybe'"):
+            default_store()
+    finally:
+        reset_default_store()

@@ -29,7 +29,7 @@ from redis import RedisError
 from redis.asyncio import Redis as AsyncRedis
 from rq.job import Job
 
-from . import metrics
+from . import env, metrics
 from .connection import connect, redis_errors, unavailable
 from .errors import ConfigurationError, RefreshError, TokenCacheError
 from .fleet import POLL, WANT_TTL, account_arg, check_timeout, fetch_failed, timeout_error
@@ -335,7 +335,7 @@ def default_store() -> TokenStore:
     """This event loop's default store, built from the environment (a redis.asyncio client is per loop)."""
     loop = asyncio.get_running_loop()
     if loop not in _defaults:
-        _defaults[loop] = TokenStore.from_url(None)
+        _defaults[loop] = TokenStore.from_url(None, near_cache=env.near_cache())
     return _defaults[loop]
 
 

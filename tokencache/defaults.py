@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 from rq.job import Job
 
+from . import env
 from .token import Token
 from .tokenstore import TokenStore
 
@@ -25,7 +26,7 @@ def default_store() -> TokenStore:
     global _store
     with _lock:
         if _store is None:
-            _store = TokenStore.from_url(None)
+            _store = TokenStore.from_url(None, near_cache=env.near_cache())
         return _store
 
 
@@ -34,7 +35,7 @@ def reset_default_store() -> None:
     global _store
     with _lock:
         if _store is not None:
-            _store.redis.close()
+            _store.close()
         _store = None
 
 

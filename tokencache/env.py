@@ -22,6 +22,9 @@ REFRESH_BEFORE = "TOKENCACHE_REFRESH_BEFORE"
 QUEUE = "TOKENCACHE_QUEUE"
 """Name of the RQ queue that carries refresh jobs."""
 
+NEAR_CACHE = "TOKENCACHE_NEAR_CACHE"
+"""``1`` turns on the near cache of the module-level default stores (see :mod:`tokencache.nearcache`)."""
+
 CREDENTIALS = "TOKENCACHE_CREDENTIALS"
 """Extra key files or folders of them (``os.pathsep``-separated), one account each."""
 
@@ -61,3 +64,17 @@ def refresh_before() -> int:
     if value < 0:
         raise ConfigurationError(f"{REFRESH_BEFORE}={raw!r} must not be negative")
     return value
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+def near_cache() -> bool:
+    """Whether the default stores keep a near cache (``TOKENCACHE_NEAR_CACHE``, off by default)."""
+    raw = os.environ.get(NEAR_CACHE, "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ConfigurationError(f"{NEAR_CACHE}={raw!r} must be 1 or 0 (true/false, yes/no, on/off)")
