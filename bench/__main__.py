@@ -16,6 +16,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -56,29 +57,49 @@ def print_table(results: list[Result]) -> None:
 
 
 def write_chart(results: list[Result], path: Path) -> None:
-    """One bar per result that has a baseline: the ratio to it, with the target marked where numeric."""
+    """Left: ratios to the same-run baseline (goal ticks). Right: share of a budget used (1 = the limit)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in results if r.ratio is not None]
-    if not rows:
+    speed = [r for r in results if r.ratio is not None]
+    budget = [r for r in results if r.limit]
+    panels = [p for p in (speed, budget) if p]
+    if not panels:
         return
-    fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.5))
-    labels = [f"{r.benchmark}: {r.metric}" for r in rows]
-    colors = ["tab:green" if r.met else ("tab:red" if r.met is False else "tab:gray") for r in rows]
-    ax.barh(labels, [r.ratio or 0 for r in rows], color=colors)
-    ax.set_xscale("log")
-    ax.axvline(1.0, color="black", linewidth=0.8)
-    for i, r in enumerate(rows):
-        ax.text(r.ratio or 0, i, f" {_fmt(r.ratio)}x vs {r.baseline}", va="center", fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("ratio to the baseline measured in the same run (log scale)")
-    ax.set_title("tokencache benchmarks (green: target met)")
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(10, 0.45 * sum(len(p) for p in panels) + 1.6 * len(panels)),
+        squeeze=False,
+        gridspec_kw={"height_ratios": [len(p) + 1 for p in panels]},
+    )
+    row = 0
+    if speed:
+        _bars(axes[row][0], speed, [r.ratio or 0.0 for r in speed], [r.goal for r in speed], log=True)
+        axes[row][0].set_xlabel("ratio to the baseline measured in the same run (log scale); | = goal")
+        row += 1
+    if budget:
+        shares = [r.value / (r.limit or 1) for r in budget]
+        _bars(axes[row][0], budget, shares, [1.0] * len(budget), log=False)
+        axes[row][0].set_xlabel("share of the budget used (| = the limit; lower is better)")
+    fig.suptitle("tokencache benchmarks (green: target met, red: missed)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _bars(ax: Any, rows: list[Result], values: list[float], marks: list[float | None], *, log: bool) -> None:
+    colors = ["tab:green" if r.met else ("tab:red" if r.met is False else "tab:gray") for r in rows]
+    ax.barh([f"{r.benchmark}: {r.metric}" for r in rows], values, color=colors)
+    if log:
+        ax.set_xscale("log")
+    for i, (value, mark) in enumerate(zip(values, marks, strict=True)):
+        ax.text(value, i, f" {_fmt(value)}", va="center", fontsize=8)
+        if mark is not None:
+            ax.plot([mark, mark], [i - 0.4, i + 0.4], color="black", linewidth=2)
+    ax.invert_yaxis()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,6 +65,7 @@ def throughput(env: BenchEnv, quick: bool) -> list[Result]:
             "ratio >= 0.9",
             medians["find"] / medians["raw"] >= 0.9,
             note,
+            goal=0.9,
         ),
         Result(
             "find",
@@ -76,6 +77,7 @@ def throughput(env: BenchEnv, quick: bool) -> list[Result]:
             "ratio >= 20",
             medians["near"] / medians["raw"] >= 20,
             note,
+            goal=20,
         ),
     ]
 
@@ -117,6 +119,7 @@ def invalidation(env: BenchEnv, quick: bool) -> list[Result]:
             met=lags[-1] <= 50,
             note=f"{n} stores/deletes; p50 {statistics.median(lags):.2f} ms, p99 {p99:.2f} ms",
             extra={"p50_ms": statistics.median(lags), "p99_ms": p99, "samples": n},
+            limit=50,
         )
     ]
 
