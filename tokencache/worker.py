@@ -61,6 +61,7 @@ class RefreshPool(WorkerPool):
         )
         self.store = store
         self._stop_requested_at: float | None = None
+        self._heartbeat_withdrawn = False
 
     def check_workers(self, respawn: bool = True) -> None:
         super().check_workers(respawn=respawn)
@@ -80,13 +81,17 @@ class RefreshPool(WorkerPool):
         self.store.redis.hset(self.store.keys.pools, self.name, json.dumps(beat))
 
     def request_stop(self, signum: int | None = None, frame: object = None) -> None:
+        # A signal handler: it may interrupt the main loop inside redis-py's pool lock, so it must
+        # not touch Redis (that would deadlock). The main loop withdraws the heartbeat instead.
         if self._stop_requested_at is None:
             self._stop_requested_at = time.monotonic()
-            with contextlib.suppress(Exception):  # best effort: status ages the entry out anyway
-                self.store.redis.hdel(self.store.keys.pools, self.name)
         super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
 
     def all_workers_have_stopped(self) -> bool:
+        if not self._heartbeat_withdrawn:
+            self._heartbeat_withdrawn = True
+            with contextlib.suppress(Exception):  # best effort: status ages the entry out anyway
+                self.store.redis.hdel(self.store.keys.pools, self.name)
         stopped = bool(super().all_workers_have_stopped())
         waited = time.monotonic() - (self._stop_requested_at or time.monotonic())
         if not stopped and waited > STOP_TIMEOUT:
