@@ -44,11 +44,13 @@ from .fleet_child import GOOGLE_AUTH_FRACTION, SCOPES
 
 APPS = 8
 PACE = 0.01
-"""Seconds between an app's calls, in both fleets. A fixed pace instead of a tight loop: a google-auth
-hit is a property check (microseconds), a tokencache hit a Redis round trip, so tight loops would give
-the two fleets very different call counts and let 16 busy processes starve the worker pool of a 2-core
-machine. Every app still comes back to each of its 20 tokens every 0.2 s, well inside the refresh
-margins of both sides (google-auth's 0.75 s of a 12 s token is the narrowest)."""
+"""Seconds between the starts of an app's calls, in both fleets: a schedule, so a late app catches up
+and both fleets make the same number of calls. A fixed pace instead of a tight loop, because a
+google-auth hit is a property check (microseconds) and a tokencache hit a Redis round trip: tight
+loops would give the two fleets very different call counts, and 16 busy processes would starve the
+worker pool of a 2-core machine. The endpoint counts do not depend on the pace as long as every app
+comes back to each of its 20 tokens (every 0.2 s here) well inside both refresh margins
+(google-auth's 0.75 s of a 12 s token is the narrowest)."""
 SAMPLE = 50
 """One returned token in this many is also checked with the emulator's tokeninfo."""
 PREFIX = "bench-fleet"

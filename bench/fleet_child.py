@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -169,8 +168,12 @@ class Checker:
 def run_loop(
     app: TokencacheApp | GoogleAuthApp, checker: Checker, counts: Counts, end: float, pace: float
 ) -> None:
-    """One call every ``pace`` seconds, scopes in turn, until ``end``; a late iteration does not burst."""
-    counts.loop_start = next_at = time.time()
+    """Call ``i`` starts at ``start + i * pace`` (scopes in turn) until ``end``.
+
+    A fixed schedule, not a fixed sleep: an app that fell behind (a slow refresh, a busy machine)
+    catches up, so both fleets make the same number of calls over the same time.
+    """
+    counts.loop_start = time.time()
     while (started := time.time()) < end:
         scope = counts.calls % len(SCOPES)
         try:
@@ -182,9 +185,8 @@ def run_loop(
             counts.misses += missed
             checker.check(counts, SCOPES[scope], token, expires)
         counts.calls += 1
-        now = time.time()
-        next_at = max(next_at + pace, now)
-        time.sleep(max(0.0, min(next_at, end) - now))
+        next_at = counts.loop_start + counts.calls * pace
+        time.sleep(max(0.0, min(next_at, end) - time.time()))
     counts.loop_end = time.time()
 
 
@@ -217,4 +219,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
