@@ -63,7 +63,7 @@ def write_chart(results: list[Result], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    speed = [r for r in results if r.ratio is not None]
+    speed = [r for r in results if r.goal is not None and r.ratio is not None]
     budget = [r for r in results if r.limit]
     panels = [p for p in (speed, budget) if p]
     if not panels:
