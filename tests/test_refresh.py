@@ -110,7 +110,9 @@ def test_failures_retry_with_backoff_and_keep_the_old_token(
     stats = emulator.stats()
     assert stats["failed"] == 2 and stats["issued"] == 1
     assert {1, 2} <= seen_failures, seen_failures
-    assert store.redis.hget(key, "failures") == b"0"
+    assert store.redis.hmget(key, "failures", "last_error") == [None, None]  # a success clears them
+    record = store.record(store.key_for(old))
+    assert record is not None and record.bookkeeping.failures == 0
 
 
 def test_failure_is_visible_in_bookkeeping(store: TokenStore, workers: Workers, emulator: Emulator) -> None:

@@ -238,6 +238,14 @@ def test_for_scope_timeout_without_credentials_or_workers(ts: TokenStore) -> Non
         ts.for_scope(SCOPE, timeout=0.3)
 
 
+def test_the_hash_holds_the_token_and_its_next_refresh_only(ts: TokenStore) -> None:
+    """Nothing derivable is stored (the job id follows from the key; no failures field means none)."""
+    t = token()
+    ts.store(t)
+    fields = ts.redis.hgetall(ts.keys.token(ts.key_for(t)))
+    assert sorted(fields) == [b"account", b"expires", b"refresh_at", b"scope", b"sub", b"token", b"type"]
+
+
 def test_rewriting_a_job_that_ran_clears_what_rq_would(ts: TokenStore) -> None:
     t = token()
     job = ts.store(t)

@@ -4,8 +4,9 @@ Schema (``{ns}`` is the namespace, ``tokencache`` by default)::
 
     {ns}:token:{account}:{scope}:{sub}   hash   one cached token, EXPIREAT its expires
                                                 fields: token type scope sub account expires
-                                                        + bookkeeping (refresh_at, stored_at,
-                                                        last_refresh, failures, last_error, job)
+                                                        refresh_at, + refreshed_at once fetched,
+                                                        + failures last_error last_error_at
+                                                        gave_up_at while refreshes fail
     {ns}:index                           zset   member: the token's hash key, score: expires
     {ns}:lock:{account}:{scope}:{sub}    string single-flight lock (SET NX PX, value = owner)
     {ns}:want:{account}:{scope}:{sub}    string marks that an app asked the workers for this token (SET NX PX)
