@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from redis import Redis
+from redis import ConnectionPool, Redis
+from redis.connection import Connection
 
 from tokencache.emulator import Emulator
 from tokencache.redisserver import EmbeddedRedis
@@ -120,3 +121,28 @@ def alternate(cases: dict[str, Callable[[], float]], rounds: int) -> dict[str, f
         for name, measure in order:
             samples[name].append(measure())
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+class CountingConnection(Connection):
+    """A redis-py connection that counts what it sends: one send is one round trip (a pipeline is one)."""
+
+    sent = 0
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        CountingConnection.sent += 1
+        super().send_packed_command(command, check_health)
+
+
+def counting_client(env: BenchEnv) -> Redis:
+    """A client on the bench Redis whose round trips :func:`round_trips` can count."""
+    pool = ConnectionPool(connection_class=CountingConnection, host="127.0.0.1", port=env.redis.port)
+    client = Redis(connection_pool=pool)
+    client.ping()  # connect (and its handshake) outside any count
+    return client
+
+
+def round_trips(call: Callable[[], object]) -> int:
+    """How many requests ``call`` sends through counting clients."""
+    before = CountingConnection.sent
+    call()
+    return CountingConnection.sent - before

@@ -3,8 +3,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from rq.job import JOB_ID_PATTERN
 
-from tokencache.keys import Keys, TokenKey, normalize_scope, parse_info
+from tokencache.keys import Keys, TokenKey, normalize_scope, parse_info, parse_job_id
 
 KEYS = Keys("tokencache")
 names = st.text(min_size=1).filter(lambda s: s.strip() != "")
@@ -14,6 +15,7 @@ scopes = st.lists(
     max_size=4,
 ).map(" ".join)
 triples = st.tuples(names, scopes, st.one_of(st.none(), names))
+namespaces = names.filter(lambda s: s == s.strip())
 
 
 @pytest.mark.parametrize("spelling", ["b a", "a,b", "a  b", " b,a ,a\n", "a\tb"])
@@ -66,3 +68,34 @@ def test_colons_percent_and_unicode() -> None:
     odd = [("a:b", "s", None), ("a", "b:s", None), ("a%3Ab", "s", None), ("é", "ß ü", "用户")]
     encoded = {KEYS.token(TokenKey.of(*t)) for t in odd}
     assert len(encoded) == len(odd)
+
+
+@given(namespaces, triples)
+def test_job_ids_name_their_namespace_and_token(namespace: str, triple: tuple[str, str, str | None]) -> None:
+    key = TokenKey.of(*triple)
+    job_id = Keys(namespace).job_id(key)
+    assert JOB_ID_PATTERN.fullmatch(job_id)  # RQ's own check
+    assert parse_job_id(job_id) == (namespace, key)
+
+
+@given(namespaces, namespaces, triples)
+def test_namespaces_never_share_a_job(a: str, b: str, triple: tuple[str, str, str | None]) -> None:
+    key = TokenKey.of(*triple)
+    assert (a == b) == (Keys(a).job_id(key) == Keys(b).job_id(key))
+
+
+def test_job_id_format_is_stable_and_short() -> None:
+    """Ids are stored in Redis: a change of format would orphan every scheduled job."""
+    key = TokenKey.of(None, "https://www.googleapis.com/auth/cloud-platform", "user@example.com")
+    assert KEYS.job_id(key) == "tc-JVQ6JUQ6JUdjbG91ZC1wbGF0Zm9ybTp1c2VyQGV4YW1wbGUuY29t"
+    odd = TokenKey.of("robot@my-project.iam.gserviceaccount.com", "a:b%G c", None)  # markers spelled out
+    assert parse_job_id(KEYS.job_id(odd)) == ("tokencache", odd)
+
+
+@pytest.mark.parametrize(
+    "job_id",
+    ["tc-635e7ebecb609f85e7e9b573", "tc-", "tc-YQ", "tc-JVQ6OnM6=", "JVQ6OnM6", "rq-JVQ6OnM6", "tc-@@"],
+)
+def test_what_is_not_a_job_id(job_id: str) -> None:
+    with pytest.raises(ValueError, match="job id"):
+        parse_job_id(job_id)

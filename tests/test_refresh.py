@@ -110,7 +110,9 @@ def test_failures_retry_with_backoff_and_keep_the_old_token(
     stats = emulator.stats()
     assert stats["failed"] == 2 and stats["issued"] == 1
     assert {1, 2} <= seen_failures, seen_failures
-    assert store.redis.hget(key, "failures") == b"0"
+    assert store.redis.hmget(key, "failures", "last_error") == [None, None]  # a success clears them
+    record = store.record(store.key_for(old))
+    assert record is not None and record.bookkeeping.failures == 0
 
 
 def test_failure_is_visible_in_bookkeeping(store: TokenStore, workers: Workers, emulator: Emulator) -> None:
@@ -194,3 +196,29 @@ def test_short_lived_tokens_do_not_make_workers_hammer_the_endpoint(
     before = emulator.stats()["token_requests"]
     time.sleep(4)  # a window to count requests in, not a wait for an event
     assert emulator.stats()["token_requests"] - before <= 4  # backs off: not 13 requests a second
+
+
+def test_an_old_format_job_hands_over_to_the_tokens_job(
+    store: TokenStore, workers: Workers, emulator: Emulator
+) -> None:
+    """A job written before ids named their token (key in kwargs, a hashed id) gives way to the new one."""
+    old = opaque(60)  # not due: repair leaves it alone, so only the old job can bring the new one
+    key = store.key_for(old)
+    store.store(old)
+    with store.redis.pipeline(transaction=True) as pipe:
+        store.refresh_queue.cancel(pipe, key)  # as if stored by the previous version: no job under the new id
+        pipe.execute()
+    legacy = store.refresh_queue.queue.enqueue_call(
+        "tokencache.refresh.refresh",
+        kwargs=dict(
+            namespace=store.keys.namespace, account=key.account, scope=key.scope, sub=None, refresh_before=10
+        ),
+        job_id="tc-635e7ebecb609f85e7e9b573",
+        result_ttl=0,
+    )
+    workers.start(1)
+    wait_for(lambda: next_run(store), timeout=10, what="the token's job scheduled")
+    assert store.redis.zrange(store.refresh_queue.scheduled.key, 0, -1) == [store.keys.job_id(key).encode()]
+    assert abs(next_run(store) - (old.expires - 10)) <= 2  # the new job ran, found it not due, and waits
+    wait_for(lambda: not store.redis.exists(legacy.key), timeout=5, what="the old job gone")
+    assert emulator.stats()["token_requests"] == 0

@@ -7,6 +7,7 @@ import time
 from rq.job import Job, JobStatus
 
 from tokencache import Token, TokenStore
+from tokencache.keys import parse_job_id
 from tokencache.locks import LOCK_TTL, Lock
 from tokencache.repair import repair, repair_if_leader
 
@@ -54,13 +55,24 @@ def test_scheduler_dead_enqueues_the_overdue_job(store: TokenStore) -> None:
 
 
 def test_lost_job_is_recreated(store: TokenStore) -> None:
-    _, job_id = stored(store)
+    token, job_id = stored(store)
     store.redis.delete(Job.key_for(job_id))
     store.redis.zrem(store.refresh_queue.scheduled.key, job_id)
     assert repair(later(store, 95))["enqueue"] == 1
     assert queued(store) == [job_id]
     job = Job.fetch(job_id, store.redis, serializer=store.refresh_queue.queue.serializer)
-    assert job.kwargs["scope"] == SCOPE
+    assert parse_job_id(job.id) == (store.keys.namespace, store.key_for(token))
+    assert job.func_name == "tokencache.refresh.refresh" and job.args == [store.refresh_before]
+
+
+def test_a_job_is_re_enqueued_with_the_refresh_before_it_was_written_with(store: TokenStore) -> None:
+    name, queue = store.keys.namespace, store.refresh_queue.name
+    writer = TokenStore(store.redis, namespace=name, refresh_before=20, queue=queue)
+    _, job_id = stored(writer)
+    store.redis.hset(Job.key_for(job_id), "status", "failed")  # e.g. a work-horse killed alone
+    assert repair(later(store, 95))["enqueue"] == 1
+    job = Job.fetch(job_id, store.redis, serializer=store.refresh_queue.queue.serializer)
+    assert job.args == [20] and job.get_status() == JobStatus.QUEUED
 
 
 def test_started_job_of_a_dead_worker_is_enqueued_once_its_lock_is_gone(store: TokenStore) -> None:

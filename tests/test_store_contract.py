@@ -16,6 +16,7 @@ from rq.registry import ScheduledJobRegistry
 import tokencache
 from tokencache import RedisUnavailableError, Token, TokenStore, aio
 from tokencache.emulator import Emulator
+from tokencache.keys import parse_job_id
 from tokencache.sources import Sources
 
 from .conftest import AsyncFacade, async_client_like
@@ -106,7 +107,8 @@ def test_store_schedules_one_job_at_expires_minus_margin(ts: TokenStore) -> None
     job = ts.store(t)
     assert isinstance(job, Job)
     assert scheduled(ts) == [(job.id, t.expires - 10)]
-    assert job.kwargs["scope"] == SCOPE and t.token not in repr(job.kwargs)
+    assert parse_job_id(job.id) == ("contract", ts.key_for(t))  # the id names the token: no key in args
+    assert job.args == [10] and job.kwargs == {}
     stored = ts.redis.hgetall(Job.key_for(job.id))
     assert t.token.encode() not in b"".join(stored.values())
     assert Job.fetch(job.id, ts.redis, serializer=job.serializer).get_status() == JobStatus.SCHEDULED
@@ -234,3 +236,35 @@ def test_for_scope_hit_and_local_fetch(ts: TokenStore, emulator: Emulator, tmp_p
 def test_for_scope_timeout_without_credentials_or_workers(ts: TokenStore) -> None:
     with pytest.raises(tokencache.FetchTimeoutError, match="tokencache worker"):
         ts.for_scope(SCOPE, timeout=0.3)
+
+
+def test_the_hash_holds_the_token_and_its_next_refresh_only(ts: TokenStore) -> None:
+    """Nothing derivable is stored (the job id follows from the key; no failures field means none)."""
+    t = token()
+    ts.store(t)
+    fields = ts.redis.hgetall(ts.keys.token(ts.key_for(t)))
+    assert sorted(fields) == [b"account", b"expires", b"refresh_at", b"scope", b"sub", b"token", b"type"]
+
+
+def test_rewriting_a_job_that_ran_clears_what_rq_would(ts: TokenStore) -> None:
+    t = token()
+    job = ts.store(t)
+    assert job is not None
+    ran = {"started_at": "2020-01-01T00:00:00.000000Z", "ended_at": "2020-01-01T00:00:01.000000Z",
+           "worker_name": "w1", "last_heartbeat": "2020-01-01T00:00:01.000000Z"}  # fmt: skip
+    ts.redis.hset(job.key, mapping=ran)
+    ts.store(t)
+    assert ts.redis.hmget(job.key, *ran) == [None] * len(ran)
+    again = Job.fetch(job.id, ts.redis, serializer=job.serializer)
+    assert again.started_at is None and again.worker_name is None
+    assert again.get_status() == JobStatus.SCHEDULED and again.args == [10]
+
+
+def test_the_refresh_job_hash_is_a_small_listpack(store: TokenStore) -> None:
+    """Every value of the job's RQ hash is at most 64 bytes, whatever the key: Redis keeps it compact."""
+    scope = " ".join(f"https://www.googleapis.com/auth/scope-number-{i}" for i in range(8))
+    t = Token(token="ya29." + "x" * 400, scope=scope, expires=int(time.time()) + 3600, sub="a" * 300)
+    job = store.store(t, ("someone@a-long-project-name.iam.gserviceaccount.com", scope))
+    assert job is not None
+    assert store.redis.object("encoding", job.key) == b"listpack"
+    assert max(len(value) for value in store.redis.hvals(job.key)) <= 64

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 from rq import Worker
+from rq.exceptions import DeserializationError
 from rq.job import Job
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
@@ -21,6 +22,7 @@ from rq.serializers import JSONSerializer
 from .connection import redis_errors
 from .keys import TokenKey
 from .repair import overdue
+from .scheduling import job_target
 from .tokenstore import TokenStore
 
 __all__ = ["POOL_TTL", "Health", "check"]
@@ -89,11 +91,22 @@ def _pools(store: TokenStore, now: float) -> tuple[dict[str, int], list[str]]:
     return live, dead
 
 
+def _target(store: TokenStore, job: Job | None) -> TokenKey | None:
+    """The token of ``store``'s namespace that a failed job was refreshing, if it is one of ours."""
+    if job is None:
+        return None
+    try:
+        namespace, key = job_target(job)
+    except (ValueError, TypeError, DeserializationError):
+        return None
+    return key if namespace == store.keys.namespace else None
+
+
 def _failed_that_matter(store: TokenStore) -> int:
     """Failed refresh jobs of tokens still cached or wanted (an old typo's job does not count)."""
     registry = FailedJobRegistry(queue=store.refresh_queue.queue)
     jobs = Job.fetch_many(registry.get_job_ids(0, 999), store.redis, serializer=JSONSerializer)
-    keys = [TokenKey(j.kwargs["account"], j.kwargs["scope"], j.kwargs["sub"]) for j in jobs if j and j.kwargs]
+    keys = [key for key in (_target(store, job) for job in jobs) if key is not None]
     with store.redis.pipeline(transaction=False) as pipe:
         for key in keys:
             pipe.zscore(store.keys.index, store.keys.token(key))

@@ -4,8 +4,9 @@ Schema (``{ns}`` is the namespace, ``tokencache`` by default)::
 
     {ns}:token:{account}:{scope}:{sub}   hash   one cached token, EXPIREAT its expires
                                                 fields: token type scope sub account expires
-                                                        + bookkeeping (refresh_at, stored_at,
-                                                        last_refresh, failures, last_error, job)
+                                                        refresh_at, + refreshed_at once fetched,
+                                                        + failures last_error last_error_at
+                                                        gave_up_at while refreshes fail
     {ns}:index                           zset   member: the token's hash key, score: expires
     {ns}:lock:{account}:{scope}:{sub}    string single-flight lock (SET NX PX, value = owner)
     {ns}:want:{account}:{scope}:{sub}    string marks that an app asked the workers for this token (SET NX PX)
@@ -13,8 +14,8 @@ Schema (``{ns}`` is the namespace, ``tokencache`` by default)::
     {ns}:error:{account}:{scope}:{sub}   string the last fetch's error, for waiters that subscribed late (PX)
     {ns}:repair                          string lock that lets one worker of the fleet run a repair pass
     {ns}:pools                           hash   pool heartbeats: pool name -> JSON {workers, at, host, pid}
-    rq:job:tc-{digest}                   hash   (RQ) the token's one refresh job; digest = blake2b of
-                                                the token's hash key, so the id is deterministic
+    rq:job:tc-{name}                     hash   (RQ) the token's one refresh job; {name} names the
+                                                namespace and token reversibly (see job ids below)
 
 Components are escaped so the encoding is unambiguous: ``%`` becomes ``%25``
 and ``:`` becomes ``%3A``, so no component contains a raw ``:`` and splitting
@@ -23,16 +24,34 @@ stored as ``default``; ``sub=None`` is the empty last component (an empty
 ``sub`` string is refused at the API, so the two cannot collide). The scope
 component is the normalized scope: whitespace- or comma-separated scopes,
 duplicates dropped, sorted, joined with one space.
+
+Job ids: RQ allows only ``[A-Za-z0-9_-]``, so a refresh job's id is ``tc-``
+and the base64url (unpadded) of ``{ns}:{account}:{scope}:{sub}``, escaped as
+above, with the commonest long substrings abbreviated (``%G`` for
+``https://www.googleapis.com/auth/``, ``%S`` for ``.iam.gserviceaccount.com``,
+``%T`` for ``tokencache``, ``%D`` for ``default``; escaped text has ``%`` only
+before ``25`` or ``3A``, so a marker is never ambiguous). The id depends on
+the namespace and the token key only, and :func:`parse_job_id` gives both back,
+so the job carries nothing else about its token and its RQ hash stays small.
 """
 
 from __future__ import annotations
 
-import hashlib
+import base64
+import binascii
 import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-__all__ = ["DEFAULT_ACCOUNT", "Keys", "TokenKey", "check_name", "normalize_scope", "parse_info"]
+__all__ = [
+    "DEFAULT_ACCOUNT",
+    "Keys",
+    "TokenKey",
+    "check_name",
+    "normalize_scope",
+    "parse_info",
+    "parse_job_id",
+]
 
 DEFAULT_ACCOUNT = "default"
 _SCOPE_SPLIT = re.compile(r"[\s,]+")
@@ -96,6 +115,37 @@ class TokenKey:
 
 def _escape(part: str) -> str:
     return part.replace("%", "%25").replace(":", "%3A")
+
+
+_ABBREVIATIONS = {
+    "%G": _escape("https://www.googleapis.com/auth/"),
+    "%S": ".iam.gserviceaccount.com",
+    "%T": "tokencache",
+    "%D": DEFAULT_ACCOUNT,
+}
+"""Markers for the long substrings that nearly every job id would spell out (applied in this order)."""
+_MARKER = re.compile("|".join(_ABBREVIATIONS))
+
+
+def _job_name(namespace: str, key: TokenKey) -> str:
+    text = ":".join((_escape(namespace), key.encode()))
+    for marker, long in _ABBREVIATIONS.items():
+        text = text.replace(long, marker)
+    return _JOB_ID_PREFIX + base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def parse_job_id(job_id: str) -> tuple[str, TokenKey]:
+    """The namespace and token key a refresh job's id names (ValueError if it names none)."""
+    encoded = job_id.removeprefix(_JOB_ID_PREFIX)
+    try:
+        text = base64.b64decode(encoded + "=" * (-len(encoded) % 4), altchars=b"-_", validate=True).decode()
+        namespace, _, rest = _MARKER.sub(lambda m: _ABBREVIATIONS[m.group()], text).partition(":")
+        namespace, key = unquote(namespace), TokenKey.decode(rest)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise ValueError(f"not a tokencache job id: {job_id!r}") from None
+    if not namespace or _job_name(namespace, key) != job_id:  # e.g. an old hashed id that happens to decode
+        raise ValueError(f"not a tokencache job id: {job_id!r}")
+    return namespace, key
 
 
 def parse_info(info: object, sub: str | None = None) -> TokenKey:
@@ -163,6 +213,5 @@ class Keys:
         return TokenKey.decode(redis_key[len(self.token_prefix) :])
 
     def job_id(self, key: TokenKey) -> str:
-        """The refresh job's RQ id: deterministic, and only ``[A-Za-z0-9_-]`` as RQ requires."""
-        digest = hashlib.blake2b(self.token(key).encode(), digest_size=12).hexdigest()
-        return _JOB_ID_PREFIX + digest
+        """The refresh job's RQ id: names the namespace and ``key`` reversibly, in RQ's alphabet."""
+        return _job_name(self.namespace, key)

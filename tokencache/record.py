@@ -3,6 +3,13 @@
 The hash reads as the token under ``redis-cli HGETALL``: the Token's own fields
 (``token type scope sub account expires``; ``sub``/``account`` empty for None)
 followed by bookkeeping that tells an operator how its refreshes are going.
+
+Bookkeeping is kept to what someone reads, because every field of a hash that
+holds a ~200-byte token costs about 60 bytes per token: ``refresh_at``, and
+``refreshed_at`` once the token was fetched. ``failures``, ``last_error``,
+``last_error_at`` and ``gave_up_at`` appear while refreshes fail (no
+``failures`` field means none); a successful write drops them. The refresh
+job's id is not stored: it is derived from the key (:meth:`Keys.job_id`).
 """
 
 from __future__ import annotations
@@ -21,8 +28,8 @@ class MalformedRecord(ValueError):
     """A token hash that cannot be read back as a Token (hand-edited, or written by something else)."""
 
 
-def to_fields(token: Token, *, refresh_at: int, stored_at: int, job: str, refreshed: bool) -> dict[str, str]:
-    """The hash of a token being written, bookkeeping reset."""
+def to_fields(token: Token, *, refresh_at: int, refreshed_at: int | None) -> dict[str, str]:
+    """The hash of a token being written, bookkeeping reset (``refreshed_at``: when it was fetched)."""
     fields = {
         "token": token.token,
         "type": token.type,
@@ -31,12 +38,9 @@ def to_fields(token: Token, *, refresh_at: int, stored_at: int, job: str, refres
         "account": token.account or "",
         "expires": str(token.expires),
         "refresh_at": str(refresh_at),
-        "stored_at": str(stored_at),
-        "job": job,
-        "failures": "0",
     }
-    if refreshed:
-        fields["refreshed_at"] = str(stored_at)
+    if refreshed_at is not None:
+        fields["refreshed_at"] = str(refreshed_at)
     return fields
 
 
@@ -75,11 +79,9 @@ class Bookkeeping:
     """What the hash says about a token's refreshes (for ``ls``/``status`` and the refresh job)."""
 
     refresh_at: int | None
-    stored_at: int | None
     refreshed_at: int | None
     failures: int
     last_error: str | None
-    job: str | None
 
     @classmethod
     def of(cls, raw: Mapping[bytes, bytes]) -> Bookkeeping:
@@ -91,12 +93,9 @@ class Bookkeeping:
                 return None
 
         error = raw.get(b"last_error")
-        job = raw.get(b"job")
         return cls(
             refresh_at=number("refresh_at"),
-            stored_at=number("stored_at"),
             refreshed_at=number("refreshed_at"),
             failures=number("failures") or 0,
             last_error=error.decode(errors="replace") if error else None,
-            job=job.decode(errors="replace") if job else None,
         )

@@ -22,7 +22,7 @@ from . import metrics
 from .errors import ConfigurationError, RefreshError
 from .keys import DEFAULT_ACCOUNT, TokenKey
 from .locks import LOCK_TTL, Lock
-from .scheduling import repeat_current_job
+from .scheduling import job_target, repeat_current_job
 from .sources import Sources, default_sources
 from .token import EXPIRY_SKEW, Token, mask
 from .tokenstore import TokenRecord, TokenStore, record_failure, replace_if_indexed
@@ -136,13 +136,20 @@ class Refresher:
         return "failed", delay
 
 
-def refresh(namespace: str, account: str, scope: str, sub: str | None, refresh_before: int) -> str:
-    """RQ entry point (``tokencache.refresh.refresh``): refresh one token, schedule the next run."""
+def refresh(refresh_before: int, **old_format: object) -> str:
+    """RQ entry point (``tokencache.refresh.refresh``): refresh the token named by the job's id.
+
+    A job written before ids named their token (keyword arguments ``namespace account scope sub``) hands
+    over to the token's job under its current id and ends.
+    """
     job = get_current_job()
     if not isinstance(job, Job):
         raise RuntimeError("tokencache.refresh.refresh runs inside an RQ worker")
+    namespace, key = job_target(job)
     store = TokenStore(job.connection, namespace=namespace, refresh_before=refresh_before, queue=job.origin)
-    key = TokenKey(account, scope, sub)
+    if old_format:
+        store.refresh_queue.enqueue(key, refresh_before)
+        return "handed over"
     refresher = Refresher(
         store, key, default_sources(), owner=job.id, failures=int(job.meta.get("failures", 0))
     )

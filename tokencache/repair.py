@@ -28,6 +28,7 @@ from rq.serializers import JSONSerializer
 from .connection import redis_errors
 from .keys import TokenKey
 from .locks import Lock
+from .scheduling import job_refresh_before
 from .tokenstore import TokenStore
 
 __all__ = ["DEAD_AFTER", "GRACE", "overdue", "repair", "repair_if_leader"]
@@ -170,7 +171,7 @@ def _enqueue(store: TokenStore, entry: _Entry) -> None:
     log.warning("refresh of %s is overdue (job %s); re-enqueueing it", entry.key.encode(), status)
     refresh_before = store.refresh_before
     if entry.job is not None:
-        refresh_before = int(entry.job.kwargs.get("refresh_before", refresh_before))
+        refresh_before = job_refresh_before(entry.job, refresh_before)
     with redis_errors(store.redis):
         store.refresh_queue.enqueue(entry.key, refresh_before)
 

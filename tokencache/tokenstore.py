@@ -135,8 +135,7 @@ class StoreCore:
         now = int(self.clock())
         refresh_at = self.due_at(token, fetched=fetched)
         redis_key = self.keys.token(key)
-        job_id = self.keys.job_id(key)
-        fields = to_fields(token, refresh_at=refresh_at, stored_at=now, job=job_id, refreshed=fetched)
+        fields = to_fields(token, refresh_at=refresh_at, refreshed_at=now if fetched else None)
         pipe.delete(redis_key)
         pipe.hset(redis_key, mapping=fields)
         pipe.expireat(redis_key, token.expires)
@@ -423,13 +422,7 @@ def replace_if_indexed(store: TokenStore, key: TokenKey, token: Token) -> bool:
     must not be undone by the job storing its result.
     """
     now = int(store.clock())
-    fields = to_fields(
-        token,
-        refresh_at=store.due_at(token, fetched=True),
-        stored_at=now,
-        job=store.keys.job_id(key),
-        refreshed=True,
-    )
+    fields = to_fields(token, refresh_at=store.due_at(token, fetched=True), refreshed_at=now)
     flat = [item for pair in fields.items() for item in pair]
     with redis_errors(store.redis):
         reply = store.redis.eval(

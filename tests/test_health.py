@@ -1,0 +1,47 @@
+"""``tokencache status`` counts what needs attention, whatever the format of the jobs in RQ's registries."""
+
+from __future__ import annotations
+
+import time
+
+from rq.registry import FailedJobRegistry
+
+from tokencache import Token, TokenStore
+from tokencache.health import check
+
+from .conftest import SCOPE
+
+
+def test_failed_refreshes_count_only_for_tokens_still_cached_in_this_namespace(store: TokenStore) -> None:
+    def token(scope: str) -> Token:
+        return Token(token="ya29.health-test", scope=scope, expires=int(time.time()) + 600)
+
+    cached, old_format, gone = token(SCOPE), token("cached-with-an-old-job"), token("not-cached")
+    for t in (cached, old_format):
+        store.store(t)
+    queue = store.refresh_queue.queue
+    other = TokenStore(store.redis, namespace="elsewhere", refresh_before=10, queue=queue.name)
+    legacy_key = store.key_for(old_format)
+    legacy = queue.create_job(
+        "tokencache.refresh.refresh",
+        kwargs=dict(
+            namespace=store.keys.namespace,
+            account=legacy_key.account,
+            scope=legacy_key.scope,
+            sub=None,
+            refresh_before=10,
+        ),
+        job_id="tc-635e7ebecb609f85e7e9b573",
+    )
+    legacy.save()
+    stranger = queue.create_job("os.getcwd", job_id="not-ours")
+    stranger.save()
+    failed = [
+        store.keys.job_id(store.key_for(cached)),  # counts
+        legacy.id,  # counts: an old-format job of a cached token
+        store.keys.job_id(store.key_for(gone)),  # its token is gone
+        other.keys.job_id(store.key_for(cached)),  # the same token of another namespace on this queue
+        stranger.id,
+    ]
+    store.redis.zadd(FailedJobRegistry(queue=queue).key, dict.fromkeys(failed, time.time() + 3600))
+    assert check(store, "redis://test").failed == 2
