@@ -163,7 +163,10 @@ def refresh(refresh_before: int, **old_format: object) -> str:
         outcome, delay = "crashed", backoff(refresher.failures, 0.0)
         log.exception("refresh of %s crashed; retrying in %.1fs", key.encode(), delay)
     metrics.record_refresh(outcome.replace(" ", "_"), refresher.lateness if outcome == "refreshed" else None)
-    job.meta["failures"] = refresher.failures  # saved with the repeat, read by the next run
+    if refresher.failures:  # saved with the repeat, read by the next run
+        job.meta["failures"] = refresher.failures
+    else:
+        job.meta.pop("failures", None)  # no meta at all in the common case: a smaller job hash
     if delay is not None:
         repeat_current_job(job, delay)
     return outcome

@@ -33,7 +33,7 @@ from . import metrics
 from .connection import redis_errors
 from .errors import TokenCacheError
 from .repair import repair_if_leader
-from .scheduling import JOB_TIMEOUT
+from .scheduling import JOB_TIMEOUT, RefreshJob
 from .sources import default_sources
 from .tokenstore import TokenStore
 
@@ -57,6 +57,7 @@ class RefreshPool(WorkerPool):
             num_workers=num_workers,
             serializer=JSONSerializer,
             worker_class=SimpleWorker,
+            job_class=RefreshJob,  # sheds each finished run's record when RQ reschedules the job
             **kwargs,
         )
         self.store = store

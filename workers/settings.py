@@ -1,7 +1,11 @@
 """Settings for plain ``rq worker``: the same refresh workers as ``tokencache worker``.
 
     rq worker -c workers.settings --with-scheduler \\
-        --serializer rq.serializers.JSONSerializer
+        --serializer rq.serializers.JSONSerializer \\
+        --job-class tokencache.scheduling.RefreshJob
+
+``--job-class`` is optional: with it, a job rescheduled after its run sheds
+RQ's record of that run (about 0.4 KB per token in Redis).
 
 Plain ``rq worker`` does not run tokencache's repair pass; run
 ``python -m workers.repair`` beside it (any number of copies: one pass a
