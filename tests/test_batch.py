@@ -113,7 +113,7 @@ def test_not_plainly_due_tokens_are_left_to_their_own_jobs(store: TokenStore) ->
 
     outcomes = refresh_due(store, fetch, exclude=LEADER, threads=2)
 
-    assert outcomes["refreshed"] == 1 and outcomes["busy"] == 1 and outcomes["skipped"] == 3, outcomes
+    assert outcomes == Counter({"refreshed": 1, "held elsewhere": 1, "skipped": 3})
     assert set(fetch.calls) == {key("fine"), key("keyless", "unknown@example.com")}
     assert store.redis.hget(store.keys.token(key("keyless", "unknown@example.com")), "failures") == b"0"
     assert store.redis.get(holder.name) == holder.owner.encode()  # someone else's lock is left alone
@@ -176,6 +176,27 @@ def test_tokens_beyond_the_look_ahead_and_zero_threads_fetch_nothing(store: Toke
     assert refresh_due(store, fetch, exclude=LEADER, threads=0) == Counter()
     assert refresh_due(store, fetch, exclude=LEADER, threads=4) == Counter({"refreshed": 1})
     assert set(fetch.calls) == {key("due")}
+
+
+def test_a_claim_that_waited_too_long_is_renewed_or_dropped_never_fetched_unlocked(store: TokenStore) -> None:
+    from tokencache.batch import _Batch, _Candidates, _Claim
+
+    soon = int(time.time()) + store.refresh_before + 2
+    for sub in ("renewed", "lapsed"):
+        store.store(original(sub, soon))
+    fetch = FakeFetch()
+    batch = _Batch(store, fetch, _Candidates(store, LEADER, 1, time.monotonic() + 10))
+    renewed = Lock(store.redis, store.keys.lock(key("renewed")), 5.0)
+    assert renewed.acquire()
+    lapsed = Lock(store.redis, store.keys.lock(key("lapsed")), 5.0)  # never taken: someone else's now
+    other = Lock(store.redis, lapsed.name, 5.0)
+    assert other.acquire()
+    long_ago = time.monotonic() - 10
+
+    assert batch.refresh_claimed(_Claim(key("renewed"), renewed, long_ago)) == "refreshed"
+    assert batch.refresh_claimed(_Claim(key("lapsed"), lapsed, long_ago)) == "busy"
+    assert set(fetch.calls) == {key("renewed")}
+    assert store.redis.get(other.name) == other.owner.encode()
 
 
 def test_locks_are_taken_in_one_round_trip_and_renewed_only_by_their_owner(store: TokenStore) -> None:

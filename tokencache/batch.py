@@ -91,7 +91,7 @@ class _Candidates:
         self.store = store
         self.threads = threads
         self.deadline = deadline
-        self.busy = 0
+        self.held_elsewhere = 0
         self.stopped = False
         self._failures_in_a_row = 0
         self._lock = threading.Lock()
@@ -102,7 +102,9 @@ class _Candidates:
     def next(self) -> _Claim | None:
         """A claimed token for a thread to refresh, or None when the batch is over."""
         with self._lock:
-            if self.stopped or time.monotonic() > self.deadline:
+            # A main thread gone means the worker is exiting: claim nothing more, let the fetches end.
+            ending = not threading.main_thread().is_alive()
+            if self.stopped or ending or time.monotonic() > self.deadline:
                 self._release_claims()
                 return None
             if not self._claims:
@@ -139,7 +141,7 @@ class _Candidates:
                 if ok:
                     self._claims.append(_Claim(key, lock, now))
                 else:
-                    self.busy += 1
+                    self.held_elsewhere += 1  # mostly in flight in a concurrent batch
 
     def _unseen(self, want: int) -> list[TokenKey]:
         store = self.store
@@ -194,7 +196,7 @@ class _Batch:
         """Refresh the claimed token if it is due within the look-ahead; the outcome. Releases the claim."""
         try:
             if time.monotonic() - claim.at > _FRESH_CLAIM and not claim.lock.extend():
-                return "busy"  # the claim lapsed (and someone else may hold the lock now)
+                return "busy"  # the claim lapsed, and someone else may hold the lock now
             current = self.store.record(claim.key)
             if current is None or not self._due(current):
                 return "skipped"
@@ -225,7 +227,7 @@ class _Batch:
 
 def refresh_due(store: TokenStore, fetch: Fetch, exclude: TokenKey, threads: int) -> Counter[str]:
     """Refresh the tokens other than ``exclude`` that come due within :data:`LOOKAHEAD`, ``threads`` at a
-    time; counts the outcomes (refreshed, skipped, busy, failed, deleted, crashed)."""
+    time; counts the outcomes (refreshed, skipped, busy, failed, deleted, crashed, held elsewhere)."""
     if threads < 1:
         return Counter()
     started = time.monotonic()
@@ -235,7 +237,7 @@ def refresh_due(store: TokenStore, fetch: Fetch, exclude: TokenKey, threads: int
         for _ in range(threads):
             pool.submit(batch.drain)
     candidates.release_claims()
-    batch.outcomes["busy"] += candidates.busy
+    batch.outcomes["held elsewhere"] += candidates.held_elsewhere
     if batch.outcomes.total():
         log.info(
             "batch after %s: %s in %.1fs",
