@@ -64,6 +64,18 @@ class FakeFetch:
         )
 
 
+def an_hour_ago(store: TokenStore) -> TokenStore:
+    """The store as it was an hour ago: tokens stored through it have an hour-long refresh interval,
+    like those of a fleet that started all at once (batching takes such tokens the full look-ahead early)."""
+    return TokenStore(
+        store.redis,
+        namespace=store.keys.namespace,
+        refresh_before=store.refresh_before,
+        queue=store.refresh_queue.name,
+        clock=lambda: time.time() - 3600,
+    )
+
+
 def scheduled_at(store: TokenStore, k: TokenKey) -> float | None:
     registry = ScheduledJobRegistry(queue=store.refresh_queue.queue)
     score: float | None = store.redis.zscore(registry.key, store.keys.job_id(k))
@@ -75,12 +87,13 @@ def test_due_tokens_are_fetched_once_each_and_their_scheduled_jobs_move_to_the_n
 ) -> None:
     soon = int(time.time()) + store.refresh_before + 2  # due in 2 s: inside the look-ahead
     later = int(time.time()) + 100
-    store.store(original("leader@example.com", soon))
+    then = an_hour_ago(store)
+    then.store(original("leader@example.com", soon))
     due = [f"due{i}" for i in range(30)]
     for sub in due:
-        store.store(original(sub, soon))
+        then.store(original(sub, soon))
     for i in range(5):
-        store.store(original(f"later{i}", later))
+        then.store(original(f"later{i}", later))
     fetch = FakeFetch()
 
     outcomes = refresh_due(store, fetch, exclude=LEADER, threads=4)
@@ -102,9 +115,10 @@ def test_due_tokens_are_fetched_once_each_and_their_scheduled_jobs_move_to_the_n
 
 def test_not_plainly_due_tokens_are_left_to_their_own_jobs(store: TokenStore) -> None:
     soon = int(time.time()) + store.refresh_before + 2
+    then = an_hour_ago(store)
     for sub in ("backoff", "locked", "fine"):
-        store.store(original(sub, soon))
-    store.store(original("keyless", soon, account="unknown@example.com"))
+        then.store(original(sub, soon))
+    then.store(original("keyless", soon, account="unknown@example.com"))
     record_failure(store, key("backoff"), "the last attempt failed")
     holder = Lock(store.redis, store.keys.lock(key("locked")), 30)
     assert holder.acquire()
@@ -113,7 +127,7 @@ def test_not_plainly_due_tokens_are_left_to_their_own_jobs(store: TokenStore) ->
 
     outcomes = refresh_due(store, fetch, exclude=LEADER, threads=2)
 
-    assert outcomes == Counter({"refreshed": 1, "held elsewhere": 1, "skipped": 3})
+    assert outcomes == Counter({"refreshed": 1, "held elsewhere": 1, "skipped": 1})
     assert set(fetch.calls) == {key("fine"), key("keyless", "unknown@example.com")}
     assert store.redis.hget(store.keys.token(key("keyless", "unknown@example.com")), "failures") == b"0"
     assert store.redis.get(holder.name) == holder.owner.encode()  # someone else's lock is left alone
@@ -124,7 +138,7 @@ def test_not_plainly_due_tokens_are_left_to_their_own_jobs(store: TokenStore) ->
 def test_a_member_deleted_during_its_fetch_is_not_resurrected(store: TokenStore) -> None:
     soon = int(time.time()) + store.refresh_before + 2
     for sub in ("doomed", "kept"):
-        store.store(original(sub, soon))
+        an_hour_ago(store).store(original(sub, soon))
     fetch = FakeFetch(hook={"doomed": lambda: store.delete(SCOPE, sub="doomed")})
 
     outcomes = refresh_due(store, fetch, exclude=LEADER, threads=2)
@@ -141,7 +155,7 @@ def test_a_member_deleted_during_its_fetch_is_not_resurrected(store: TokenStore)
 def test_a_failed_member_is_recorded_and_its_own_job_keeps_its_time(store: TokenStore) -> None:
     soon = int(time.time()) + store.refresh_before + 2
     for sub in ("flaky", "a", "b"):
-        store.store(original(sub, soon))
+        an_hour_ago(store).store(original(sub, soon))
     fetch = FakeFetch(fail={"flaky"})
 
     outcomes = refresh_due(store, fetch, exclude=LEADER, threads=1)
@@ -158,7 +172,7 @@ def test_a_failed_member_is_recorded_and_its_own_job_keeps_its_time(store: Token
 def test_the_batch_stops_after_failures_in_a_row_and_gives_back_its_claims(store: TokenStore) -> None:
     soon = int(time.time()) + store.refresh_before + 2
     for i in range(40):
-        store.store(original(f"t{i}", soon))
+        an_hour_ago(store).store(original(f"t{i}", soon))
     fetch = FakeFetch(fail={"*"})
 
     outcomes = refresh_due(store, fetch, exclude=LEADER, threads=1)
@@ -168,10 +182,14 @@ def test_the_batch_stops_after_failures_in_a_row_and_gives_back_its_claims(store
     assert not [k for k in store.redis.scan_iter(f"{store.keys.namespace}:lock:*")]
 
 
-def test_tokens_beyond_the_look_ahead_and_zero_threads_fetch_nothing(store: TokenStore) -> None:
+def test_tokens_beyond_the_look_ahead_or_with_a_short_interval_and_zero_threads_fetch_nothing(
+    store: TokenStore,
+) -> None:
     beyond = int(time.time() + store.refresh_before + LOOKAHEAD) + 3
-    store.store(original("beyond", beyond))
+    an_hour_ago(store).store(original("beyond", beyond))
     store.store(original("due", int(time.time()) + store.refresh_before))
+    # Refreshed every 3 s: batching it 2 s early would fetch it almost twice as often.
+    store.store(original("short", int(time.time()) + store.refresh_before + 3))
     fetch = FakeFetch()
     assert refresh_due(store, fetch, exclude=LEADER, threads=0) == Counter()
     assert refresh_due(store, fetch, exclude=LEADER, threads=4) == Counter({"refreshed": 1})
@@ -183,7 +201,7 @@ def test_a_claim_that_waited_too_long_is_renewed_or_dropped_never_fetched_unlock
 
     soon = int(time.time()) + store.refresh_before + 2
     for sub in ("renewed", "lapsed"):
-        store.store(original(sub, soon))
+        an_hour_ago(store).store(original(sub, soon))
     fetch = FakeFetch()
     batch = _Batch(store, fetch, _Candidates(store, LEADER, 1, time.monotonic() + 10))
     renewed = Lock(store.redis, store.keys.lock(key("renewed")), 5.0)

@@ -10,7 +10,8 @@ given burst only with a window sized to it, and it moves every token's refresh
 away from ``expires - refresh_before``; a pool with more threads per worker
 would mean replacing RQ's worker. So the job that runs for a due token looks
 in the index (a range query on ``expires``) for the other tokens that come due
-within :data:`LOOKAHEAD` seconds and refreshes them too, ``threads`` at a time
+within :data:`LOOKAHEAD` seconds (and within :data:`EARLY_SHARE` of their own
+refresh interval) and refreshes them too, ``threads`` at a time
 (``TOKENCACHE_REFRESH_BATCH``, 0 turns batching off).
 
 Each member is refreshed exactly as its own job would: under the token's own
@@ -46,18 +47,23 @@ from . import metrics
 from .errors import ConfigurationError, RefreshError
 from .keys import TokenKey
 from .locks import LOCK_TTL, Lock, acquire_each
+from .record import Bookkeeping
 from .sources import FETCH_TIMEOUT
 from .token import Token
 from .tokenstore import TokenRecord, TokenStore, record_failure, replace_if_indexed
 
-__all__ = ["BATCH_SECONDS", "LOOKAHEAD", "STOP_AFTER_FAILURES", "refresh_due"]
+__all__ = ["BATCH_SECONDS", "EARLY_SHARE", "LOOKAHEAD", "STOP_AFTER_FAILURES", "batchable", "refresh_due"]
 
 log = logging.getLogger(__name__)
 
 LOOKAHEAD = 5.0
 """Seconds ahead of its refresh time that a token may be refreshed by another token's job: long
-enough to gather a burst that comes due over a few seconds, short enough to cost a token only
-this much of its life."""
+enough to gather a burst that comes due over a few seconds, short enough to cost an hour-long
+token nothing that matters."""
+EARLY_SHARE = 0.1
+"""...and at most this share of the token's own refresh interval (``refresh_at - stored_at``)
+early, so short-lived tokens are not fetched more often for being batched: a token refreshed
+every 3 s may be batched 0.3 s early, one refreshed every hour the full look-ahead."""
 BATCH_SECONDS = 20.0
 """A batch claims no new token after this long; each fetch is bounded (4 s), so the job ends well
 inside RQ's 60 s job timeout."""
@@ -69,6 +75,18 @@ the lock outlives the fetch and the write (claims wait for a free thread, normal
 
 Fetch = Callable[[TokenKey, TokenRecord], Token]
 """How a member is fetched: what its own refresh job would do (raises RefreshError/ConfigurationError)."""
+
+
+_BOOKKEEPING = ("expires", "refresh_at", "stored_at", "failures")
+
+
+def batchable(book: Bookkeeping, expires: int, refresh_before: int, now: float) -> bool:
+    """Whether a token may be refreshed by another token's job now: healthy, and due within the
+    look-ahead and within :data:`EARLY_SHARE` of its refresh interval."""
+    due = book.refresh_at or expires - refresh_before
+    interval = due - book.stored_at if book.stored_at is not None else 0.0
+    early = min(LOOKAHEAD, EARLY_SHARE * max(0.0, interval))
+    return book.failures == 0 and now >= due - early
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,17 +142,25 @@ class _Candidates:
         with self._lock:
             self.stopped = True
 
+    def any(self) -> bool:
+        """Whether there is anything to refresh (claims the first few tokens if so)."""
+        with self._lock:
+            if not self._claims:
+                self._claim_more()
+            return bool(self._claims)
+
     def release_claims(self) -> None:
         """Give back the claims no thread took (the batch ended, or a thread crashed)."""
         with self._lock:
             self._release_claims()
 
     def _claim_more(self) -> None:
-        """Lock up to ``threads`` unseen entries of the range's head (one round trip each way)."""
+        """Lock up to ``threads`` unseen, batchable entries of the range's head (a round trip each)."""
         while not self._claims:
-            candidates = self._unseen(self.threads)
-            if not candidates:
+            unseen = self._unseen(self.threads)
+            if not unseen:
                 return
+            candidates = self._batchable(unseen)
             locks = [Lock(self.store.redis, self.store.keys.lock(key), LOCK_TTL) for key in candidates]
             taken, now = acquire_each(self.store.redis, locks), time.monotonic()
             for key, lock, ok in zip(candidates, locks, taken, strict=True):
@@ -142,6 +168,26 @@ class _Candidates:
                     self._claims.append(_Claim(key, lock, now))
                 else:
                     self.held_elsewhere += 1  # mostly in flight in a concurrent batch
+
+    def _batchable(self, keys: list[TokenKey]) -> list[TokenKey]:
+        """The keys whose hash says they may be batched now: read without their locks, so that tokens
+        that are not due are not locked (their own jobs would find them busy); re-checked once locked."""
+        with self.store.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hmget(self.store.keys.token(key), *_BOOKKEEPING)
+            replies = pipe.execute()
+        now = self.store.clock()
+        return [
+            key
+            for key, values in zip(keys, replies, strict=True)
+            if values[0] is not None  # no hash: an app's request to the workers, or gone
+            and batchable(
+                Bookkeeping.of({name.encode(): v for name, v in zip(_BOOKKEEPING, values, strict=True) if v}),
+                int(values[0]),
+                self.store.refresh_before,
+                now,
+            )
+        ]
 
     def _unseen(self, want: int) -> list[TokenKey]:
         store = self.store
@@ -198,16 +244,13 @@ class _Batch:
             if time.monotonic() - claim.at > _FRESH_CLAIM and not claim.lock.extend():
                 return "busy"  # the claim lapsed, and someone else may hold the lock now
             current = self.store.record(claim.key)
-            if current is None or not self._due(current):
+            if current is None or not batchable(
+                current.bookkeeping, current.token.expires, self.store.refresh_before, self.store.clock()
+            ):
                 return "skipped"
             return self._fetch_and_write(claim.key, current)
         finally:
             claim.lock.release()
-
-    def _due(self, current: TokenRecord) -> bool:
-        book = current.bookkeeping
-        due = book.refresh_at or current.token.expires - self.store.refresh_before
-        return book.failures == 0 and self.store.clock() >= due - LOOKAHEAD
 
     def _fetch_and_write(self, key: TokenKey, current: TokenRecord) -> str:
         try:
@@ -233,10 +276,11 @@ def refresh_due(store: TokenStore, fetch: Fetch, exclude: TokenKey, threads: int
     started = time.monotonic()
     candidates = _Candidates(store, exclude, threads, started + BATCH_SECONDS)
     batch = _Batch(store, fetch, candidates)
-    with ThreadPoolExecutor(threads, thread_name_prefix="tokencache-batch") as pool:
-        for _ in range(threads):
-            pool.submit(batch.drain)
-    candidates.release_claims()
+    if candidates.any():  # most refreshes have nothing to batch: no threads for them
+        with ThreadPoolExecutor(threads, thread_name_prefix="tokencache-batch") as pool:
+            for _ in range(threads):
+                pool.submit(batch.drain)
+        candidates.release_claims()
     batch.outcomes["held elsewhere"] += candidates.held_elsewhere
     if batch.outcomes.total():
         log.info(

@@ -161,9 +161,9 @@ def refresh(namespace: str, account: str, scope: str, sub: str | None, refresh_b
         refresher.failures += 1
         outcome, delay = "crashed", backoff(refresher.failures, 0.0)
         log.exception("refresh of %s crashed; retrying in %.1fs", key.encode(), delay)
-    metrics.record_refresh(outcome.replace(" ", "_"), refresher.lateness if outcome == "refreshed" else None)
     if outcome == "refreshed":
         _refresh_others(store, refresher)
+    metrics.record_refresh(outcome.replace(" ", "_"), refresher.lateness if outcome == "refreshed" else None)
     job.meta["failures"] = refresher.failures  # saved with the repeat, read by the next run
     if delay is not None:
         repeat_current_job(job, delay)
