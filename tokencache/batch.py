@@ -61,9 +61,9 @@ LOOKAHEAD = 5.0
 enough to gather a burst that comes due over a few seconds, short enough to cost an hour-long
 token nothing that matters."""
 EARLY_SHARE = 0.1
-"""...and at most this share of the token's own refresh interval (``refresh_at - stored_at``)
-early, so short-lived tokens are not fetched more often for being batched: a token refreshed
-every 3 s may be batched 0.3 s early, one refreshed every hour the full look-ahead."""
+"""A token is batched at most this share of its own refresh interval (``refresh_at - stored_at``)
+early too, so short-lived tokens are not fetched more often for being batched: one refreshed
+every 3 s may be batched 0.3 s early, one refreshed every hour the whole look-ahead."""
 BATCH_SECONDS = 20.0
 """A batch claims no new token after this long; each fetch is bounded (4 s), so the job ends well
 inside RQ's 60 s job timeout."""
@@ -276,10 +276,12 @@ def refresh_due(store: TokenStore, fetch: Fetch, exclude: TokenKey, threads: int
     started = time.monotonic()
     candidates = _Candidates(store, exclude, threads, started + BATCH_SECONDS)
     batch = _Batch(store, fetch, candidates)
-    if candidates.any():  # most refreshes have nothing to batch: no threads for them
-        with ThreadPoolExecutor(threads, thread_name_prefix="tokencache-batch") as pool:
-            for _ in range(threads):
-                pool.submit(batch.drain)
+    try:
+        if candidates.any():  # most refreshes have nothing to batch: no threads for them
+            with ThreadPoolExecutor(threads, thread_name_prefix="tokencache-batch") as pool:
+                for _ in range(threads):
+                    pool.submit(batch.drain)
+    finally:
         candidates.release_claims()
     batch.outcomes["held elsewhere"] += candidates.held_elsewhere
     if batch.outcomes.total():
