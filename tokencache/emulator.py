@@ -608,6 +608,10 @@ def _numeric_id(digits: int = 21) -> str:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver listens with a backlog of 5: a burst of concurrent fetches (each on a new
+    # connection, HTTP/1.0) then sees connection resets and 1 s SYN retransmits, which Google's
+    # endpoint does not cause.
+    request_queue_size = 128
     app: _App
 
     def __init__(self, host: str, port: int, verbose: bool) -> None:

@@ -19,6 +19,9 @@ NAMESPACE = "TOKENCACHE_NAMESPACE"
 REFRESH_BEFORE = "TOKENCACHE_REFRESH_BEFORE"
 """Seconds before ``expires`` at which the refresh job runs."""
 
+REFRESH_BATCH = "TOKENCACHE_REFRESH_BATCH"
+"""How many other due tokens a refresh job fetches at once (0: each job fetches only its own token)."""
+
 QUEUE = "TOKENCACHE_QUEUE"
 """Name of the RQ queue that carries refresh jobs."""
 
@@ -35,6 +38,7 @@ DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_NAMESPACE = "tokencache"
 DEFAULT_REFRESH_BEFORE = 10
 DEFAULT_QUEUE = "tokencache"
+DEFAULT_REFRESH_BATCH = 8
 
 
 def redis_url() -> str:
@@ -54,15 +58,24 @@ def queue_name() -> str:
 
 def refresh_before() -> int:
     """The refresh margin from the environment, validated as whole seconds >= 0."""
-    raw = os.environ.get(REFRESH_BEFORE)
+    return _count(REFRESH_BEFORE, DEFAULT_REFRESH_BEFORE, "a whole number of seconds")
+
+
+def refresh_batch() -> int:
+    """The refresh jobs' batch concurrency from the environment, validated as a whole number >= 0."""
+    return _count(REFRESH_BATCH, DEFAULT_REFRESH_BATCH, "a whole number")
+
+
+def _count(name: str, default: int, what: str) -> int:
+    raw = os.environ.get(name)
     if not raw:
-        return DEFAULT_REFRESH_BEFORE
+        return default
     try:
         value = int(raw)
     except ValueError:
-        raise ConfigurationError(f"{REFRESH_BEFORE}={raw!r} is not a whole number of seconds") from None
+        raise ConfigurationError(f"{name}={raw!r} is not {what}") from None
     if value < 0:
-        raise ConfigurationError(f"{REFRESH_BEFORE}={raw!r} must not be negative")
+        raise ConfigurationError(f"{name}={raw!r} must not be negative")
     return value
 
 

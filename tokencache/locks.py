@@ -7,13 +7,14 @@ was taken by someone else) cannot delete the new holder's lock.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from redis import Redis
 
 from .sources import FETCH_TIMEOUT
 
-__all__ = ["LOCK_TTL", "Lock"]
+__all__ = ["LOCK_TTL", "Lock", "acquire_each"]
 
 LOCK_TTL = FETCH_TIMEOUT + 1.0
 """A fetch holds its token's lock this long at most: one bounded fetch plus a write.
@@ -23,6 +24,13 @@ retried (by repair, once the lock is gone) before the token expires."""
 RELEASE_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
     return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+EXTEND_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
 """
@@ -39,7 +47,15 @@ class Lock:
 
     def acquire(self) -> bool:
         """Take the lock if nobody holds it; True on success."""
-        return bool(self.redis.set(self.name, self.owner, nx=True, px=int(self.ttl * 1000)))
+        return bool(self.redis.set(self.name, self.owner, nx=True, px=self._ttl_ms))
+
+    def extend(self) -> bool:
+        """Give the lock its whole ``ttl`` again if we still hold it; True if it was ours."""
+        return bool(self.redis.eval(EXTEND_SCRIPT, 1, self.name, self.owner, self._ttl_ms))
+
+    @property
+    def _ttl_ms(self) -> int:
+        return int(self.ttl * 1000)
 
     def release(self) -> bool:
         """Give the lock back if we still hold it; True if it was ours."""
@@ -48,3 +64,11 @@ class Lock:
     def held(self) -> bool:
         """Whether anybody holds the lock right now."""
         return bool(self.redis.exists(self.name))
+
+
+def acquire_each(redis: Redis, locks: Sequence[Lock]) -> list[bool]:
+    """Try to take every lock, in one round trip; which ones were taken."""
+    with redis.pipeline(transaction=False) as pipe:
+        for lock in locks:
+            pipe.set(lock.name, lock.owner, nx=True, px=lock._ttl_ms)
+        return [bool(taken) for taken in pipe.execute()]

@@ -3,7 +3,8 @@
 Worker side (``tokencache worker --metrics-port 9108`` serves them):
 
 - ``tokencache_refreshes_total{outcome}`` (counter): refresh-job runs by outcome: refreshed,
-  not due, busy, failed, gave up, deleted, crashed;
+  not due, busy, failed, gave up, deleted, crashed; and ``batched``: tokens refreshed by another
+  token's job (see :mod:`tokencache.batch`);
 - ``tokencache_refresh_lateness_seconds`` (histogram): when a refresh ran minus when it was due;
 - ``tokencache_endpoint_latency_seconds{result}`` (histogram): token requests to Google, ok/error;
 - ``tokencache_refreshes_scheduled`` (gauge, read at scrape): refresh jobs in RQ's schedule;

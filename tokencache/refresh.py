@@ -7,6 +7,10 @@ re-enqueue a job it believes lost, and a SIGKILLed worker leaves its job
 half-done. So the job takes the token's lock, re-reads the token, fetches only
 if a refresh is really due, writes only if the token was not deleted
 meanwhile, and always ends by telling RQ when to run it next.
+
+A job that refreshed its token then refreshes the other tokens that come due
+within a few seconds, concurrently (see :mod:`tokencache.batch`): one fetch per
+job cannot keep up with a fleet's tokens all coming due in the same second.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from dataclasses import dataclass
 from rq import get_current_job
 from rq.job import Job
 
-from . import metrics
+from . import env, metrics
+from .batch import refresh_due
 from .errors import ConfigurationError, RefreshError
 from .keys import DEFAULT_ACCOUNT, TokenKey
 from .locks import LOCK_TTL, Lock
@@ -90,7 +95,7 @@ class Refresher:
                 return "not due", due - now
             self.lateness = now - due
         try:
-            token = self._fetch(current)
+            token = self.fetch(current)
         except (RefreshError, ConfigurationError) as e:
             return self._failed(current, e)
         if not replace_if_indexed(self.store, self.key, token):
@@ -99,7 +104,8 @@ class Refresher:
         log.info("refreshed %s: %s, expires in %ds", self.key.encode(), mask(token.token), token.expires_in())
         return "refreshed", max(MIN_DELAY, self.store.due_at(token, fetched=True) - self.store.clock())
 
-    def _fetch(self, current: TokenRecord | None) -> Token:
+    def fetch(self, current: TokenRecord | None) -> Token:
+        """A new token from the key's source (RefreshError if it lives too short to be worth storing)."""
         token = self.sources.fetch(self.key, scope=self._scope(current), account=self._account(current))
         if token.expires_in(self.store.clock()) <= EXPIRY_SKEW + 1:
             raise RefreshError(f"the token endpoint returned a token that lives {token.expires_in():.0f}s")
@@ -162,6 +168,8 @@ def refresh(refresh_before: int, **old_format: object) -> str:
         refresher.failures += 1
         outcome, delay = "crashed", backoff(refresher.failures, 0.0)
         log.exception("refresh of %s crashed; retrying in %.1fs", key.encode(), delay)
+    if outcome == "refreshed":
+        _refresh_others(store, refresher)
     metrics.record_refresh(outcome.replace(" ", "_"), refresher.lateness if outcome == "refreshed" else None)
     if refresher.failures:  # saved with the repeat, read by the next run
         job.meta["failures"] = refresher.failures
@@ -170,3 +178,15 @@ def refresh(refresh_before: int, **old_format: object) -> str:
     if delay is not None:
         repeat_current_job(job, delay)
     return outcome
+
+
+def _refresh_others(store: TokenStore, refresher: Refresher) -> None:
+    """Refresh the other tokens due within the look-ahead (a burst); never lets the own repeat be lost."""
+
+    def fetch(key: TokenKey, current: TokenRecord) -> Token:
+        return Refresher(store, key, refresher.sources, owner=refresher.owner).fetch(current)
+
+    try:
+        refresh_due(store, fetch, exclude=refresher.key, threads=env.refresh_batch())
+    except Exception:
+        log.exception("batch after %s failed; the others' own jobs refresh them", refresher.key.encode())

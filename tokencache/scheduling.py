@@ -156,6 +156,14 @@ class RefreshQueue:
         pipe.lrem(self.queue.key, 0, job_id)
         pipe.delete(Job.key_for(job_id))
 
+    def move_scheduled(self, pipe: Any, key: TokenKey, at: int) -> None:
+        """Move the token's job to ``at`` (Unix seconds) inside ``pipe``, if it waits in RQ's schedule.
+
+        ``ZADD XX`` touches only a job that is still scheduled: one the scheduler already queued, or a
+        running one, is left alone, and finds its token fresh when it runs.
+        """
+        pipe.zadd(self.scheduled.key, {self.keys.job_id(key): at}, xx=True)
+
     def enqueue_into(self, pipe: Any, key: TokenKey, refresh_before: int) -> Job:
         """Put the token's refresh job on the queue now, bypassing the scheduler, inside ``pipe``'s MULTI."""
         job = self._job(pipe, key, refresh_before, JobStatus.QUEUED)

@@ -415,17 +415,20 @@ def record_failure(store: TokenStore, key: TokenKey, message: str, *, gave_up: b
     return int(reply)
 
 
-def replace_if_indexed(store: TokenStore, key: TokenKey, token: Token) -> bool:
+def replace_if_indexed(store: TokenStore, key: TokenKey, token: Token, *, move_job: bool = False) -> bool:
     """Write a refreshed token unless the token was deleted meanwhile (its index entry is gone).
 
     The refresh job's write: a ``delete()`` that lands while the job fetches
-    must not be undone by the job storing its result.
+    must not be undone by the job storing its result. ``move_job`` also moves
+    the token's own job to the new refresh time, in the same transaction, if
+    that job is waiting in RQ's schedule (see :mod:`tokencache.batch`).
     """
     now = int(store.clock())
-    fields = to_fields(token, refresh_at=store.due_at(token, fetched=True), refreshed_at=now)
+    refresh_at = store.due_at(token, fetched=True)
+    fields = to_fields(token, refresh_at=refresh_at, refreshed_at=now)
     flat = [item for pair in fields.items() for item in pair]
-    with redis_errors(store.redis):
-        reply = store.redis.eval(
+    with redis_errors(store.redis), store.redis.pipeline(transaction=move_job) as pipe:
+        pipe.eval(
             _REPLACE_IF_INDEXED,
             4,
             store.keys.token(key),
@@ -437,4 +440,8 @@ def replace_if_indexed(store: TokenStore, key: TokenKey, token: Token) -> bool:
             ok_message(),
             *flat,
         )
+        if move_job:
+            # A delete() cancels the job with the index entry, so this moves nothing when the write did not.
+            store.refresh_queue.move_scheduled(pipe, key, refresh_at)
+        reply, *_ = pipe.execute()
     return bool(reply)

@@ -29,7 +29,7 @@ from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker
 from rq.worker_pool import WorkerPool
 
-from . import metrics
+from . import env, metrics
 from .connection import redis_errors
 from .errors import TokenCacheError
 from .repair import repair_if_leader
@@ -120,6 +120,7 @@ def run_pool(
         raise ValueError(f"num_workers must be at least 1, got {num_workers}")
     _check_redis(store.redis)
     accounts = default_sources().accounts()  # fail fast on a broken TOKENCACHE_CREDENTIALS
+    env.refresh_batch()  # and on a bad TOKENCACHE_REFRESH_BATCH, which every refresh job reads
     log.info("refreshing accounts %s on queue %r", ", ".join(accounts), store.refresh_queue.name)
     if metrics_port is not None:
         folder = metrics.enable_multiprocess()  # before the workers are forked

@@ -1,0 +1,295 @@
+"""Batched refreshes: a refresh job that found its token due also refreshes the others due soon.
+
+Why: a fleet that starts all at once stores its tokens in the same second, so
+an hour later they all come due in the same second. One fetch per job gives a
+pool at most ``workers / endpoint latency`` refreshes a second (4 / 50 ms = 80/s:
+12.5 s for 1,000 tokens, more than the 10 s margin), and on a small machine
+RQ's own work per job (several milliseconds of CPU, more than the fetch itself)
+halves that again. Spreading refresh times earlier with jitter would fit a
+given burst only with a window sized to it, and it moves every token's refresh
+away from ``expires - refresh_before``; a pool with more threads per worker
+would mean replacing RQ's worker. So the job that runs for a due token looks
+in the index (a range query on ``expires``) for the other tokens that come due
+within :data:`LOOKAHEAD` seconds (and within :data:`EARLY_SHARE` of their own
+refresh interval) and refreshes them too, ``threads`` at a time
+(``TOKENCACHE_REFRESH_BATCH``, 0 turns batching off).
+
+Each member is refreshed exactly as its own job would: under the token's own
+lock (never two fetches of one token), re-read, fetched with credentials of its
+own, and written only if still indexed, so a ``delete()`` meanwhile is not
+undone. Its own job is moved to the new refresh time in the same transaction
+if it still waits in RQ's schedule; one the scheduler already queued runs,
+finds the token fresh and just reschedules itself ("not due"), so RQ and
+repair keep seeing one job per token, due when its token is.
+
+What the batch leaves to a token's own job: anything that is not plainly due
+and healthy. A token in backoff (``failures`` > 0), one without a hash (an
+app's request to the workers), one whose lock is held, one of an account this
+worker has no key for: skipped. A member whose fetch fails gets the failure
+recorded (its own job retries with backoff, as always), and after
+:data:`STOP_AFTER_FAILURES` failures in a row the batch stops claiming more, so
+a failing endpoint is not hammered. The batch stops claiming after
+:data:`BATCH_SECONDS`, far inside RQ's job timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import cast
+
+from . import metrics
+from .errors import ConfigurationError, RefreshError
+from .keys import TokenKey
+from .locks import LOCK_TTL, Lock, acquire_each
+from .record import Bookkeeping
+from .sources import FETCH_TIMEOUT
+from .token import Token
+from .tokenstore import TokenRecord, TokenStore, record_failure, replace_if_indexed
+
+__all__ = ["BATCH_SECONDS", "EARLY_SHARE", "LOOKAHEAD", "STOP_AFTER_FAILURES", "batchable", "refresh_due"]
+
+log = logging.getLogger(__name__)
+
+LOOKAHEAD = 5.0
+"""Seconds ahead of its refresh time that a token may be refreshed by another token's job: long
+enough to gather a burst that comes due over a few seconds, short enough to cost an hour-long
+token nothing that matters."""
+EARLY_SHARE = 0.1
+"""A token is batched at most this share of its own refresh interval (``refresh_at - refreshed_at``)
+early too, so short-lived tokens are not fetched more often for being batched: one refreshed
+every 3 s may be batched 0.3 s early, one refreshed every hour the whole look-ahead. A token no
+worker has fetched yet (stored by an app: no ``refreshed_at``) is batched only once it is due."""
+BATCH_SECONDS = 20.0
+"""A batch claims no new token after this long; each fetch is bounded (4 s), so the job ends well
+inside RQ's 60 s job timeout."""
+STOP_AFTER_FAILURES = 3
+"""Member fetches failing in a row after which the batch stops: the members' own jobs back off."""
+_FRESH_CLAIM = LOCK_TTL - FETCH_TIMEOUT - 0.5
+"""A claimed token whose fetch starts later than this after the claim first renews its lock, so
+the lock outlives the fetch and the write (claims wait for a free thread, normally milliseconds)."""
+
+Fetch = Callable[[TokenKey, TokenRecord], Token]
+"""How a member is fetched: what its own refresh job would do (raises RefreshError/ConfigurationError)."""
+
+
+_BOOKKEEPING = ("expires", "refresh_at", "refreshed_at", "failures")
+
+
+def batchable(book: Bookkeeping, expires: int, refresh_before: int, now: float) -> bool:
+    """Whether a token may be refreshed by another token's job now: healthy, and due within the
+    look-ahead and within :data:`EARLY_SHARE` of its refresh interval."""
+    due = book.refresh_at or expires - refresh_before
+    interval = due - book.refreshed_at if book.refreshed_at is not None else 0.0
+    early = min(LOOKAHEAD, EARLY_SHARE * max(0.0, interval))
+    return book.failures == 0 and now >= due - early
+
+
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    key: TokenKey
+    lock: Lock
+    at: float
+
+
+class _Candidates:
+    """The index entries due within the look-ahead, claimed (locked) a few at a time for the threads.
+
+    Claiming when reading, rather than when a thread gets to the entry, keeps concurrent batches,
+    which all read the same head of the range, from trying each other's tokens one by one. The
+    head is re-read when the claims run out instead of paging by offset: refreshed tokens leave
+    the range (their ``expires`` moves on), so an offset would skip entries.
+    """
+
+    def __init__(self, store: TokenStore, exclude: TokenKey, threads: int, deadline: float) -> None:
+        self.store = store
+        self.threads = threads
+        self.deadline = deadline
+        self.held_elsewhere = 0
+        self.stopped = False
+        self._failures_in_a_row = 0
+        self._lock = threading.Lock()
+        self._seen = {store.keys.token(exclude).encode()}
+        self._gone = 1  # seen entries that left the range: the excluded token was just refreshed
+        self._claims: deque[_Claim] = deque()
+
+    def next(self) -> _Claim | None:
+        """A claimed token for a thread to refresh, or None when the batch is over."""
+        with self._lock:
+            # A main thread gone means the worker is exiting: claim nothing more, let the fetches end.
+            ending = not threading.main_thread().is_alive()
+            if self.stopped or ending or time.monotonic() > self.deadline:
+                self._release_claims()
+                return None
+            if not self._claims:
+                self._claim_more()
+            return self._claims.popleft() if self._claims else None
+
+    def done(self, outcome: str) -> None:
+        with self._lock:
+            self._gone += outcome in ("refreshed", "deleted")
+            if outcome == "failed":
+                self._failures_in_a_row += 1
+                self.stopped = self.stopped or self._failures_in_a_row >= STOP_AFTER_FAILURES
+            elif outcome == "refreshed":
+                self._failures_in_a_row = 0
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopped = True
+
+    def any(self) -> bool:
+        """Whether there is anything to refresh (claims the first few tokens if so)."""
+        with self._lock:
+            if not self._claims:
+                self._claim_more()
+            return bool(self._claims)
+
+    def release_claims(self) -> None:
+        """Give back the claims no thread took (the batch ended, or a thread crashed)."""
+        with self._lock:
+            self._release_claims()
+
+    def _claim_more(self) -> None:
+        """Lock up to ``threads`` unseen, batchable entries of the range's head (a round trip each)."""
+        while not self._claims:
+            unseen = self._unseen(self.threads)
+            if not unseen:
+                return
+            candidates = self._batchable(unseen)
+            locks = [Lock(self.store.redis, self.store.keys.lock(key), LOCK_TTL) for key in candidates]
+            taken, now = acquire_each(self.store.redis, locks), time.monotonic()
+            for key, lock, ok in zip(candidates, locks, taken, strict=True):
+                if ok:
+                    self._claims.append(_Claim(key, lock, now))
+                else:
+                    self.held_elsewhere += 1  # mostly in flight in a concurrent batch
+
+    def _batchable(self, keys: list[TokenKey]) -> list[TokenKey]:
+        """The keys whose hash says they may be batched now: read without their locks, so that tokens
+        that are not due are not locked (their own jobs would find them busy); re-checked once locked."""
+        with self.store.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hmget(self.store.keys.token(key), *_BOOKKEEPING)
+            replies = pipe.execute()
+        now = self.store.clock()
+        return [
+            key
+            for key, values in zip(keys, replies, strict=True)
+            if values[0] is not None  # no hash: an app's request to the workers, or gone
+            and batchable(
+                Bookkeeping.of({name.encode(): v for name, v in zip(_BOOKKEEPING, values, strict=True) if v}),
+                int(values[0]),
+                self.store.refresh_before,
+                now,
+            )
+        ]
+
+    def _unseen(self, want: int) -> list[TokenKey]:
+        store = self.store
+        horizon = store.clock() + store.refresh_before + LOOKAHEAD
+        # Every entry seen and not gone from the range may still be at its head (in flight, skipped).
+        limit = want + len(self._seen) - self._gone
+        members = cast(list[bytes], store.redis.zrangebyscore(store.keys.index, "-inf", horizon, 0, limit))
+        keys = []
+        for member in members:
+            if member in self._seen:
+                continue
+            self._seen.add(member)
+            try:
+                keys.append(store.keys.parse_token(member.decode()))
+            except (UnicodeDecodeError, ValueError):
+                self._gone += 1  # junk in the index: repair drops it
+                continue
+            if len(keys) == want:
+                break
+        return keys
+
+    def _release_claims(self) -> None:
+        while self._claims:
+            self._claims.popleft().lock.release()
+
+
+class _Batch:
+    """One batch: ``threads`` threads refreshing the claims of :class:`_Candidates`, counting outcomes."""
+
+    def __init__(self, store: TokenStore, fetch: Fetch, candidates: _Candidates) -> None:
+        self.store = store
+        self.fetch = fetch
+        self.candidates = candidates
+        self.outcomes: Counter[str] = Counter()
+        self._count = threading.Lock()
+
+    def drain(self) -> None:
+        try:
+            while (claim := self.candidates.next()) is not None:
+                outcome = self.refresh_claimed(claim)
+                self.candidates.done(outcome)
+                with self._count:
+                    self.outcomes[outcome] += 1
+        except Exception:
+            # Redis failing mid-batch, a bug: the members' own jobs are still scheduled and retry.
+            log.exception("a batched refresh crashed; stopping the batch")
+            self.candidates.stop()
+            with self._count:
+                self.outcomes["crashed"] += 1
+
+    def refresh_claimed(self, claim: _Claim) -> str:
+        """Refresh the claimed token if it is due within the look-ahead; the outcome. Releases the claim."""
+        try:
+            if time.monotonic() - claim.at > _FRESH_CLAIM and not claim.lock.extend():
+                return "busy"  # the claim lapsed, and someone else may hold the lock now
+            current = self.store.record(claim.key)
+            if current is None or not batchable(
+                current.bookkeeping, current.token.expires, self.store.refresh_before, self.store.clock()
+            ):
+                return "skipped"
+            return self._fetch_and_write(claim.key, current)
+        finally:
+            claim.lock.release()
+
+    def _fetch_and_write(self, key: TokenKey, current: TokenRecord) -> str:
+        try:
+            token = self.fetch(key, current)
+        except ConfigurationError as e:
+            log.debug("batch skips %s: %s", key.encode(), e)  # its own job reports it
+            return "skipped"
+        except RefreshError as e:
+            record_failure(self.store, key, str(e))
+            log.warning("batched refresh of %s failed: %s; its own job retries", key.encode(), e)
+            return "failed"
+        if not replace_if_indexed(self.store, key, token, move_job=True):
+            return "deleted"
+        metrics.record_refresh("batched")
+        return "refreshed"
+
+
+def refresh_due(store: TokenStore, fetch: Fetch, exclude: TokenKey, threads: int) -> Counter[str]:
+    """Refresh the tokens other than ``exclude`` that come due within :data:`LOOKAHEAD`, ``threads`` at a
+    time; counts the outcomes (refreshed, skipped, busy, failed, deleted, crashed, held elsewhere)."""
+    if threads < 1:
+        return Counter()
+    started = time.monotonic()
+    candidates = _Candidates(store, exclude, threads, started + BATCH_SECONDS)
+    batch = _Batch(store, fetch, candidates)
+    try:
+        if candidates.any():  # most refreshes have nothing to batch: no threads for them
+            with ThreadPoolExecutor(threads, thread_name_prefix="tokencache-batch") as pool:
+                for _ in range(threads):
+                    pool.submit(batch.drain)
+    finally:
+        candidates.release_claims()
+    batch.outcomes["held elsewhere"] += candidates.held_elsewhere
+    if batch.outcomes.total():
+        log.info(
+            "batch after %s: %s in %.1fs",
+            exclude.encode(),
+            ", ".join(f"{n} {outcome}" for outcome, n in sorted(batch.outcomes.items()) if n),
+            time.monotonic() - started,
+        )
+    return batch.outcomes
