@@ -12,6 +12,7 @@ import time
 from collections import Counter
 
 import pytest
+from rq.job import Job
 from rq.registry import ScheduledJobRegistry
 
 from tokencache import Token, TokenStore
@@ -64,10 +65,18 @@ class FakeFetch:
         )
 
 
+class _FetchedThrough(TokenStore):
+    """A store whose ``store()`` files tokens as a worker's fetch would (``refreshed_at`` set)."""
+
+    def store(self, token: Token, info: object = None, sub: str | None = None) -> Job | None:
+        return self.write(self.key_for(token, info, sub), token, fetched=True)
+
+
 def an_hour_ago(store: TokenStore) -> TokenStore:
-    """The store as it was an hour ago: tokens stored through it have an hour-long refresh interval,
-    like those of a fleet that started all at once (batching takes such tokens the full look-ahead early)."""
-    return TokenStore(
+    """The store as it was an hour ago: tokens stored through it were fetched an hour ago, so they have
+    an hour-long refresh interval, like those of a fleet that started all at once (batching takes
+    such tokens the full look-ahead early)."""
+    return _FetchedThrough(
         store.redis,
         namespace=store.keys.namespace,
         refresh_before=store.refresh_before,
@@ -113,6 +122,19 @@ def test_due_tokens_are_fetched_once_each_and_their_scheduled_jobs_move_to_the_n
     assert not [k for k in store.redis.scan_iter(f"{store.keys.namespace}:lock:*")]
 
 
+def test_a_token_no_worker_fetched_is_batched_only_once_due(store: TokenStore) -> None:
+    """Stored by an app (no ``refreshed_at``), its refresh interval is unknown: no early batching."""
+    soon = int(time.time()) + store.refresh_before + 2
+    store.store(original("from-an-app", soon))
+    an_hour_ago(store).store(original("fetched", soon))
+    fetch = FakeFetch()
+    refresh_due(store, fetch, exclude=LEADER, threads=2)
+    assert fetch.calls == Counter({key("fetched"): 1})
+    store.store(original("due-now", int(time.time()) + store.refresh_before))
+    refresh_due(store, fetch, exclude=LEADER, threads=2)
+    assert fetch.calls[key("due-now")] == 1 and fetch.calls[key("from-an-app")] == 0
+
+
 def test_not_plainly_due_tokens_are_left_to_their_own_jobs(store: TokenStore) -> None:
     soon = int(time.time()) + store.refresh_before + 2
     then = an_hour_ago(store)
@@ -129,7 +151,7 @@ def test_not_plainly_due_tokens_are_left_to_their_own_jobs(store: TokenStore) ->
 
     assert outcomes == Counter({"refreshed": 1, "held elsewhere": 1, "skipped": 1})
     assert set(fetch.calls) == {key("fine"), key("keyless", "unknown@example.com")}
-    assert store.redis.hget(store.keys.token(key("keyless", "unknown@example.com")), "failures") == b"0"
+    assert store.redis.hget(store.keys.token(key("keyless", "unknown@example.com")), "failures") is None
     assert store.redis.get(holder.name) == holder.owner.encode()  # someone else's lock is left alone
     for sub in ("backoff", "locked"):
         assert store.find(SCOPE, sub=sub).token == f"ya29.original-{sub}"  # type: ignore[union-attr]
