@@ -42,11 +42,11 @@ class Result:
     target: str | None = None
     met: bool | None = None
     note: str = ""
-    goal: float | None = None
-    """For the chart: the ratio to the baseline must be at least this."""
-    limit: float | None = None
-    """For the chart: the value must be at most this (a budget, in ``unit``)."""
     extra: dict[str, Any] = field(default_factory=dict)
+    goal: float | None = field(default=None, kw_only=True)
+    """For the chart: the ratio to the baseline must be at least this."""
+    limit: float | None = field(default=None, kw_only=True)
+    """For the chart: the value must be at most this (a budget, in ``unit``)."""
 
     @property
     def ratio(self) -> float | None:

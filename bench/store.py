@@ -70,7 +70,7 @@ def run(env: BenchEnv, quick: bool) -> list[Result]:
     return [
         Result(BENCH, "store() round trips (incl. refresh scheduling)", store_trips, "round trips",
                baseline="raw HSET+EXPIREAT", baseline_value=raw_trips, target="≤ 2", met=store_trips <= 2,
-               note=f"{commands} commands in one MULTI/EXEC"),
+               note=f"{commands} commands in one MULTI/EXEC", limit=2),
         Result(BENCH, "store() ops/s (median)", rates["store"], "ops/s",
                baseline="raw pipelined HSET+EXPIREAT", baseline_value=rates["raw"],
                note=f"{rounds} alternating rounds of {seconds:g} s, {TOKENS:,} tokens in turn"),
