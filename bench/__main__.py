@@ -71,7 +71,7 @@ def write_chart(results: list[Result], path: Path) -> None:
     fig, axes = plt.subplots(
         len(panels),
         1,
-        figsize=(10, 0.45 * sum(len(p) for p in panels) + 1.6 * len(panels)),
+        figsize=(14, 0.45 * sum(len(p) for p in panels) + 1.6 * len(panels)),
         squeeze=False,
         gridspec_kw={"height_ratios": [len(p) + 1 for p in panels]},
     )
@@ -107,7 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short runs (each benchmark under a minute)")
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these benchmarks")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for JSON and PNG")
+    parser.add_argument("--replot", action="store_true", help="only redraw the chart from OUT/results.json")
     args = parser.parse_args(argv)
+    if args.replot:
+        saved = json.loads((args.out / "results.json").read_text())["results"]
+        rows = [Result(**{k: v for k, v in r.items() if k != "ratio"}) for r in saved]
+        write_chart(rows, args.out / "results.png")
+        return 0
     results: list[Result] = []
     timings: dict[str, float] = {}
     with bench_env() as env:
