@@ -29,8 +29,13 @@ SEEN_WITHIN = 0.050
 """The issue's bound: a write by another process is seen within 50 ms."""
 
 
-def token(tag: str, life: int = 3600) -> Token:
-    return Token(token=f"ya29.near-{tag}", scope=SCOPE, expires=int(time.time()) + life)
+_AN_HOUR_ON = int(time.time()) + 7200
+"""One expiry for the long-lived test tokens, so that token("a") == token("a") across a second boundary."""
+
+
+def token(tag: str, life: int | None = None) -> Token:
+    expires = _AN_HOUR_ON if life is None else int(time.time()) + life
+    return Token(token=f"ya29.near-{tag}", scope=SCOPE, expires=expires)
 
 
 def hgetall_calls(client: Redis) -> int:
@@ -234,29 +239,38 @@ def test_tracking_refused_falls_back_to_redis(
 def test_forked_child_tracks_on_its_own(near: TokenStore, writer: TokenStore) -> None:
     writer.store(token("p"))
     assert near.find(SCOPE) == token("p")
-    read, write = os.pipe()
+    to_parent, from_child = os.pipe()
+    go_child, from_parent = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: its cache starts empty and inactive, then tracks by itself
-        ok = 0
+        code = 1
         try:
             cache = near.near_cache
-            assert cache is not None and not cache.active
-            assert near.find(SCOPE) == token("p")  # from Redis
-            assert cache.wait_active(5)
-            os.write(write, b"ready\n")
-            assert near.find(SCOPE) == token("p")
+            assert cache is not None and not cache.active, "active right after fork"
+            assert near.find(SCOPE) == token("p"), "not read from Redis"
+            assert cache.wait_active(5), "tracking not on within 5 s"
+            os.write(from_child, b"ready\n")
+            assert os.read(go_child, 3) == b"go\n"
             wait_for(lambda: near.find(SCOPE) == token("q"), 5, interval=0.001, what="the parent's write")
-            ok = 1
+            os.write(from_child, b"ok\n")
+            code = 0
+        except BaseException as e:
+            os.write(from_child, f"child: {e!r}\n".encode())
         finally:
-            os._exit(0 if ok else 1)
+            os._exit(code)
     try:
-        assert os.read(read, 6) == b"ready\n"
-        writer.store(token("q"))
+        with os.fdopen(to_parent, "rb", closefd=False) as child_says:
+            first = child_says.readline()
+            assert first == b"ready\n", first
+            writer.store(token("q"))
+            os.write(from_parent, b"go\n")
+            second = child_says.readline()
+            assert second == b"ok\n", second
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
-        os.close(read)
-        os.close(write)
+        for fd in (to_parent, from_child, go_child, from_parent):
+            os.close(fd)
 
 
 def test_bad_near_cache_argument(real_redis: Redis) -> None:
@@ -333,3 +347,91 @@ def test_default_store_from_the_environment(redis_url: str, monkeypatch: pytest.
             default_store()
     finally:
         reset_default_store()
+
+
+def test_asyncio_store_on_a_plain_asyncio_client(redis_url: str, writer: TokenStore) -> None:
+    """redis.asyncio.Redis(...) carries an asyncio Retry in its pool; the tracking connection is sync."""
+    import redis.asyncio
+
+    from tokencache import aio
+
+    async def scenario() -> None:
+        store = aio.TokenStore(redis.asyncio.Redis.from_url(redis_url), namespace=NS, near_cache=True)
+        try:
+            assert store.near_cache is not None
+            assert await asyncio.to_thread(store.near_cache.wait_active, 5)
+            await asyncio.to_thread(store_and_settle, writer, store, token("plain-async"))
+            assert await store.find(SCOPE) == token("plain-async")
+        finally:
+            await store.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_key_that_is_not_utf8_does_not_stop_tracking(
+    near: TokenStore, writer: TokenStore, real_redis: Redis
+) -> None:
+    store_and_settle(writer, near, token("u1"))
+    assert near.find(SCOPE) == token("u1")
+    real_redis.set(near.keys.token_prefix.encode() + b"\xff\xfe", b"junk")
+    writer.store(token("u2"))
+    assert wait_seen(lambda: near.find(SCOPE), token("u2")) < SEEN_WITHIN
+    assert near.near_cache is not None and near.near_cache.active
+
+
+def test_an_unexpected_error_in_the_reader_starts_it_over(
+    near: TokenStore, writer: TokenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = near.near_cache
+    assert cache is not None
+    store_and_settle(writer, near, token("e1"))
+    assert near.find(SCOPE) == token("e1")
+    original = type(cache).invalidate
+    failed = []
+
+    def fail_once(self: object, keys: object) -> None:
+        if not failed:
+            failed.append(keys)
+            raise RuntimeError("a bug")
+        original(self, keys)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(type(cache), "invalidate", fail_once)
+    writer.store(token("e2"))  # its push hits the bug: tracking drops, the cache empties
+    assert wait_seen(lambda: near.find(SCOPE), token("e2")) < 5
+    assert failed and cache.wait_active(5)
+    store_and_settle(writer, near, token("e3"))
+    assert near.find(SCOPE) == token("e3")
+
+
+def test_a_store_dropped_without_close_stops_its_reader(redis_url: str) -> None:
+    import gc
+    import threading
+
+    def readers() -> int:
+        return sum(
+            1 for t in threading.enumerate() if t.name.startswith("tokencache-near-cache-") and t.is_alive()
+        )
+
+    before = readers()
+    store = TokenStore.from_url(redis_url, namespace=NS, near_cache=True)
+    assert store.near_cache is not None and store.near_cache.wait_active(5)
+    assert readers() == before + 1
+    del store
+    gc.collect()
+    wait_for(lambda: readers() == before, 5, interval=0.02, what="the reader to stop")
+
+
+def test_a_paused_process_serves_nothing_until_its_reader_catches_up(
+    near: TokenStore, writer: TokenStore
+) -> None:
+    from tokencache import nearcache
+
+    cache = near.near_cache
+    assert cache is not None
+    store_and_settle(writer, near, token("l1"))
+    assert near.find(SCOPE) == token("l1")
+    cache._heard -= nearcache.LEASE + 1  # as if the process had been stopped for a while
+    assert cache.get(near.keys.token(near.key_for(token("l1"))), time.time()) is None
+    assert near.find(SCOPE) == token("l1")  # from Redis meanwhile
+    key = near.keys.token(near.key_for(token("l1")))
+    wait_for(lambda: cache.get(key, time.time()) == token("l1"), 5, interval=0.05, what="the lease renewed")

@@ -61,11 +61,15 @@ PING_EVERY = 1.0
 """Seconds of silence on the tracking connection after which it is pinged."""
 PING_TIMEOUT = 2.0
 """Seconds a ping may go unanswered before the connection counts as lost (and the cache is emptied)."""
+LEASE = PING_EVERY + PING_TIMEOUT
+"""Seconds since the reader last heard from Redis after which entries are not served."""
 RETRY_MAX = 5.0
 """Longest wait between attempts to re-establish tracking."""
 _POLL = 0.1
 """How often the reader thread looks up from the socket (to notice close() and ping deadlines)."""
 _INVALIDATE = (b"invalidate", "invalidate")
+_READ_TIMEOUT = 5.0
+_ASYNC_ONLY = ("retry", "redis_connect_func", "credential_provider")
 
 
 class NearCache:
@@ -83,13 +87,18 @@ class NearCache:
         self._epoch = 0
         self._active = False
         self._closed = threading.Event()
+        self._heard = 0.0  # when the reader last heard from Redis (monotonic)
         self._reader: _Reader | None = None
-        self._start()
         _live.add(self)
+        # A store dropped without close() must not leave its reader and connection behind: the
+        # reader holds only a weak reference, and stops when this is collected.
+        weakref.finalize(self, self._closed.set)
+        self._start()
 
     def _start(self) -> None:
         with self._lock:
-            if self._reader is None and not self._closed.is_set():
+            alive = self._reader is not None and self._reader.is_alive()
+            if not alive and not self._closed.is_set():
                 self._reader = _Reader(self)
                 self._reader.start()
 
@@ -99,9 +108,13 @@ class NearCache:
         return self._active
 
     def get(self, redis_key: str, now: float) -> Token | None:
-        """The cached token if tracking is up and the token has more than the skew left."""
-        if not self._active:
-            if self._reader is None:
+        """The cached token if tracking is up and the token has more than the skew left.
+
+        Tracking also has to be recent: a process that was paused or starved serves nothing until
+        its reader has heard from Redis again (the lease), since pushes may be waiting unread.
+        """
+        if not self._active or time.monotonic() - self._heard > LEASE:
+            if self._reader is None or not self._reader.is_alive():
                 self._start()
             return None
         token = self._entries.get(redis_key)
@@ -136,7 +149,8 @@ class NearCache:
         with self._lock:
             self._epoch += 1
             self._entries.clear()
-            self._active = active
+            self._active = active and not self._closed.is_set()
+            self._heard = time.monotonic()
             self._changed.notify_all()
 
     def wait_active(self, timeout: float) -> bool:
@@ -176,35 +190,62 @@ def tracking_connection_factory(client: redis.Redis | AsyncRedis) -> Callable[[]
     """
     pool = client.connection_pool
     kwargs = dict(pool.connection_kwargs)
-    kwargs.update(protocol=3, parser_class=_RESP3Parser, health_check_interval=0)
+    kwargs.update(protocol=3, parser_class=_RESP3Parser, health_check_interval=0, socket_keepalive=True)
+    if kwargs.get("socket_timeout") is None:
+        kwargs["socket_timeout"] = _READ_TIMEOUT  # a read must never block the reader for good
     connection_class: Any = pool.connection_class
     if isinstance(client, AsyncRedis):
         name = connection_class.__name__
         connection_class = getattr(redis.connection, name, None)
         if connection_class is None:
             raise ConfigurationError(f"the near cache cannot track through a {name} connection")
+        for async_only in _ASYNC_ONLY:  # an asyncio Retry or connect hook would hand back coroutines
+            kwargs.pop(async_only, None)
     return lambda: connection_class(**kwargs)
 
 
+class _CacheGone(Exception):
+    """The cache was collected (its store dropped without close()): the reader stops."""
+
+
 class _Reader(threading.Thread):
-    """Keeps one tracking connection up and applies its invalidation pushes to the cache."""
+    """Keeps one tracking connection up and applies its invalidation pushes to the cache.
+
+    It holds the cache only weakly, so that a store dropped without ``close()`` is collected and
+    its reader ends (within :data:`_POLL`), closing the connection.
+    """
 
     def __init__(self, cache: NearCache) -> None:
         super().__init__(name=f"tokencache-near-cache-{cache.prefix}", daemon=True)
-        self._cache = cache
+        self._cache_ref = weakref.ref(cache)
         self._closed = cache._closed
+        self._connect = cache.connection
+        self._prefix = cache.prefix
         self._warned = False
+
+    def _cache(self) -> NearCache:
+        cache = self._cache_ref()
+        if cache is None:
+            raise _CacheGone
+        return cache
 
     def run(self) -> None:
         delay = 0.05
         while not self._closed.is_set():
             try:
-                self._session(self._cache)
+                self._session()
                 delay = 0.05
+            except _CacheGone:
+                return
             except (redis.RedisError, OSError) as e:
                 self._report(e)
+            except Exception:  # a bug or a surprise must not end the near cache for good
+                log.exception("near cache reader failed; starting over (find() reads Redis meanwhile)")
             finally:
-                self._cache._set_active(False)
+                cache = self._cache_ref()
+                if cache is not None:
+                    cache._set_active(False)
+                del cache
             self._closed.wait(delay)
             delay = min(RETRY_MAX, delay * 2)
 
@@ -221,56 +262,54 @@ class _Reader(threading.Thread):
             log.log(level, "near cache off until Redis tracking is back; find() reads Redis: %s", error)
         self._warned = True
 
-    def _session(self, cache: NearCache) -> None:
-        conn = cache.connection()
+    def _session(self) -> None:
+        conn = self._connect()
         try:
             conn.connect()
             conn._parser.set_invalidation_push_handler(lambda push: push)
-            conn.send_command("CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", cache.prefix)
-            reply = self._reply(conn, cache)
-            if isinstance(reply, redis.ResponseError):
-                raise reply
-            cache._set_active(True)
+            conn.send_command("CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", self._prefix)
+            self._reply(conn)  # OK (a refusal raises ResponseError)
+            self._cache()._set_active(True)
             if self._warned:
                 log.warning("near cache on again: Redis tracking is back")
                 self._warned = False
-            self._listen(conn, cache)
+            self._listen(conn)
         finally:
             conn.disconnect()
 
-    def _reply(self, conn: Any, cache: NearCache) -> Any:
+    def _reply(self, conn: Any) -> Any:
         """The next reply that is not a push (applying the pushes read on the way)."""
         while True:
             reply = conn.read_response(push_request=True)
-            if not self._apply(reply, cache):
+            if not self._apply(reply):
                 return reply
 
-    def _listen(self, conn: Any, cache: NearCache) -> None:
-        last_heard = time.monotonic()
+    def _listen(self, conn: Any) -> None:
         ping_sent: float | None = None
         while not self._closed.is_set():
             now = time.monotonic()
             if conn.can_read(timeout=_POLL):
                 reply = conn.read_response(push_request=True)
-                if not self._apply(reply, cache):
+                if not self._apply(reply):
                     ping_sent = None  # the PONG
-                last_heard = time.monotonic()
+                self._cache()._heard = time.monotonic()
             elif ping_sent is not None and now - ping_sent > PING_TIMEOUT:
                 raise redis.TimeoutError(f"no answer to PING in {PING_TIMEOUT} s on the tracking connection")
-            elif ping_sent is None and now - last_heard > PING_EVERY:
+            elif ping_sent is None and now - self._cache()._heard > PING_EVERY:
                 conn.send_command("PING")
                 ping_sent = now
 
-    @staticmethod
-    def _apply(reply: Any, cache: NearCache) -> bool:
+    def _apply(self, reply: Any) -> bool:
         """Apply ``reply`` if it is an invalidation push; whether it was one."""
         if not (isinstance(reply, list) and reply and reply[0] in _INVALIDATE):
             return False
         keys = reply[1] if len(reply) > 1 else None
         if keys is None:  # FLUSHDB/FLUSHALL, or too many keys to name
-            cache.invalidate(None)
+            self._cache().invalidate(None)
         else:
-            cache.invalidate([k.decode() if isinstance(k, bytes) else str(k) for k in keys])
+            # Any bytes may be a key under the prefix; one that is not UTF-8 is none of ours.
+            names = [k.decode(errors="surrogateescape") if isinstance(k, bytes) else str(k) for k in keys]
+            self._cache().invalidate(names)
         return True
 
 
