@@ -135,6 +135,24 @@ def test_a_token_no_worker_fetched_is_batched_only_once_due(store: TokenStore) -
     assert fetch.calls[key("due-now")] == 1 and fetch.calls[key("from-an-app")] == 0
 
 
+def test_a_token_stored_with_another_margin_is_left_to_its_own_job(store: TokenStore) -> None:
+    """The batch would reschedule it with the batching job's margin, not the one it was stored with."""
+    soon = int(time.time()) + store.refresh_before + 2
+    then = an_hour_ago(store)
+    then.store(original("same-margin", soon))
+    wider = _FetchedThrough(
+        store.redis,
+        namespace=store.keys.namespace,
+        refresh_before=store.refresh_before + 1,
+        queue=store.refresh_queue.name,
+        clock=lambda: time.time() - 3600,
+    )
+    wider.store(original("other-margin", soon))
+    fetch = FakeFetch()
+    refresh_due(store, fetch, exclude=LEADER, threads=2)
+    assert fetch.calls == Counter({key("same-margin"): 1})
+
+
 def test_not_plainly_due_tokens_are_left_to_their_own_jobs(store: TokenStore) -> None:
     soon = int(time.time()) + store.refresh_before + 2
     then = an_hour_ago(store)

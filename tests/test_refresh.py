@@ -228,3 +228,40 @@ def test_an_old_format_job_hands_over_to_the_tokens_job(
     assert abs(next_run(store) - (old.expires - 10)) <= 2  # the new job ran, found it not due, and waits
     wait_for(lambda: not store.redis.exists(legacy.key), timeout=5, what="the old job gone")
     assert emulator.stats()["token_requests"] == 0
+
+
+def test_refresh_job_keeps_repeats_still_to_come_and_resets_failures_on_any_job_class(
+    store: TokenStore,
+) -> None:
+    """RefreshJob sheds a finished run's record, but not a repeat still to come (a plain rq worker
+    with --job-class may run other jobs); and a success resets the failure count with RQ's own Job,
+    which never writes an empty meta."""
+    from rq.job import Job, JobStatus
+    from rq.serializers import JSONSerializer
+
+    from tokencache.refresh import _remember_failures
+    from tokencache.scheduling import RefreshJob
+
+    job = RefreshJob.create(
+        "tokencache.refresh.refresh", args=[10], connection=store.redis, id="tc-test-repeats",
+        status=JobStatus.SCHEDULED, serializer=JSONSerializer,
+    )  # fmt: skip
+    job.repeats_left, job.repeat_intervals = 2, [5]
+    job.save()
+    assert store.redis.hget(job.key, "repeats_left") == b"2"
+    job.repeats_left = 0
+    job.save()
+    assert store.redis.hget(job.key, "repeats_left") is None
+
+    plain = Job.fetch(job.id, connection=store.redis, serializer=JSONSerializer)
+    _remember_failures(plain, 2)
+    plain.save()
+    _remember_failures(plain, 0)
+    plain.save()
+    assert Job.fetch(job.id, connection=store.redis, serializer=JSONSerializer).meta.get("failures", 0) == 0
+    ours = RefreshJob.fetch(job.id, connection=store.redis, serializer=JSONSerializer)
+    _remember_failures(ours, 3)
+    ours.save()
+    _remember_failures(ours, 0)
+    ours.save()
+    assert store.redis.hget(job.key, "meta") is None

@@ -68,6 +68,9 @@ worker has fetched yet (stored by an app: no ``refreshed_at``) is batched only o
 BATCH_SECONDS = 20.0
 """A batch claims no new token after this long; each fetch is bounded (4 s), so the job ends well
 inside RQ's 60 s job timeout."""
+MAX_SCAN = 2000
+"""Index entries one batch looks at, at most: the range is re-read from its head each round, so
+entries it skips (tokens in backoff, other margins) must not make a round cost more and more."""
 STOP_AFTER_FAILURES = 3
 """Member fetches failing in a row after which the batch stops: the members' own jobs back off."""
 _FRESH_CLAIM = LOCK_TTL - FETCH_TIMEOUT - 0.5
@@ -82,9 +85,12 @@ _BOOKKEEPING = ("expires", "refresh_at", "refreshed_at", "failures")
 
 
 def batchable(book: Bookkeeping, expires: int, refresh_before: int, now: float) -> bool:
-    """Whether a token may be refreshed by another token's job now: healthy, and due within the
-    look-ahead and within :data:`EARLY_SHARE` of its refresh interval."""
-    due = book.refresh_at or expires - refresh_before
+    """Whether a token may be refreshed by another token's job now: healthy, scheduled with this
+    job's margin (the write will schedule it with that margin), and due within the look-ahead and
+    within :data:`EARLY_SHARE` of its refresh interval."""
+    due = expires - refresh_before
+    if book.refresh_at != due:
+        return False  # stored with another margin (or on the half-life floor): its own job knows best
     interval = due - book.refreshed_at if book.refreshed_at is not None else 0.0
     early = min(LOOKAHEAD, EARLY_SHARE * max(0.0, interval))
     return book.failures == 0 and now >= due - early
@@ -158,6 +164,8 @@ class _Candidates:
     def _claim_more(self) -> None:
         """Lock up to ``threads`` unseen, batchable entries of the range's head (a round trip each)."""
         while not self._claims:
+            if len(self._seen) >= MAX_SCAN or time.monotonic() > self.deadline:
+                return  # entries it cannot take (backoff, other margins) must not make a batch crawl
             unseen = self._unseen(self.threads)
             if not unseen:
                 return

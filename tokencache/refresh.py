@@ -27,7 +27,7 @@ from .batch import refresh_due
 from .errors import ConfigurationError, RefreshError
 from .keys import DEFAULT_ACCOUNT, TokenKey
 from .locks import LOCK_TTL, Lock
-from .scheduling import job_target, repeat_current_job
+from .scheduling import RefreshJob, job_target, repeat_current_job
 from .sources import Sources, default_sources
 from .token import EXPIRY_SKEW, Token, mask
 from .tokenstore import TokenRecord, TokenStore, record_failure, replace_if_indexed
@@ -142,6 +142,16 @@ class Refresher:
         return "failed", delay
 
 
+def _remember_failures(job: Job, failures: int) -> None:
+    """Keep the failure count in the job's meta, which RQ saves with the repeat for the next run."""
+    if failures:
+        job.meta["failures"] = failures
+    elif isinstance(job, RefreshJob):
+        job.meta.pop("failures", None)  # no meta at all in the common case: its save clears the field
+    else:
+        job.meta["failures"] = 0  # RQ's own Job never writes an empty meta, so reset it explicitly
+
+
 def refresh(refresh_before: int, **old_format: object) -> str:
     """RQ entry point (``tokencache.refresh.refresh``): refresh the token named by the job's id.
 
@@ -171,10 +181,7 @@ def refresh(refresh_before: int, **old_format: object) -> str:
     if outcome == "refreshed":
         _refresh_others(store, refresher)
     metrics.record_refresh(outcome.replace(" ", "_"), refresher.lateness if outcome == "refreshed" else None)
-    if refresher.failures:  # saved with the repeat, read by the next run
-        job.meta["failures"] = refresher.failures
-    else:
-        job.meta.pop("failures", None)  # no meta at all in the common case: a smaller job hash
+    _remember_failures(job, refresher.failures)
     if delay is not None:
         repeat_current_job(job, delay)
     return outcome

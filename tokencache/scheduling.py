@@ -92,16 +92,18 @@ class RefreshJob(Job):
         "repeats_left",
         "repeat_intervals",
     )
+    _RUN_ONLY: ClassVar[tuple[str, ...]] = RUN_RECORD[:-2]
     CLEARED: ClassVar[tuple[str, ...]] = tuple(dict.fromkeys(UNSET + RUN_RECORD + ("meta",)))
 
     def to_dict(self, include_meta: bool = True, include_result: bool = True) -> dict[str, Any]:
         fields: dict[str, Any] = super().to_dict(include_meta=include_meta, include_result=include_result)
         waiting = fields.get("status") == JobStatus.SCHEDULED
+        shed = self.RUN_RECORD if not self.repeats_left else self._RUN_ONLY  # repeats to come are kept
         return {
             name: value
             for name, value in fields.items()
             if not (value == "" and name in self.UNSET)
-            and not (waiting and name in self.RUN_RECORD)
+            and not (waiting and name in shed)
             and not (name == "meta" and not self.meta)
         }
 
