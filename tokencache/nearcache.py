@@ -304,7 +304,7 @@ class _Reader(threading.Thread):
         if not (isinstance(reply, list) and reply and reply[0] in _INVALIDATE):
             return False
         keys = reply[1] if len(reply) > 1 else None
-        if keys is None:  # FLUSHDB/FLUSHALL, or too many keys to name
+        if keys is None:  # the whole database was emptied, or too many keys to name
             self._cache().invalidate(None)
         else:
             # Any bytes may be a key under the prefix; one that is not UTF-8 is none of ours.
