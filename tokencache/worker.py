@@ -26,7 +26,7 @@ from typing import Any
 
 from redis import Redis
 from rq.serializers import JSONSerializer
-from rq.worker import SimpleWorker
+from rq.worker import SimpleWorker, Worker
 from rq.worker_pool import WorkerPool
 
 from . import env, metrics
@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 REPAIR_INTERVAL = 1.0
 """Seconds between repair passes of the fleet (the pool loop ticks once a second)."""
+RESEND_EVERY = 2.0
+"""Seconds after a stop request, and between repeats, at which workers still running but not busy
+are asked again (see :meth:`RefreshPool._resend_stop`)."""
 STOP_TIMEOUT = JOB_TIMEOUT + 10
 """Seconds a graceful stop may take (a running refresh finishing) before workers are killed."""
 
@@ -63,6 +66,7 @@ class RefreshPool(WorkerPool):
         self.store = store
         self._stop_requested_at: float | None = None
         self._heartbeat_withdrawn = False
+        self._next_resend = RESEND_EVERY
 
     def check_workers(self, respawn: bool = True) -> None:
         super().check_workers(respawn=respawn)
@@ -99,7 +103,26 @@ class RefreshPool(WorkerPool):
             log.warning("workers still running %.0fs after the stop request; killing them", waited)
             for data in list(self.worker_dict.values()):
                 self.stop_worker(data, sig=signal.SIGKILL)
+        elif not stopped and waited >= self._next_resend:
+            self._next_resend = waited + RESEND_EVERY
+            self._resend_stop()
         return stopped
+
+    def _resend_stop(self) -> None:
+        """Ask again the workers that are alive but not busy: they lost the first request.
+
+        An RQ worker installs its signal handlers only after its start-up (registration, cleaning
+        registries, the scheduler), and a stop signal that lands before that is lost: the worker
+        then waits on the queue for good. An idle worker that got the request exits at once, so one
+        still idle seconds later never saw it. A busy one is left to finish its refresh (a second
+        signal would be RQ's cold shutdown).
+        """
+        for data in list(self.worker_dict.values()):
+            with contextlib.suppress(Exception):
+                state = self.store.redis.hget(f"{Worker.redis_worker_namespace_prefix}{data.name}", "state")
+                if state != b"busy":
+                    log.info("worker pid %d is still running: asking it to stop again", data.pid)
+                    self.stop_worker(data)
 
 
 def _check_redis(redis: Redis) -> None:
