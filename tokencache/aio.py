@@ -35,7 +35,6 @@ from .errors import ConfigurationError, RefreshError, TokenCacheError
 from .fleet import POLL, WANT_TTL, account_arg, check_timeout, fetch_failed, timeout_error
 from .keys import TokenKey, parse_info
 from .locks import LOCK_TTL, RELEASE_SCRIPT
-from .nearcache import NearCache
 from .notify import parse
 from .sources import Sources
 from .token import Freshness, Token
@@ -83,8 +82,6 @@ class TokenStore(StoreCore):
     ) -> None:
         if not isinstance(redis, AsyncRedis):
             raise TypeError(f"redis must be a redis.asyncio.Redis client, not {type(redis).__name__}")
-        if not isinstance(near_cache, bool):
-            raise TypeError(f"near_cache must be True or False, not {type(near_cache).__name__}")
         # RQ builds its commands with a sync client that never connects here: we replay them.
         offline = SyncRedis()
         self._flights: dict[TokenKey, asyncio.Future[Token]] = {}
@@ -97,7 +94,7 @@ class TokenStore(StoreCore):
             sources=sources,
         )
         self.redis = redis
-        self.near_cache = NearCache(redis, self.keys.token_prefix) if near_cache else None
+        self.start_near_cache(redis, near_cache)
 
     @classmethod
     def from_url(
@@ -153,11 +150,6 @@ class TokenStore(StoreCore):
         deleted, unindexed, *_ = await self._transaction(recorder)
         self._forget(key)
         return bool(deleted or unindexed)
-
-    def _forget(self, key: TokenKey) -> None:
-        """Drop ``key`` from the near cache at once: this process reads its own writes."""
-        if self.near_cache is not None:
-            self.near_cache.invalidate([self.keys.token(key)])
 
     async def find(self, info: object, sub: str | None = None) -> Token | None:
         """The cached token for ``info``/``sub``, or None; never an expired one."""

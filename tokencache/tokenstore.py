@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import redis as redis_py
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from rq.job import Job
 
 from . import env, metrics
@@ -195,6 +196,19 @@ class StoreCore:
             log.warning("ignoring malformed token hash %s: %s", self.keys.token(key), e)
             return None
 
+    near_cache: NearCache | None = None
+
+    def start_near_cache(self, client: Redis | AsyncRedis, near_cache: object) -> None:
+        """Give this store a near cache on ``client``'s server if ``near_cache`` is True."""
+        if not isinstance(near_cache, bool):
+            raise TypeError(f"near_cache must be True or False, not {type(near_cache).__name__}")
+        self.near_cache = NearCache(client, self.keys.token_prefix) if near_cache else None
+
+    def _forget(self, key: TokenKey) -> None:
+        """Drop ``key`` from the near cache at once: this process reads its own writes."""
+        if self.near_cache is not None:
+            self.near_cache.invalidate([self.keys.token(key)])
+
 
 class TokenStore(StoreCore):
     """Shared tokens of one namespace in one Redis, refreshed by the RQ queue of that namespace."""
@@ -212,8 +226,6 @@ class TokenStore(StoreCore):
     ) -> None:
         if not isinstance(redis, Redis):
             raise TypeError(f"redis must be a redis.Redis client, not {type(redis).__name__}")
-        if not isinstance(near_cache, bool):
-            raise TypeError(f"near_cache must be True or False, not {type(near_cache).__name__}")
         super().__init__(
             redis,
             namespace=namespace,
@@ -224,7 +236,7 @@ class TokenStore(StoreCore):
         )
         self.redis = redis
         self._flights = Flights()
-        self.near_cache = NearCache(redis, self.keys.token_prefix) if near_cache else None
+        self.start_near_cache(redis, near_cache)
 
     @classmethod
     def from_url(
@@ -286,11 +298,6 @@ class TokenStore(StoreCore):
             deleted, unindexed, *_ = pipe.execute()
         self._forget(key)
         return bool(deleted or unindexed)
-
-    def _forget(self, key: TokenKey) -> None:
-        """Drop ``key`` from the near cache at once: this process reads its own writes."""
-        if self.near_cache is not None:
-            self.near_cache.invalidate([self.keys.token(key)])
 
     # -- reading -------------------------------------------------------------
 
