@@ -72,14 +72,14 @@ class _FetchedThrough(TokenStore):
         return self.write(self.key_for(token, info, sub), token, fetched=True)
 
 
-def an_hour_ago(store: TokenStore) -> TokenStore:
+def an_hour_ago(store: TokenStore, refresh_before: int | None = None) -> TokenStore:
     """The store as it was an hour ago: tokens stored through it were fetched an hour ago, so they have
     an hour-long refresh interval, like those of a fleet that started all at once (batching takes
     such tokens the full look-ahead early)."""
     return _FetchedThrough(
         store.redis,
         namespace=store.keys.namespace,
-        refresh_before=store.refresh_before,
+        refresh_before=store.refresh_before if refresh_before is None else refresh_before,
         queue=store.refresh_queue.name,
         clock=lambda: time.time() - 3600,
     )
@@ -140,14 +140,7 @@ def test_a_token_stored_with_another_margin_is_left_to_its_own_job(store: TokenS
     soon = int(time.time()) + store.refresh_before + 2
     then = an_hour_ago(store)
     then.store(original("same-margin", soon))
-    wider = _FetchedThrough(
-        store.redis,
-        namespace=store.keys.namespace,
-        refresh_before=store.refresh_before + 1,
-        queue=store.refresh_queue.name,
-        clock=lambda: time.time() - 3600,
-    )
-    wider.store(original("other-margin", soon))
+    an_hour_ago(store, refresh_before=store.refresh_before + 1).store(original("other-margin", soon))
     fetch = FakeFetch()
     refresh_due(store, fetch, exclude=LEADER, threads=2)
     assert fetch.calls == Counter({key("same-margin"): 1})
