@@ -50,10 +50,10 @@ from redis import Redis
 from rq import Worker
 
 from tokencache import Token, TokenStore
-from tokencache.emulator import Emulator
+from tokencache.core.notify import parse
 from tokencache.keys import TokenKey
-from tokencache.notify import parse
-from tokencache.redisserver import free_port
+from tokencache.testing.emulator import Emulator
+from tokencache.testing.redisserver import free_port
 
 from .common import SCOPE, BenchEnv, Result, bench_env
 
@@ -397,7 +397,7 @@ def run(env: BenchEnv, quick: bool) -> list[Result]:
 
 
 def main() -> None:
-    from .__main__ import print_table
+    from tokencache.__main__ import print_table
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=1000)

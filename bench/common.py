@@ -21,8 +21,8 @@ from typing import Any
 from redis import ConnectionPool, Redis
 from redis.connection import Connection
 
-from tokencache.emulator import Emulator
-from tokencache.redisserver import EmbeddedRedis
+from tokencache.testing.emulator import Emulator
+from tokencache.testing.redisserver import EmbeddedRedis
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 ACCESS_TOKEN = "ya29." + "x" * 180

@@ -18,7 +18,7 @@ import sys
 import time
 
 from tokencache import Token, TokenStore
-from tokencache.connection import connect
+from tokencache.core.connection import connect
 
 from .common import ACCESS_TOKEN, SCOPE, BenchEnv, Result, alternate, ops_per_second
 

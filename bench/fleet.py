@@ -48,8 +48,8 @@ from typing import Any
 from rq import Worker
 
 from tokencache import TokenStore
+from tokencache.core.sources import Sources
 from tokencache.env import DEFAULT_NAMESPACE, DEFAULT_QUEUE
-from tokencache.sources import Sources
 
 from .common import BenchEnv, Result
 from .fleet_child import GOOGLE_AUTH_FRACTION, SCOPES

@@ -16,8 +16,8 @@ import fakeredis
 from pyinstrument import Profiler
 
 from tokencache import Token, TokenStore, metrics
-from tokencache.connection import connect
-from tokencache.redisserver import EmbeddedRedis
+from tokencache.core.connection import connect
+from tokencache.testing.redisserver import EmbeddedRedis
 
 from .common import ACCESS_TOKEN, SCOPE
 

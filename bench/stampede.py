@@ -23,10 +23,10 @@ from typing import Any
 from rq import Worker
 
 from tokencache import TokenStore
-from tokencache.emulator import Emulator, EmulatorConfig
+from tokencache.core.notify import parse
 from tokencache.keys import TokenKey
-from tokencache.notify import parse
-from tokencache.redisserver import EmbeddedRedis
+from tokencache.testing.emulator import Emulator, EmulatorConfig
+from tokencache.testing.redisserver import EmbeddedRedis
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 

@@ -15,7 +15,7 @@ import itertools
 import time
 
 from tokencache import Token, TokenStore
-from tokencache.record import to_fields
+from tokencache.core.record import to_fields
 
 from .common import (
     ACCESS_TOKEN,

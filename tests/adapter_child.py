@@ -21,7 +21,7 @@ from google.auth.transport.requests import AuthorizedSession
 from redis import Redis
 
 from tokencache import Token, TokenStore
-from tokencache.google_auth import Credentials
+from tokencache.adapters.google_auth import Credentials
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 

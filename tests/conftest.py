@@ -23,9 +23,9 @@ import pytest
 from redis import Redis
 
 from tokencache import TokenStore
-from tokencache.emulator import Emulator
-from tokencache.redisserver import EmbeddedRedis
-from tokencache.sources import reset_default_sources
+from tokencache.core.sources import reset_default_sources
+from tokencache.testing.emulator import Emulator
+from tokencache.testing.redisserver import EmbeddedRedis
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 

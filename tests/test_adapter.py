@@ -30,10 +30,10 @@ from tokencache import (
     reset_default_store,
 )
 from tokencache import RefreshError as CacheRefreshError
-from tokencache.emulator import Emulator
-from tokencache.google_auth import RECHECK, Credentials
-from tokencache.requests_auth import BearerAuth
-from tokencache.sources import Sources
+from tokencache.adapters.google_auth import RECHECK, Credentials
+from tokencache.adapters.requests_auth import BearerAuth
+from tokencache.core.sources import Sources
+from tokencache.testing.emulator import Emulator
 
 from .conftest import SCOPE, Workers, app_env, run_apps, wait_for
 

@@ -16,13 +16,13 @@ from rq.job import Job
 from rq.registry import ScheduledJobRegistry
 
 from tokencache import Token, TokenStore
-from tokencache.batch import LOOKAHEAD, STOP_AFTER_FAILURES, refresh_due
-from tokencache.emulator import Emulator
+from tokencache.core.locks import Lock, acquire_each
 from tokencache.errors import RefreshError, UnknownAccountError
 from tokencache.keys import TokenKey
-from tokencache.locks import Lock, acquire_each
-from tokencache.repair import overdue
-from tokencache.tokenstore import TokenRecord, record_failure
+from tokencache.store.tokenstore import TokenRecord, record_failure
+from tokencache.testing.emulator import Emulator
+from tokencache.worker.batch import LOOKAHEAD, STOP_AFTER_FAILURES, refresh_due
+from tokencache.worker.repair import overdue
 
 from .conftest import SCOPE, Workers, wait_for
 
@@ -230,7 +230,7 @@ def test_tokens_beyond_the_look_ahead_or_with_a_short_interval_and_zero_threads_
 
 
 def test_a_claim_that_waited_too_long_is_renewed_or_dropped_never_fetched_unlocked(store: TokenStore) -> None:
-    from tokencache.batch import _Batch, _Candidates, _Claim
+    from tokencache.worker.batch import _Batch, _Candidates, _Claim
 
     soon = int(time.time()) + store.refresh_before + 2
     for sub in ("renewed", "lapsed"):

@@ -14,8 +14,8 @@ import pytest
 import requests
 
 from tokencache import Token, TokenStore
-from tokencache.emulator import Emulator
-from tokencache.redisserver import free_port
+from tokencache.testing.emulator import Emulator
+from tokencache.testing.redisserver import free_port
 
 from .conftest import SCOPE, Workers, wait_for
 
@@ -192,7 +192,7 @@ def test_emulator_bad_option_is_one_line(tmp_path: Path) -> None:
 
 
 def test_status_sees_a_sigkilled_pool(store: TokenStore, workers: Workers) -> None:
-    from tokencache.health import POOL_TTL
+    from tokencache.cli.health import POOL_TTL
 
     from .conftest import descendants
 

@@ -25,8 +25,9 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from tokencache import cli, env
-from tokencache.redisserver import free_port
+from tokencache import env
+from tokencache.cli import main as cli
+from tokencache.testing.redisserver import free_port
 
 from .conftest import wait_for
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from tokencache import Token, TokenStore
-from tokencache.redisserver import EmbeddedRedis
+from tokencache.testing.redisserver import EmbeddedRedis
 
 README = Path(__file__).parent.parent / "README.md"
 

@@ -25,7 +25,7 @@ from google.auth.transport.requests import Request
 from google.oauth2 import credentials as user_credentials
 from google.oauth2 import service_account
 
-from tokencache.emulator import (
+from tokencache.testing.emulator import (
     DEFAULT_ACCOUNT_EMAIL,
     JWT_BEARER,
     PROJECT_ID,
@@ -554,7 +554,7 @@ def test_verbose_log_omits_tokens(http: requests.Session, capsys: Any) -> None:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_run_emulator_writes_keys_and_stops_on_signal(tmp_path: Path, signum: int) -> None:
     code = (
-        "from tokencache.emulator import run_emulator;"
+        "from tokencache.testing.emulator import run_emulator;"
         f"run_emulator('127.0.0.1', 0, {str(tmp_path)!r}, 2, 600, 0.0, 0.0)"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -14,8 +14,8 @@ import pytest
 import requests
 
 from tokencache import TokenStore, mask
-from tokencache.emulator import Emulator
-from tokencache.redisserver import free_port
+from tokencache.testing.emulator import Emulator
+from tokencache.testing.redisserver import free_port
 
 from .conftest import SCOPE, Workers, app_env, wait_for
 

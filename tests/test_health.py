@@ -7,7 +7,7 @@ import time
 from rq.registry import FailedJobRegistry
 
 from tokencache import Token, TokenStore
-from tokencache.health import check
+from tokencache.cli.health import check
 
 from .conftest import SCOPE
 

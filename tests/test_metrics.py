@@ -10,9 +10,9 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from tokencache import FetchTimeoutError, Token, TokenStore
-from tokencache.emulator import Emulator
-from tokencache.redisserver import free_port
-from tokencache.sources import Sources
+from tokencache.core.sources import Sources
+from tokencache.testing.emulator import Emulator
+from tokencache.testing.redisserver import free_port
 
 from .conftest import SCOPE, Workers, wait_for
 

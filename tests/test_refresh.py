@@ -9,7 +9,7 @@ import time
 from rq.registry import ScheduledJobRegistry
 
 from tokencache import Token, TokenStore
-from tokencache.emulator import Emulator
+from tokencache.testing.emulator import Emulator
 
 from .conftest import SCOPE, Workers, descendants, wait_for
 
@@ -239,8 +239,8 @@ def test_refresh_job_keeps_repeats_still_to_come_and_resets_failures_on_any_job_
     from rq.job import Job, JobStatus
     from rq.serializers import JSONSerializer
 
-    from tokencache.refresh import _remember_failures
-    from tokencache.scheduling import RefreshJob
+    from tokencache.core.queue import RefreshJob
+    from tokencache.worker.refresh import _remember_failures
 
     job = RefreshJob.create(
         "tokencache.refresh.refresh", args=[10], connection=store.redis, id="tc-test-repeats",

@@ -7,9 +7,9 @@ import time
 from rq.job import Job, JobStatus
 
 from tokencache import Token, TokenStore
+from tokencache.core.locks import LOCK_TTL, Lock
 from tokencache.keys import parse_job_id
-from tokencache.locks import LOCK_TTL, Lock
-from tokencache.repair import repair, repair_if_leader
+from tokencache.worker.repair import repair, repair_if_leader
 
 from .conftest import SCOPE
 

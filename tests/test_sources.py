@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from tokencache import ConfigurationError, RefreshError, UnknownAccountError
-from tokencache.emulator import Emulator
+from tokencache.core.sources import Sources
 from tokencache.keys import TokenKey
-from tokencache.sources import Sources
+from tokencache.testing.emulator import Emulator
 
 from .conftest import SCOPE
 
@@ -107,7 +107,7 @@ def test_metadata_server_through_adc(tmp_path: Path, emulator: Emulator) -> None
         CLOUDSDK_CONFIG=str(tmp_path),
     )
     code = (
-        "from tokencache.sources import Sources\n"
+        "from tokencache.core.sources import Sources\n"
         "from tokencache.keys import TokenKey\n"
         "from tokencache import ConfigurationError\n"
         f"s = Sources.from_env()\nprint(s.fetch(TokenKey.of(None, {SCOPE!r}, None)).token)\n"

@@ -15,9 +15,9 @@ from rq.registry import ScheduledJobRegistry
 
 import tokencache
 from tokencache import RedisUnavailableError, Token, TokenStore, aio
-from tokencache.emulator import Emulator
+from tokencache.core.sources import Sources
 from tokencache.keys import parse_job_id
-from tokencache.sources import Sources
+from tokencache.testing.emulator import Emulator
 
 from .conftest import AsyncFacade, async_client_like
 
@@ -188,7 +188,7 @@ def test_constructor_validation(any_redis: Redis) -> None:
 
 
 def test_unreachable_redis_names_the_url_without_password() -> None:
-    from tokencache.redisserver import free_port
+    from tokencache.testing.redisserver import free_port
 
     ts = TokenStore.from_url(f"redis://user:hunter2@127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5)
     with pytest.raises(RedisUnavailableError) as info:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tokencache import TokenStore
-from tokencache.worker import RefreshPool
+from tokencache.worker.pool import RefreshPool
 
 
 def test_stop_request_does_not_use_redis_and_the_loop_withdraws_the_heartbeat(

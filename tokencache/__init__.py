@@ -6,8 +6,9 @@ ahead of its expiry. See DESIGN.md for the contract and README.md for use.
 
 from __future__ import annotations
 
-from .defaults import default_store, delete, find, for_scope, reset_default_store, store, tokens
-from .errors import (
+from tokencache.adapters.google_auth import Credentials
+from tokencache.adapters.requests_auth import BearerAuth
+from tokencache.errors import (
     ConfigurationError,
     FetchTimeoutError,
     RedisUnavailableError,
@@ -15,11 +16,18 @@ from .errors import (
     TokenCacheError,
     UnknownAccountError,
 )
-from .google_auth import Credentials
-from .keys import TokenKey, normalize_scope
-from .requests_auth import BearerAuth
-from .token import Freshness, Token, mask
-from .tokenstore import TokenStore
+from tokencache.keys import TokenKey, normalize_scope
+from tokencache.store.defaults import (
+    default_store,
+    delete,
+    find,
+    for_scope,
+    reset_default_store,
+    store,
+    tokens,
+)
+from tokencache.store.tokenstore import TokenStore
+from tokencache.token import Freshness, Token, mask
 
 __all__ = [  # noqa: RUF022 - grouped by purpose, as the reader meets them
     # the model

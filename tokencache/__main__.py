@@ -1,5 +1,5 @@
 """``python -m tokencache`` is the ``tokencache`` command."""
 
-from .cli import main
+from tokencache.cli.main import main
 
 raise SystemExit(main())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import ConfigurationError
+from tokencache.errors import ConfigurationError
 
 REDIS_URL = "TOKENCACHE_REDIS_URL"
 """Where tokens and refresh jobs live (``redis://``, ``rediss://``, ``unix://``)."""
@@ -26,7 +26,7 @@ QUEUE = "TOKENCACHE_QUEUE"
 """Name of the RQ queue that carries refresh jobs."""
 
 NEAR_CACHE = "TOKENCACHE_NEAR_CACHE"
-"""``1`` turns on the near cache of the module-level default stores (see :mod:`tokencache.nearcache`)."""
+"""``1`` turns on the near cache of the default stores (see :mod:`tokencache.store.nearcache`)."""
 
 CREDENTIALS = "TOKENCACHE_CREDENTIALS"
 """Extra key files or folders of them (``os.pathsep``-separated), one account each."""

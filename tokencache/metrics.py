@@ -4,7 +4,7 @@ Worker side (``tokencache worker --metrics-port 9108`` serves them):
 
 - ``tokencache_refreshes_total{outcome}`` (counter): refresh-job runs by outcome: refreshed,
   not due, busy, failed, gave up, deleted, crashed; and ``batched``: tokens refreshed by another
-  token's job (see :mod:`tokencache.batch`);
+  token's job (see :mod:`tokencache.worker.batch`);
 - ``tokencache_refresh_lateness_seconds`` (histogram): when a refresh ran minus when it was due;
 - ``tokencache_endpoint_latency_seconds{result}`` (histogram): token requests to Google, ok/error;
 - ``tokencache_refreshes_scheduled`` (gauge, read at scrape): refresh jobs in RQ's schedule;
@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from prometheus_client import Counter, Histogram
 
-    from .tokenstore import TokenStore
+    from tokencache.store.tokenstore import TokenStore
 
 __all__ = [
     "enable_multiprocess",
@@ -156,8 +156,8 @@ class _QueueCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        from .errors import TokenCacheError
-        from .repair import overdue
+        from tokencache.errors import TokenCacheError
+        from tokencache.worker.repair import overdue
 
         up = GaugeMetricFamily("tokencache_redis_up", "Whether the last scrape could read Redis")
         try:

@@ -1,34 +1,9 @@
-"""``python -m workers.repair``: the repair loop for fleets that run plain ``rq worker``.
+"""``python -m workers.repair``: the repair loop beside plain ``rq worker`` (a stable entry point).
 
-``tokencache worker`` already runs it; this is for deployments that start RQ
-themselves. One pass a second runs fleet-wide whatever the number of copies.
+The loop itself is :mod:`tokencache.worker.repairloop`, which the wheel ships.
 """
 
-from __future__ import annotations
-
-import logging
-import signal
-import threading
-
-from tokencache import TokenCacheError, TokenStore
-from tokencache.repair import repair_if_leader
-from tokencache.worker import REPAIR_INTERVAL
-
-log = logging.getLogger("tokencache.repair")
-
-
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    store = TokenStore.from_url(None)
-    while not stop.wait(REPAIR_INTERVAL):
-        try:
-            repair_if_leader(store, REPAIR_INTERVAL)
-        except TokenCacheError as e:
-            log.warning("repair pass skipped: %s", e)
-
+from tokencache.worker.repairloop import main
 
 if __name__ == "__main__":
     main()

@@ -1,18 +1,9 @@
-"""Settings for plain ``rq worker``: the same refresh workers as ``tokencache worker``.
+"""Settings for plain ``rq worker`` from a checkout: ``rq worker -c workers.settings`` (a stable path).
 
-    rq worker -c workers.settings --with-scheduler \\
-        --serializer rq.serializers.JSONSerializer \\
-        --job-class tokencache.scheduling.RefreshJob
-
-``--job-class`` is optional: with it, a job rescheduled after its run sheds
-RQ's record of that run (about 0.4 KB per token in Redis).
-
-Plain ``rq worker`` does not run tokencache's repair pass; run
-``python -m workers.repair`` beside it (any number of copies: one pass a
-second runs fleet-wide).
+The settings themselves are :mod:`tokencache.worker.settings`, which the wheel
+ships (``-c tokencache.worker.settings`` works wherever tokencache is installed).
 """
 
-from tokencache import env
+from tokencache.worker.settings import QUEUES, REDIS_URL
 
-REDIS_URL = env.redis_url()
-QUEUES = [env.queue_name()]
+__all__ = ["QUEUES", "REDIS_URL"]

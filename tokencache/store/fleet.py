@@ -25,15 +25,15 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-from .connection import redis_errors
-from .errors import ConfigurationError, FetchTimeoutError, RefreshError
-from .keys import DEFAULT_ACCOUNT, TokenKey
-from .locks import LOCK_TTL, Lock
-from .notify import parse
-from .token import Token
+from tokencache.core.connection import redis_errors
+from tokencache.core.locks import LOCK_TTL, Lock
+from tokencache.core.notify import parse
+from tokencache.errors import ConfigurationError, FetchTimeoutError, RefreshError
+from tokencache.keys import DEFAULT_ACCOUNT, TokenKey
+from tokencache.token import Token
 
 if TYPE_CHECKING:
-    from .tokenstore import StoreCore, TokenStore
+    from tokencache.store.tokenstore import StoreCore, TokenStore
 
 __all__ = ["POLL", "WANT_TTL", "FleetFetch", "Flights", "check_timeout", "fetch_failed", "timeout_error"]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from redis import Redis
 
-from .sources import FETCH_TIMEOUT
+from tokencache.core.sources import FETCH_TIMEOUT
 
 __all__ = ["LOCK_TTL", "Lock", "acquire_each"]
 

@@ -25,11 +25,11 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from .connection import redis_errors
-from .keys import TokenKey
-from .locks import Lock
-from .scheduling import job_refresh_before
-from .tokenstore import TokenStore
+from tokencache.core.connection import redis_errors
+from tokencache.core.locks import Lock
+from tokencache.core.queue import job_refresh_before
+from tokencache.keys import TokenKey
+from tokencache.store.tokenstore import TokenStore
 
 __all__ = ["DEAD_AFTER", "GRACE", "overdue", "repair", "repair_if_leader"]
 

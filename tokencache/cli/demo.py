@@ -31,14 +31,14 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from . import env
-from .connection import mask_url
-from .emulator import Emulator, EmulatorConfig
-from .errors import ConfigurationError, TokenCacheError
-from .redisserver import EmbeddedRedis
-from .sources import Sources
-from .token import mask
-from .tokenstore import TokenStore
+from tokencache import env
+from tokencache.core.connection import mask_url
+from tokencache.core.sources import Sources
+from tokencache.errors import ConfigurationError, TokenCacheError
+from tokencache.store.tokenstore import TokenStore
+from tokencache.testing.emulator import Emulator, EmulatorConfig
+from tokencache.testing.redisserver import EmbeddedRedis
+from tokencache.token import mask
 
 __all__ = ["run_demo"]
 

@@ -19,11 +19,11 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
-from .connection import redis_errors
-from .keys import TokenKey
-from .repair import overdue
-from .scheduling import job_target
-from .tokenstore import TokenStore
+from tokencache.core.connection import redis_errors
+from tokencache.core.queue import job_target
+from tokencache.keys import TokenKey
+from tokencache.store.tokenstore import TokenStore
+from tokencache.worker.repair import overdue
 
 __all__ = ["POOL_TTL", "Health", "check"]
 

@@ -43,14 +43,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import cast
 
-from . import metrics
-from .errors import ConfigurationError, RefreshError
-from .keys import TokenKey
-from .locks import LOCK_TTL, Lock, acquire_each
-from .record import Bookkeeping
-from .sources import FETCH_TIMEOUT
-from .token import Token
-from .tokenstore import TokenRecord, TokenStore, record_failure, replace_if_indexed
+from tokencache import metrics
+from tokencache.core.locks import LOCK_TTL, Lock, acquire_each
+from tokencache.core.record import Bookkeeping
+from tokencache.core.sources import FETCH_TIMEOUT
+from tokencache.errors import ConfigurationError, RefreshError
+from tokencache.keys import TokenKey
+from tokencache.store.tokenstore import TokenRecord, TokenStore, record_failure, replace_if_indexed
+from tokencache.token import Token
 
 __all__ = ["BATCH_SECONDS", "EARLY_SHARE", "LOOKAHEAD", "STOP_AFTER_FAILURES", "batchable", "refresh_due"]
 

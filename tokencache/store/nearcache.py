@@ -48,8 +48,8 @@ import redis.connection
 from redis._parsers import _RESP3Parser
 from redis.asyncio import Redis as AsyncRedis
 
-from .errors import ConfigurationError
-from .token import EXPIRY_SKEW, Token
+from tokencache.errors import ConfigurationError
+from tokencache.token import EXPIRY_SKEW, Token
 
 __all__ = ["MAX_ENTRIES", "PING_EVERY", "PING_TIMEOUT", "NearCache"]
 

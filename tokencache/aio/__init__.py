@@ -29,16 +29,16 @@ from redis import RedisError
 from redis.asyncio import Redis as AsyncRedis
 from rq.job import Job
 
-from . import env, metrics
-from .connection import connect, redis_errors, unavailable
-from .errors import ConfigurationError, RefreshError, TokenCacheError
-from .fleet import POLL, WANT_TTL, account_arg, check_timeout, fetch_failed, timeout_error
-from .keys import TokenKey, parse_info
-from .locks import LOCK_TTL, RELEASE_SCRIPT
-from .notify import parse
-from .sources import Sources
-from .token import Freshness, Token
-from .tokenstore import Clock, Raw, StoreCore
+from tokencache import env, metrics
+from tokencache.core.connection import connect, redis_errors, unavailable
+from tokencache.core.locks import LOCK_TTL, RELEASE_SCRIPT
+from tokencache.core.notify import parse
+from tokencache.core.sources import Sources
+from tokencache.errors import ConfigurationError, RefreshError, TokenCacheError
+from tokencache.keys import TokenKey, parse_info
+from tokencache.store.fleet import POLL, WANT_TTL, account_arg, check_timeout, fetch_failed, timeout_error
+from tokencache.store.tokenstore import Clock, Raw, StoreCore
+from tokencache.token import Freshness, Token
 
 __all__ = ["TokenStore", "aclose_default", "default_store", "delete", "find", "for_scope", "store"]
 
@@ -202,7 +202,7 @@ class TokenStore(StoreCore):
         ]
 
     async def for_scope(self, info: object, sub: str | None = None, timeout: float = 30.0) -> Token:
-        """The cached token, or one fetched once for the whole fleet (see :mod:`tokencache.fleet`).
+        """The cached token, or one fetched once for the whole fleet (see :mod:`tokencache.store.fleet`).
 
         Concurrent misses of this process on one key share one fetch task (one pub/sub connection),
         and the task is shielded: a caller cancelled mid-fetch does not abandon the fleet's fetch.

@@ -27,12 +27,12 @@ from collections.abc import Sequence
 import google.auth.credentials as ga
 import google.auth.exceptions
 
-from .defaults import default_store
-from .errors import FetchTimeoutError, RedisUnavailableError, TokenCacheError
-from .fleet import check_timeout
-from .keys import check_name
-from .token import EXPIRY_SKEW
-from .tokenstore import TokenStore
+from tokencache.errors import FetchTimeoutError, RedisUnavailableError, TokenCacheError
+from tokencache.keys import check_name
+from tokencache.store.defaults import default_store
+from tokencache.store.fleet import check_timeout
+from tokencache.store.tokenstore import TokenStore
+from tokencache.token import EXPIRY_SKEW
 
 __all__ = ["RECHECK", "Credentials"]
 

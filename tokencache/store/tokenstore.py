@@ -18,18 +18,18 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from rq.job import Job
 
-from . import env, metrics
-from .connection import connect, redis_errors, unavailable
-from .errors import TokenCacheError
-from .fleet import FleetFetch, Flights, check_timeout
-from .keys import Keys, TokenKey, parse_info
-from .nearcache import NearCache
-from .notify import error_message, ok_message
-from .reads import KeyMemo, TokenMemo
-from .record import Bookkeeping, MalformedRecord, from_fields, to_fields
-from .scheduling import RefreshQueue, utc
-from .sources import Sources, default_sources
-from .token import EXPIRY_SKEW, Freshness, Token
+from tokencache import env, metrics
+from tokencache.core.connection import connect, redis_errors, unavailable
+from tokencache.core.notify import error_message, ok_message
+from tokencache.core.queue import RefreshQueue, utc
+from tokencache.core.record import Bookkeeping, MalformedRecord, from_fields, to_fields
+from tokencache.core.sources import Sources, default_sources
+from tokencache.errors import TokenCacheError
+from tokencache.keys import Keys, TokenKey, parse_info
+from tokencache.store.fleet import FleetFetch, Flights, check_timeout
+from tokencache.store.nearcache import NearCache
+from tokencache.store.reads import KeyMemo, TokenMemo
+from tokencache.token import EXPIRY_SKEW, Freshness, Token
 
 __all__ = ["TokenRecord", "TokenStore"]
 
@@ -333,7 +333,7 @@ class TokenStore(StoreCore):
         return token
 
     def for_scope(self, info: object, sub: str | None = None, timeout: float = 30.0) -> Token:
-        """The cached token, or one fetched once for the whole fleet (see :mod:`tokencache.fleet`)."""
+        """The cached token, or one fetched once for the whole fleet (see :mod:`tokencache.store.fleet`)."""
         key, redis_key = self._key_memo.get(info, sub)
         timeout = check_timeout(timeout)
         token = self._near_read(redis_key)
@@ -428,7 +428,7 @@ def replace_if_indexed(store: TokenStore, key: TokenKey, token: Token, *, move_j
     The refresh job's write: a ``delete()`` that lands while the job fetches
     must not be undone by the job storing its result. ``move_job`` also moves
     the token's own job to the new refresh time, in the same transaction, if
-    that job is waiting in RQ's schedule (see :mod:`tokencache.batch`).
+    that job is waiting in RQ's schedule (see :mod:`tokencache.worker.batch`).
     """
     now = int(store.clock())
     refresh_at = store.due_at(token, fetched=True)

@@ -17,7 +17,7 @@ from types import TracebackType
 import redis
 from redis import Redis
 
-from .errors import ConfigurationError
+from tokencache.errors import ConfigurationError
 
 __all__ = ["EmbeddedRedis", "free_port"]
 

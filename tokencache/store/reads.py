@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .keys import Keys, TokenKey, parse_info
-from .record import from_fields
-from .token import Token
+from tokencache.core.record import from_fields
+from tokencache.keys import Keys, TokenKey, parse_info
+from tokencache.token import Token
 
 __all__ = ["KeyMemo", "TokenMemo"]
 

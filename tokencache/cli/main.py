@@ -24,12 +24,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import env
-from .connection import describe
-from .errors import TokenCacheError
-from .health import Health, check
-from .token import mask
-from .tokenstore import TokenRecord, TokenStore
+from tokencache import env
+from tokencache.cli.health import Health, check
+from tokencache.core.connection import describe
+from tokencache.errors import TokenCacheError
+from tokencache.store.tokenstore import TokenRecord, TokenStore
+from tokencache.token import mask
 
 __all__ = ["main"]
 
@@ -155,7 +155,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run the refresh worker pool in the foreground."""
-    from .worker import run_pool
+    from tokencache.worker.pool import run_pool
 
     logging.getLogger("tokencache").setLevel(args.log_level)
     run_pool(
@@ -170,7 +170,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_emulator(args: argparse.Namespace) -> int:
     """Run the local stand-in for Google's token endpoints."""
-    from .emulator import run_emulator
+    from tokencache.testing.emulator import run_emulator
 
     run_emulator(
         args.host,
@@ -187,7 +187,7 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the whole system on an embedded Redis and watch the tokens being refreshed."""
-    from .demo import run_demo
+    from tokencache.cli.demo import run_demo
 
     return run_demo(args.redis_url, duration=args.duration, lifetime=args.lifetime)
 

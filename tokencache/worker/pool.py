@@ -29,13 +29,13 @@ from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker, Worker
 from rq.worker_pool import WorkerPool
 
-from . import env, metrics
-from .connection import redis_errors
-from .errors import TokenCacheError
-from .repair import repair_if_leader
-from .scheduling import JOB_TIMEOUT, RefreshJob
-from .sources import default_sources
-from .tokenstore import TokenStore
+from tokencache import env, metrics
+from tokencache.core.connection import redis_errors
+from tokencache.core.queue import JOB_TIMEOUT, RefreshJob
+from tokencache.core.sources import default_sources
+from tokencache.errors import TokenCacheError
+from tokencache.store.tokenstore import TokenStore
+from tokencache.worker.repair import repair_if_leader
 
 __all__ = ["REPAIR_INTERVAL", "RefreshPool", "run_pool"]
 

@@ -17,8 +17,8 @@ from redis import BlockingConnectionPool, Redis
 from redis.asyncio import BlockingConnectionPool as AsyncBlockingPool
 from redis.asyncio import Redis as AsyncRedis
 
-from . import env
-from .errors import ConfigurationError, RedisUnavailableError
+from tokencache import env
+from tokencache.errors import ConfigurationError, RedisUnavailableError
 
 __all__ = ["connect", "describe", "mask_url", "redis_errors", "unavailable"]
 

@@ -37,10 +37,10 @@ from google.auth import impersonated_credentials
 from google.auth.credentials import Credentials, Scoped
 from google.oauth2 import service_account
 
-from . import env, metrics
-from .errors import ConfigurationError, RefreshError, UnknownAccountError
-from .keys import DEFAULT_ACCOUNT, TokenKey
-from .token import Token
+from tokencache import env, metrics
+from tokencache.errors import ConfigurationError, RefreshError, UnknownAccountError
+from tokencache.keys import DEFAULT_ACCOUNT, TokenKey
+from tokencache.token import Token
 
 __all__ = ["FETCH_TIMEOUT", "Sources", "default_sources"]
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 from requests import PreparedRequest
 from requests.auth import AuthBase
 
-from .defaults import default_store
-from .fleet import check_timeout
-from .google_auth import check_store
-from .keys import TokenKey
-from .tokenstore import TokenStore
+from tokencache.adapters.google_auth import check_store
+from tokencache.keys import TokenKey
+from tokencache.store.defaults import default_store
+from tokencache.store.fleet import check_timeout
+from tokencache.store.tokenstore import TokenStore
 
 __all__ = ["BearerAuth"]
 

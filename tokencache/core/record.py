@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .token import Token
+from tokencache.token import Token
 
 __all__ = ["Bookkeeping", "MalformedRecord", "from_fields", "to_fields"]
 

@@ -1,0 +1,5 @@
+"""The ``tokencache`` command line (``tokencache.cli:main`` is the console script)."""
+
+from tokencache.cli.main import main
+
+__all__ = ["main"]

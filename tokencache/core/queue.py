@@ -1,0 +1,217 @@
+"""The refresh queue: one deterministic RQ job per cached token.
+
+Why it looks the way it does:
+
+* The job id is derived from the token's key (:meth:`Keys.job_id`), so storing
+  one token a thousand times rewrites one job instead of queueing a thousand.
+  The id names the namespace and the token reversibly (:func:`parse_job_id`),
+  so the job's one argument is ``refresh_before``.
+* Jobs carry no access token and use RQ's JSON serializer: nothing secret
+  sits in ``rq:job:*`` and nothing is pickled.
+* Memory: every value of the job's RQ hash is at most 64 bytes (a short fixed
+  description, a ~47-byte ``data``) and :class:`RefreshJob` leaves out the
+  fields RQ would write empty, so Redis keeps the hash as a listpack (344 B
+  for a typical token, MEMORY USAGE) instead of a hashtable (1.36 KB). Only
+  memory depends on that; a bigger hash works the same.
+* A running refresh job must not schedule *its own id* through ``enqueue_at``:
+  with ``result_ttl=0`` RQ deletes the finished job's hash right after, which
+  would take the freshly scheduled next run with it. Instead the job asks RQ to
+  *repeat* it (``repeats_left``/``repeat_intervals``), which RQ applies in the
+  same transaction that records the success. See :func:`repeat_current_job`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from redis import Redis
+from rq import Queue
+from rq.job import Job, JobStatus
+from rq.registry import ScheduledJobRegistry
+from rq.serializers import JSONSerializer
+
+from tokencache.keys import Keys, TokenKey, parse_job_id
+
+__all__ = [
+    "JOB_FAILURE_TTL",
+    "JOB_TIMEOUT",
+    "RefreshJob",
+    "RefreshQueue",
+    "job_refresh_before",
+    "job_target",
+    "repeat_current_job",
+]
+
+REFRESH_FUNC = "tokencache.refresh.refresh"
+DESCRIPTION = "tokencache refresh"
+"""Every refresh job's RQ description: fixed and short (RQ's default spells out the call)."""
+JOB_TIMEOUT = 60
+"""Seconds RQ lets one refresh run; a fetch is bounded far below that (see sources)."""
+JOB_FAILURE_TTL = 24 * 3600
+"""How long a refresh that gave up stays in RQ's failed registry for operators to see."""
+
+
+class RefreshJob(Job):
+    """RQ's Job, saved without the fields a waiting refresh job does not need.
+
+    * Fields RQ writes as ``""`` when unset: RQ reads a missing field exactly
+      as an empty one, and a fresh refresh job has eight of them.
+    * While the job waits in the schedule, the record of its last run
+      (``started_at``, ``ended_at``, ``worker_name``, its result, the repeat
+      it just used...): about 390 B that RQ would otherwise keep for every
+      token until the next run overwrites it. RQ sets them again when the job
+      next runs.
+
+    :meth:`save` deletes such fields in the same pipeline before it writes, so a
+    rewrite clears what an earlier run left, as RQ's ``""`` would. The store
+    writes jobs with this class; ``tokencache worker`` also loads them with it,
+    so the save that reschedules a finished job (RQ's repeat) sheds its run
+    record. A plain ``rq worker`` should get ``--job-class
+    tokencache.scheduling.RefreshJob`` for the same saving; without it the jobs
+    work the same and take about 0.4 KB more each.
+    """
+
+    UNSET: ClassVar[tuple[str, ...]] = (
+        "success_callback_name",
+        "failure_callback_name",
+        "stopped_callback_name",
+        "started_at",
+        "ended_at",
+        "last_heartbeat",
+        "worker_name",
+        "group_id",
+    )
+    RUN_RECORD: ClassVar[tuple[str, ...]] = (
+        "started_at",
+        "ended_at",
+        "last_heartbeat",
+        "worker_name",
+        "enqueued_at",
+        "result",
+        "repeats_left",
+        "repeat_intervals",
+    )
+    _RUN_ONLY: ClassVar[tuple[str, ...]] = RUN_RECORD[:-2]
+    CLEARED: ClassVar[tuple[str, ...]] = tuple(dict.fromkeys(UNSET + RUN_RECORD + ("meta",)))
+
+    def to_dict(self, include_meta: bool = True, include_result: bool = True) -> dict[str, Any]:
+        fields: dict[str, Any] = super().to_dict(include_meta=include_meta, include_result=include_result)
+        waiting = fields.get("status") == JobStatus.SCHEDULED
+        shed = self.RUN_RECORD if not self.repeats_left else self._RUN_ONLY  # repeats to come are kept
+        return {
+            name: value
+            for name, value in fields.items()
+            if not (value == "" and name in self.UNSET)
+            and not (waiting and name in shed)
+            and not (name == "meta" and not self.meta)
+        }
+
+    def save(self, pipeline: Any = None, include_meta: bool = True, include_result: bool = True) -> None:
+        connection: Any = pipeline if pipeline is not None else self.connection
+        mapping = self.to_dict(include_meta=include_meta, include_result=include_result)
+        stale = [name for name in self.CLEARED if name not in mapping and (include_meta or name != "meta")]
+        connection.hdel(self.key, *stale)
+        connection.hset(self.key, mapping=mapping)
+
+
+class RefreshQueue:
+    """Schedules, cancels and enqueues the refresh jobs of one namespace.
+
+    Every write goes into a caller's pipeline, so it joins the caller's
+    transaction; the asyncio store passes a recorder and replays the commands
+    on ``redis.asyncio`` (RQ itself is synchronous).
+    """
+
+    def __init__(self, connection: Redis, name: str, keys: Keys) -> None:
+        self.connection = connection
+        self.name = name
+        self.keys = keys
+        self.queue = Queue(name, connection=connection, serializer=JSONSerializer, job_class=RefreshJob)
+        self.scheduled = ScheduledJobRegistry(queue=self.queue)
+
+    def _job(self, pipe: Any, key: TokenKey, refresh_before: int, status: JobStatus) -> Job:
+        """The token's job (its id names the token; its one argument is ``refresh_before``).
+
+        A :class:`RefreshJob`: saving it in ``pipe`` also clears the fields it leaves out."""
+        job = self.queue.create_job(
+            REFRESH_FUNC,
+            args=[refresh_before],
+            job_id=self.keys.job_id(key),
+            result_ttl=0,
+            failure_ttl=JOB_FAILURE_TTL,
+            timeout=JOB_TIMEOUT,
+            description=DESCRIPTION,
+            status=status,
+        )
+        return job
+
+    def schedule(self, pipe: Any, key: TokenKey, refresh_before: int, at: datetime) -> Job:
+        """Add (or move) the token's one refresh job to ``at`` inside ``pipe``'s transaction."""
+        job = self._job(pipe, key, refresh_before, JobStatus.SCHEDULED)
+        return self.queue.schedule_job(job, at.astimezone(UTC), pipeline=pipe)
+
+    def cancel(self, pipe: Any, key: TokenKey) -> None:
+        """Remove the token's refresh job from the schedule and the queue, inside ``pipe``."""
+        job_id = self.keys.job_id(key)
+        pipe.zrem(self.scheduled.key, job_id)
+        pipe.lrem(self.queue.key, 0, job_id)
+        pipe.delete(Job.key_for(job_id))
+
+    def move_scheduled(self, pipe: Any, key: TokenKey, at: int) -> None:
+        """Move the token's job to ``at`` (Unix seconds) inside ``pipe``, if it waits in RQ's schedule.
+
+        ``ZADD XX`` touches only a job that is still scheduled: one the scheduler already queued, or a
+        running one, is left alone, and finds its token fresh when it runs.
+        """
+        pipe.zadd(self.scheduled.key, {self.keys.job_id(key): at}, xx=True)
+
+    def enqueue_into(self, pipe: Any, key: TokenKey, refresh_before: int) -> Job:
+        """Put the token's refresh job on the queue now, bypassing the scheduler, inside ``pipe``'s MULTI."""
+        job = self._job(pipe, key, refresh_before, JobStatus.QUEUED)
+        pipe.zrem(self.scheduled.key, job.id)
+        pipe.lrem(self.queue.key, 0, job.id)
+        return self.queue.enqueue_job(job, pipeline=pipe)
+
+    def enqueue(self, key: TokenKey, refresh_before: int) -> Job:
+        """:meth:`enqueue_into` a transaction of its own (repair, for_scope without credentials)."""
+        with self.connection.pipeline(transaction=True) as pipe:
+            pipe.multi()  # before any command: enqueue_job() would start the transaction itself
+            job = self.enqueue_into(pipe, key, refresh_before)
+            pipe.execute()
+        return job
+
+
+def job_target(job: Job) -> tuple[str, TokenKey]:
+    """The namespace and token key a refresh job refreshes (ValueError if ``job`` is none of ours).
+
+    Read from the job's id; a job written before ids named their token carries
+    them as keyword arguments instead.
+    """
+    old = job.kwargs
+    if {"namespace", "account", "scope", "sub"} <= old.keys():
+        return str(old["namespace"]), TokenKey(str(old["account"]), str(old["scope"]), old["sub"] or None)
+    return parse_job_id(job.id)
+
+
+def job_refresh_before(job: Job, default: int) -> int:
+    """The ``refresh_before`` a refresh job was written with (a keyword in old-format jobs)."""
+    value = job.args[0] if job.args else job.kwargs.get("refresh_before", default)
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def repeat_current_job(job: Job, delay: float) -> None:
+    """Have RQ run ``job`` again ``delay`` seconds after it finishes.
+
+    RQ applies this in the transaction that records the job's success, so the
+    next run survives the current one's cleanup (which, with ``result_ttl=0``,
+    deletes the job hash). A delay of 0 re-enqueues at once.
+    """
+    job.repeats_left = 1
+    # RQ types intervals as int but uses timedelta(seconds=...): a float keeps sub-second precision.
+    job.repeat_intervals = [max(0.0, delay)]  # type: ignore[list-item]
+
+
+def utc(timestamp: float) -> datetime:
+    """An aware UTC datetime, as RQ's scheduler wants (a naive one is read as local time)."""
+    return datetime.fromtimestamp(timestamp, tz=UTC)

@@ -1,0 +1,199 @@
+"""The refresh job: what an RQ worker runs when a token's refresh comes due.
+
+It must be safe to run twice at once and to run early or late, because RQ
+gives no exactly-once promise: the scheduler polls once a second with
+whole-second scores (so a job can start up to a second early), repair may
+re-enqueue a job it believes lost, and a SIGKILLed worker leaves its job
+half-done. So the job takes the token's lock, re-reads the token, fetches only
+if a refresh is really due, writes only if the token was not deleted
+meanwhile, and always ends by telling RQ when to run it next.
+
+A job that refreshed its token then refreshes the other tokens that come due
+within a few seconds, concurrently (see :mod:`tokencache.worker.batch`): one fetch per
+job cannot keep up with a fleet's tokens all coming due in the same second.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+from rq import get_current_job
+from rq.job import Job
+
+from tokencache import env, metrics
+from tokencache.core.locks import LOCK_TTL, Lock
+from tokencache.core.queue import RefreshJob, job_target, repeat_current_job
+from tokencache.core.sources import Sources, default_sources
+from tokencache.errors import ConfigurationError, RefreshError
+from tokencache.keys import DEFAULT_ACCOUNT, TokenKey
+from tokencache.store.tokenstore import TokenRecord, TokenStore, record_failure, replace_if_indexed
+from tokencache.token import EXPIRY_SKEW, Token, mask
+from tokencache.worker.batch import refresh_due
+
+__all__ = ["LOCK_TTL", "Refresher", "backoff", "refresh"]
+
+log = logging.getLogger(__name__)
+
+EARLY = 2.0
+"""Seconds before ``refresh_at`` at which a run still counts as due (RQ may start jobs ~1 s early)."""
+MIN_DELAY = 1.0
+"""The shortest wait before a job runs again, so nothing can make a worker fetch in a tight loop."""
+BUSY_RETRY = 1.0
+"""Seconds to wait before looking again when another process holds the token's lock."""
+BACKOFF_BASE = 1.0
+BACKOFF_CAP = 60.0
+GIVE_UP_AFTER = 5
+"""Consecutive failures after which, with no valid token left, the job stops and fails in RQ."""
+
+
+def backoff(failures: int, time_left: float) -> float:
+    """Delay before retry number ``failures``: exponential with equal jitter.
+
+    While the current token is valid the retry is pulled in to land before it
+    expires, so a token is not lost to the wait itself.
+    """
+    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, failures - 1))
+    delay = random.uniform(ceiling / 2, ceiling)
+    latest = time_left - EXPIRY_SKEW - 0.5
+    if latest > 0:
+        delay = min(delay, latest)
+    return max(0.5, delay)
+
+
+@dataclass
+class Refresher:
+    """One refresh attempt of one token; :meth:`run` returns (outcome, seconds until the next run)."""
+
+    store: TokenStore
+    key: TokenKey
+    sources: Sources
+    owner: str
+    failures: int = 0
+    """Consecutive failed attempts before this one (kept in the RQ job's meta between runs)."""
+    lateness: float | None = None
+    """How late this run came after the token's refresh was due (for the lateness metric)."""
+
+    def run(self) -> tuple[str, float | None]:
+        if not self.store.indexed(self.key):
+            return "deleted", None
+        lock = Lock(self.store.redis, self.store.keys.lock(self.key), LOCK_TTL, owner=self.owner)
+        if not lock.acquire():
+            return "busy", BUSY_RETRY
+        try:
+            return self._locked()
+        finally:
+            lock.release()
+
+    def _locked(self) -> tuple[str, float | None]:
+        current = self.store.record(self.key)
+        now = self.store.clock()
+        if current is not None and current.token.expires_in(now) > EXPIRY_SKEW:
+            due = current.bookkeeping.refresh_at or current.token.expires - self.store.refresh_before
+            if now < due - EARLY:
+                return "not due", due - now
+            self.lateness = now - due
+        try:
+            token = self.fetch(current)
+        except (RefreshError, ConfigurationError) as e:
+            return self._failed(current, e)
+        if not replace_if_indexed(self.store, self.key, token):
+            return "deleted", None
+        self.failures = 0
+        log.info("refreshed %s: %s, expires in %ds", self.key.encode(), mask(token.token), token.expires_in())
+        return "refreshed", max(MIN_DELAY, self.store.due_at(token, fetched=True) - self.store.clock())
+
+    def fetch(self, current: TokenRecord | None) -> Token:
+        """A new token from the key's source (RefreshError if it lives too short to be worth storing)."""
+        token = self.sources.fetch(self.key, scope=self._scope(current), account=self._account(current))
+        if token.expires_in(self.store.clock()) <= EXPIRY_SKEW + 1:
+            raise RefreshError(f"the token endpoint returned a token that lives {token.expires_in():.0f}s")
+        return token
+
+    def _scope(self, current: TokenRecord | None) -> str:
+        return current.token.scope if current is not None else self.key.scope
+
+    def _account(self, current: TokenRecord | None) -> str | None:
+        if current is not None:
+            return current.token.account
+        return None if self.key.account == DEFAULT_ACCOUNT else self.key.account
+
+    def _failed(self, current: TokenRecord | None, error: Exception) -> tuple[str, float]:
+        self.failures += 1
+        left = current.token.expires_in(self.store.clock()) if current is not None else 0.0
+        hopeless = isinstance(error, ConfigurationError)
+        if hopeless or (left <= EXPIRY_SKEW and self.failures >= GIVE_UP_AFTER):
+            record_failure(self.store, self.key, str(error), gave_up=True)
+            metrics.record_refresh("gave_up")
+            log.error("refresh of %s failed %d times, giving up: %s", self.key.encode(), self.failures, error)
+            raise error
+        record_failure(self.store, self.key, str(error))
+        delay = backoff(self.failures, left)
+        log.warning(
+            "refresh of %s failed (%d in a row): %s; retrying in %.1fs; current token %s, %.0fs left",
+            self.key.encode(),
+            self.failures,
+            error,
+            delay,
+            mask(current.token.token) if current else "-",
+            left,
+        )
+        return "failed", delay
+
+
+def _remember_failures(job: Job, failures: int) -> None:
+    """Keep the failure count in the job's meta, which RQ saves with the repeat for the next run."""
+    if failures:
+        job.meta["failures"] = failures
+    elif isinstance(job, RefreshJob):
+        job.meta.pop("failures", None)  # no meta at all in the common case: its save clears the field
+    else:
+        job.meta["failures"] = 0  # RQ's own Job never writes an empty meta, so reset it explicitly
+
+
+def refresh(refresh_before: int, **old_format: object) -> str:
+    """RQ entry point (``tokencache.refresh.refresh``): refresh the token named by the job's id.
+
+    A job written before ids named their token (keyword arguments ``namespace account scope sub``) hands
+    over to the token's job under its current id and ends.
+    """
+    job = get_current_job()
+    if not isinstance(job, Job):
+        raise RuntimeError("tokencache.refresh.refresh runs inside an RQ worker")
+    namespace, key = job_target(job)
+    store = TokenStore(job.connection, namespace=namespace, refresh_before=refresh_before, queue=job.origin)
+    if old_format:
+        store.refresh_queue.enqueue(key, refresh_before)
+        return "handed over"
+    refresher = Refresher(
+        store, key, default_sources(), owner=job.id, failures=int(job.meta.get("failures", 0))
+    )
+    try:
+        outcome, delay = refresher.run()
+    except (RefreshError, ConfigurationError):
+        raise  # a deliberate give-up: RQ's failed registry records it
+    except Exception:
+        # Anything else (Redis failing over mid-write, a bug) must not end the refresh chain.
+        refresher.failures += 1
+        outcome, delay = "crashed", backoff(refresher.failures, 0.0)
+        log.exception("refresh of %s crashed; retrying in %.1fs", key.encode(), delay)
+    if outcome == "refreshed":
+        _refresh_others(store, refresher)
+    metrics.record_refresh(outcome.replace(" ", "_"), refresher.lateness if outcome == "refreshed" else None)
+    _remember_failures(job, refresher.failures)
+    if delay is not None:
+        repeat_current_job(job, delay)
+    return outcome
+
+
+def _refresh_others(store: TokenStore, refresher: Refresher) -> None:
+    """Refresh the other tokens due within the look-ahead (a burst); never lets the own repeat be lost."""
+
+    def fetch(key: TokenKey, current: TokenRecord) -> Token:
+        return Refresher(store, key, refresher.sources, owner=refresher.owner).fetch(current)
+
+    try:
+        refresh_due(store, fetch, exclude=refresher.key, threads=env.refresh_batch())
+    except Exception:
+        log.exception("batch after %s failed; the others' own jobs refresh them", refresher.key.encode())
