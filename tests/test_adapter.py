@@ -30,8 +30,9 @@ from tokencache import (
     reset_default_store,
 )
 from tokencache import RefreshError as CacheRefreshError
-from tokencache.adapters.google_auth import RECHECK, Credentials
+from tokencache.adapters.google_auth import Credentials
 from tokencache.adapters.requests_auth import BearerAuth
+from tokencache.constants import RECHECK
 from tokencache.core.sources import Sources
 from tokencache.testing.emulator import Emulator
 

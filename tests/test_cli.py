@@ -192,7 +192,7 @@ def test_emulator_bad_option_is_one_line(tmp_path: Path) -> None:
 
 
 def test_status_sees_a_sigkilled_pool(store: TokenStore, workers: Workers) -> None:
-    from tokencache.cli.health import POOL_TTL
+    from tokencache.constants import POOL_TTL
 
     from .conftest import descendants
 

@@ -90,7 +90,7 @@ def test_a_failed_worker_fetch_reaches_app_waiters(
 def test_a_sigkilled_fetcher_is_taken_over_after_its_lock_ttl(
     store: TokenStore, redis_url: str, emulator: Emulator, key_file: str, tmp_path: Path
 ) -> None:
-    from tokencache.core.locks import LOCK_TTL
+    from tokencache.constants import LOCK_TTL
 
     emulator.config.latency = 30.0
     env = app_env(redis_url, tmp_path, credentials=key_file)
@@ -150,7 +150,7 @@ def test_bad_timeout(store: TokenStore, timeout: object, error: type[Exception])
 def test_errors_are_refresh_errors_remembered_briefly(
     store: TokenStore, emulator: Emulator, key_file: str
 ) -> None:
-    from tokencache.store.tokenstore import ERROR_TTL
+    from tokencache.constants import ERROR_TTL
 
     emulator.config.fail_next = 1
     app = TokenStore(

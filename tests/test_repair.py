@@ -7,7 +7,8 @@ import time
 from rq.job import Job, JobStatus
 
 from tokencache import Token, TokenStore
-from tokencache.core.locks import LOCK_TTL, Lock
+from tokencache.constants import LOCK_TTL
+from tokencache.core.locks import Lock
 from tokencache.keys import parse_job_id
 from tokencache.worker.repair import repair, repair_if_leader
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from tokencache.constants import DEFAULT_REFRESH_BEFORE
 from tokencache.errors import ConfigurationError
 
 REDIS_URL = "TOKENCACHE_REDIS_URL"
@@ -36,7 +37,6 @@ GOOGLE_APPLICATION_CREDENTIALS = "GOOGLE_APPLICATION_CREDENTIALS"
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_NAMESPACE = "tokencache"
-DEFAULT_REFRESH_BEFORE = 10
 DEFAULT_QUEUE = "tokencache"
 DEFAULT_REFRESH_BATCH = 8
 

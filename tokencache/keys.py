@@ -43,11 +43,12 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
+from tokencache.validate import check_name
+
 __all__ = [
     "DEFAULT_ACCOUNT",
     "Keys",
     "TokenKey",
-    "check_name",
     "normalize_scope",
     "parse_info",
     "parse_job_id",
@@ -66,17 +67,6 @@ def normalize_scope(scope: str, *, name: str = "scope") -> str:
     if not parts:
         raise ValueError(f"{name} must name at least one scope, got {scope!r}")
     return " ".join(parts)
-
-
-def check_name(name: str, value: object) -> str | None:
-    """An optional account or subject: None, or a non-empty string (TypeError/ValueError naming it)."""
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a string or None, not {type(value).__name__}")
-    if not value.strip():
-        raise ValueError(f"{name} must be a non-empty string or None")
-    return value
 
 
 @dataclass(frozen=True, slots=True)

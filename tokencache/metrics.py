@@ -1,6 +1,7 @@
 """Prometheus metrics, for the worker pool and for apps.
 
-Worker side (``tokencache worker --metrics-port 9108`` serves them):
+Worker side (``tokencache worker --metrics-port 9108`` serves them, with the scrape-time gauges of
+:mod:`tokencache.worker.scrape`):
 
 - ``tokencache_refreshes_total{outcome}`` (counter): refresh-job runs by outcome: refreshed,
   not due, busy, failed, gave up, deleted, crashed; and ``batched``: tokens refreshed by another
@@ -33,15 +34,13 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from prometheus_client import Counter, Histogram
 
-    from tokencache.store.tokenstore import TokenStore
 
 __all__ = [
     "enable_multiprocess",
@@ -49,7 +48,6 @@ __all__ = [
     "observe_fetch_wait",
     "record_read",
     "record_refresh",
-    "serve_worker_metrics",
     "start_http_server",
 ]
 
@@ -145,43 +143,6 @@ def enable_multiprocess() -> str:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
     values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
     return folder
-
-
-class _QueueCollector:
-    """Gauges read from Redis at scrape time: what is scheduled, what is overdue."""
-
-    def __init__(self, store: TokenStore) -> None:
-        self.store = store
-
-    def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily
-
-        from tokencache.errors import TokenCacheError
-        from tokencache.worker.repair import overdue
-
-        up = GaugeMetricFamily("tokencache_redis_up", "Whether the last scrape could read Redis")
-        try:
-            counts = (self.store.refresh_queue.scheduled.count, len(overdue(self.store)))
-        except (TokenCacheError, OSError, ConnectionError):
-            up.add_metric([], 0)  # the workers' own counters are still served
-            return iter([up])
-        up.add_metric([], 1)
-        scheduled = GaugeMetricFamily("tokencache_refreshes_scheduled", "Refresh jobs in RQ's schedule")
-        scheduled.add_metric([], counts[0])
-        late = GaugeMetricFamily("tokencache_refreshes_overdue", "Refreshes repair would re-enqueue now")
-        late.add_metric([], counts[1])
-        return iter([up, scheduled, late])
-
-
-def serve_worker_metrics(store: TokenStore, port: int, host: str = "0.0.0.0") -> None:
-    """Serve the pool's metrics (all its workers' counters, plus the queue gauges) on ``host:port``."""
-    from prometheus_client import CollectorRegistry, multiprocess
-    from prometheus_client import start_http_server as serve
-
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    registry.register(_QueueCollector(store))
-    serve(port, addr=host, registry=registry)
 
 
 def start_http_server(port: int, host: str = "0.0.0.0") -> None:

@@ -13,14 +13,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokencache.constants import EXPIRY_SKEW
+
 __all__ = ["Freshness", "Token", "mask"]
-
-EXPIRY_SKEW = 1
-"""Seconds before ``expires`` at which a token is already treated as expired.
-
-``EXPIREAT`` works in whole seconds and a caller needs a moment to use the
-token, so a token in its last second is not handed out.
-"""
 
 
 class Freshness(enum.Enum):

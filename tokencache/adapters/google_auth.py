@@ -27,37 +27,16 @@ from collections.abc import Sequence
 import google.auth.credentials as ga
 import google.auth.exceptions
 
+from tokencache.constants import EXPIRY_SKEW, RECHECK
 from tokencache.errors import FetchTimeoutError, RedisUnavailableError, TokenCacheError
-from tokencache.keys import check_name
 from tokencache.store.defaults import default_store
-from tokencache.store.fleet import check_timeout
 from tokencache.store.tokenstore import TokenStore
-from tokencache.token import EXPIRY_SKEW
+from tokencache.validate import check_name, check_scopes, check_timeout
 
-__all__ = ["RECHECK", "Credentials"]
+__all__ = ["Credentials"]
 
-RECHECK = 1.0
-"""Seconds between re-reads of a token inside its refresh margin (its refresh is due but not seen yet)."""
 
 Scopes = Sequence[str] | str | None
-
-
-def check_scopes(scopes: object, name: str = "scopes") -> list[str] | None:
-    """Scopes as google-auth keeps them: a list of strings, or None when there are none."""
-    if scopes is None:
-        return None
-    if isinstance(scopes, str):
-        parts = scopes.replace(",", " ").split()
-    elif isinstance(scopes, Sequence) and not isinstance(scopes, bytes | bytearray):
-        parts = list(scopes)
-        for part in parts:
-            if not isinstance(part, str):
-                raise TypeError(f"{name} must be strings, got {type(part).__name__} {part!r}")
-            if not part.strip():
-                raise ValueError(f"{name} must not contain empty scopes, got {scopes!r}")
-    else:
-        raise TypeError(f"{name} must be a string or a sequence of strings, not {type(scopes).__name__}")
-    return parts or None
 
 
 def check_store(store: object) -> TokenStore | None:

@@ -14,8 +14,8 @@ from requests.auth import AuthBase
 from tokencache.adapters.google_auth import check_store
 from tokencache.keys import TokenKey
 from tokencache.store.defaults import default_store
-from tokencache.store.fleet import check_timeout
 from tokencache.store.tokenstore import TokenStore
+from tokencache.validate import check_timeout
 
 __all__ = ["BearerAuth"]
 

@@ -30,15 +30,17 @@ from redis.asyncio import Redis as AsyncRedis
 from rq.job import Job
 
 from tokencache import env, metrics
+from tokencache.constants import FLEET_POLL, LOCK_TTL, WANT_TTL
 from tokencache.core.connection import connect, redis_errors, unavailable
-from tokencache.core.locks import LOCK_TTL, RELEASE_SCRIPT
+from tokencache.core.locks import RELEASE_SCRIPT
 from tokencache.core.notify import parse
 from tokencache.core.sources import Sources
 from tokencache.errors import ConfigurationError, RefreshError, TokenCacheError
 from tokencache.keys import TokenKey, parse_info
-from tokencache.store.fleet import POLL, WANT_TTL, account_arg, check_timeout, fetch_failed, timeout_error
-from tokencache.store.tokenstore import Clock, Raw, StoreCore
+from tokencache.store.core import Clock, Raw, StoreCore
+from tokencache.store.fleet import account_arg, fetch_failed, timeout_error
 from tokencache.token import Freshness, Token
+from tokencache.validate import check_timeout
 
 __all__ = ["TokenStore", "aclose_default", "default_store", "delete", "find", "for_scope", "store"]
 
@@ -253,7 +255,7 @@ class _FleetFetch:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise timeout_error(self.store, self.key, self.timeout, self.fetches_itself)
-                    await self._wait(pubsub, min(POLL, left))
+                    await self._wait(pubsub, min(FLEET_POLL, left))
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
 

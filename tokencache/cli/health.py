@@ -19,18 +19,14 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
+from tokencache.constants import FORGET_POOL, POOL_TTL
 from tokencache.core.connection import redis_errors
 from tokencache.core.queue import job_target
 from tokencache.keys import TokenKey
 from tokencache.store.tokenstore import TokenStore
 from tokencache.worker.repair import overdue
 
-__all__ = ["POOL_TTL", "Health", "check"]
-
-POOL_TTL = 5.0
-"""A pool whose heartbeat is older than this is dead (it beats every second)."""
-FORGET_POOL = 3600.0
-"""A dead pool's entry is dropped after this long, so ``status`` stops reporting it."""
+__all__ = ["Health", "check"]
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ from tokencache import env
 from tokencache.cli.health import Health, check
 from tokencache.core.connection import describe
 from tokencache.errors import TokenCacheError
-from tokencache.store.tokenstore import TokenRecord, TokenStore
+from tokencache.store.core import TokenRecord
+from tokencache.store.tokenstore import TokenStore
 from tokencache.token import mask
 
 __all__ = ["main"]

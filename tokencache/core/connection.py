@@ -18,17 +18,12 @@ from redis.asyncio import BlockingConnectionPool as AsyncBlockingPool
 from redis.asyncio import Redis as AsyncRedis
 
 from tokencache import env
+from tokencache.constants import MAX_CONNECTIONS, SOCKET_TIMEOUT
 from tokencache.errors import ConfigurationError, RedisUnavailableError
 
 __all__ = ["connect", "describe", "mask_url", "redis_errors", "unavailable"]
 
 C = TypeVar("C", Redis, AsyncRedis)
-
-MAX_CONNECTIONS = 50
-"""Connections one client opens at most; more concurrent calls wait for one to come free."""
-
-SOCKET_TIMEOUT = 5.0
-"""Seconds before a Redis call gives up: long enough for a loaded server, short enough for a request path."""
 
 
 def mask_url(url: str) -> str:

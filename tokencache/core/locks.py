@@ -12,14 +12,8 @@ from dataclasses import dataclass, field
 
 from redis import Redis
 
-from tokencache.core.sources import FETCH_TIMEOUT
+__all__ = ["Lock", "acquire_each"]
 
-__all__ = ["LOCK_TTL", "Lock", "acquire_each"]
-
-LOCK_TTL = FETCH_TIMEOUT + 1.0
-"""A fetch holds its token's lock this long at most: one bounded fetch plus a write.
-Kept well below the default 10 s margin so that a refresh killed mid-fetch is
-retried (by repair, once the lock is gone) before the token expires."""
 
 RELEASE_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then

@@ -31,25 +31,14 @@ from rq.job import Job, JobStatus
 from rq.registry import ScheduledJobRegistry
 from rq.serializers import JSONSerializer
 
+from tokencache.constants import JOB_FAILURE_TTL, JOB_TIMEOUT
 from tokencache.keys import Keys, TokenKey, parse_job_id
 
-__all__ = [
-    "JOB_FAILURE_TTL",
-    "JOB_TIMEOUT",
-    "RefreshJob",
-    "RefreshQueue",
-    "job_refresh_before",
-    "job_target",
-    "repeat_current_job",
-]
+__all__ = ["RefreshJob", "RefreshQueue", "job_refresh_before", "job_target", "repeat_current_job"]
 
 REFRESH_FUNC = "tokencache.refresh.refresh"
 DESCRIPTION = "tokencache refresh"
 """Every refresh job's RQ description: fixed and short (RQ's default spells out the call)."""
-JOB_TIMEOUT = 60
-"""Seconds RQ lets one refresh run; a fetch is bounded far below that (see sources)."""
-JOB_FAILURE_TTL = 24 * 3600
-"""How long a refresh that gave up stays in RQ's failed registry for operators to see."""
 
 
 class RefreshJob(Job):

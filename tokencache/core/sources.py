@@ -38,18 +38,14 @@ from google.auth.credentials import Credentials, Scoped
 from google.oauth2 import service_account
 
 from tokencache import env, metrics
+from tokencache.constants import FETCH_TIMEOUT
 from tokencache.errors import ConfigurationError, RefreshError, UnknownAccountError
 from tokencache.keys import DEFAULT_ACCOUNT, TokenKey
 from tokencache.token import Token
 
-__all__ = ["FETCH_TIMEOUT", "Sources", "default_sources"]
+__all__ = ["Sources", "default_sources"]
 
 log = logging.getLogger(__name__)
-
-FETCH_TIMEOUT = 4.0
-"""Seconds one token request may take. google-auth's own default is 120 s, far
-longer than the refresh margin: a hung request would let the token expire and
-hold the refresh lock past its TTL."""
 
 
 class _BoundedRequest(google.auth.transport.requests.Request):

@@ -10,7 +10,7 @@ How waiting works: waiters subscribe to ``{ns}:fetched:{key}`` *before*
 looking at the cache, so a store that lands between the look and the wait
 still wakes them. Every store publishes there (in the same transaction), and
 a failed fetch publishes its error so waiters fail at once instead of timing
-out. A fallback poll every ``POLL`` seconds covers a lost message and lets
+out. A fallback poll every ``FLEET_POLL`` seconds covers a lost message and lets
 the next caller take over from a fetcher that died (its lock expires).
 """
 
@@ -25,30 +25,19 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
+from tokencache.constants import FLEET_POLL, LOCK_TTL, WANT_TTL
 from tokencache.core.connection import redis_errors
-from tokencache.core.locks import LOCK_TTL, Lock
+from tokencache.core.locks import Lock
 from tokencache.core.notify import parse
 from tokencache.errors import ConfigurationError, FetchTimeoutError, RefreshError
 from tokencache.keys import DEFAULT_ACCOUNT, TokenKey
 from tokencache.token import Token
 
 if TYPE_CHECKING:
-    from tokencache.store.tokenstore import StoreCore, TokenStore
+    from tokencache.store.core import StoreCore
+    from tokencache.store.tokenstore import TokenStore
 
-__all__ = ["POLL", "WANT_TTL", "FleetFetch", "Flights", "check_timeout", "fetch_failed", "timeout_error"]
-
-POLL = 0.5
-"""Seconds between fallback looks at the cache while waiting (a bound, not the normal wake-up)."""
-WANT_TTL = 2 * LOCK_TTL
-"""How long one request to the workers stands before a waiter may repeat it (a lost job, a dead pool)."""
-
-
-def check_timeout(timeout: object) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
-    if not timeout > 0:
-        raise ValueError(f"timeout must be positive, got {timeout}")
-    return float(timeout)
+__all__ = ["FleetFetch", "Flights", "fetch_failed", "timeout_error"]
 
 
 def timeout_error(store: StoreCore, key: TokenKey, timeout: float, fetches_itself: bool) -> FetchTimeoutError:
@@ -136,7 +125,7 @@ class FleetFetch:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise timeout_error(self.store, self.key, self.timeout, self.fetches_itself)
-                self._wait(sub, min(POLL, left))
+                self._wait(sub, min(FLEET_POLL, left))
 
     def _wait(self, sub: Any, seconds: float) -> None:
         message = sub.get_message(timeout=seconds)

@@ -48,27 +48,24 @@ import redis.connection
 from redis._parsers import _RESP3Parser
 from redis.asyncio import Redis as AsyncRedis
 
+from tokencache.constants import (
+    EXPIRY_SKEW,
+    LEASE,
+    NEAR_MAX_ENTRIES,
+    NEAR_POLL,
+    NEAR_READ_TIMEOUT,
+    PING_EVERY,
+    PING_TIMEOUT,
+    RETRY_MAX,
+)
 from tokencache.errors import ConfigurationError
-from tokencache.token import EXPIRY_SKEW, Token
+from tokencache.token import Token
 
-__all__ = ["MAX_ENTRIES", "PING_EVERY", "PING_TIMEOUT", "NearCache"]
+__all__ = ["NearCache"]
 
 log = logging.getLogger(__name__)
 
-MAX_ENTRIES = 10_000
-"""Tokens one process keeps before it starts over (far more than a process uses)."""
-PING_EVERY = 1.0
-"""Seconds of silence on the tracking connection after which it is pinged."""
-PING_TIMEOUT = 2.0
-"""Seconds a ping may go unanswered before the connection counts as lost (and the cache is emptied)."""
-LEASE = PING_EVERY + PING_TIMEOUT
-"""Seconds since the reader last heard from Redis after which entries are not served."""
-RETRY_MAX = 5.0
-"""Longest wait between attempts to re-establish tracking."""
-_POLL = 0.1
-"""How often the reader thread looks up from the socket (to notice close() and ping deadlines)."""
 _INVALIDATE = (b"invalidate", "invalidate")
-_READ_TIMEOUT = 5.0
 _ASYNC_ONLY = ("retry", "redis_connect_func", "credential_provider")
 
 
@@ -76,7 +73,7 @@ class NearCache:
     """Tokens by hash key, valid while Redis tracking is up; see the module docstring."""
 
     def __init__(
-        self, client: redis.Redis | AsyncRedis, prefix: str, *, max_entries: int = MAX_ENTRIES
+        self, client: redis.Redis | AsyncRedis, prefix: str, *, max_entries: int = NEAR_MAX_ENTRIES
     ) -> None:
         self.connection = tracking_connection_factory(client)
         self.prefix = prefix
@@ -192,7 +189,7 @@ def tracking_connection_factory(client: redis.Redis | AsyncRedis) -> Callable[[]
     kwargs = dict(pool.connection_kwargs)
     kwargs.update(protocol=3, parser_class=_RESP3Parser, health_check_interval=0, socket_keepalive=True)
     if kwargs.get("socket_timeout") is None:
-        kwargs["socket_timeout"] = _READ_TIMEOUT  # a read must never block the reader for good
+        kwargs["socket_timeout"] = NEAR_READ_TIMEOUT  # a read must never block the reader for good
     connection_class: Any = pool.connection_class
     if isinstance(client, AsyncRedis):
         name = connection_class.__name__
@@ -212,7 +209,7 @@ class _Reader(threading.Thread):
     """Keeps one tracking connection up and applies its invalidation pushes to the cache.
 
     It holds the cache only weakly, so that a store dropped without ``close()`` is collected and
-    its reader ends (within :data:`_POLL`), closing the connection.
+    its reader ends (within :data:`NEAR_POLL`), closing the connection.
     """
 
     def __init__(self, cache: NearCache) -> None:
@@ -288,7 +285,7 @@ class _Reader(threading.Thread):
         ping_sent: float | None = None
         while not self._closed.is_set():
             now = time.monotonic()
-            if conn.can_read(timeout=_POLL):
+            if conn.can_read(timeout=NEAR_POLL):
                 reply = conn.read_response(push_request=True)
                 if not self._apply(reply):
                     ping_sent = None  # the PONG

@@ -14,20 +14,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from tokencache.constants import MEMO_LIMIT
 from tokencache.core.record import from_fields
 from tokencache.keys import Keys, TokenKey, parse_info
 from tokencache.token import Token
 
 __all__ = ["KeyMemo", "TokenMemo"]
 
-LIMIT = 4096
-"""Entries a memo keeps before it starts over (a process reads far fewer distinct tokens)."""
-
 
 class KeyMemo:
     """``(info, sub)`` -> ``(TokenKey, Redis key)``."""
 
-    def __init__(self, keys: Keys, limit: int = LIMIT) -> None:
+    def __init__(self, keys: Keys, limit: int = MEMO_LIMIT) -> None:
         self._keys = keys
         self._limit = limit
         self._memo: dict[tuple[object, object], tuple[TokenKey, str]] = {}
@@ -51,7 +49,7 @@ class KeyMemo:
 class TokenMemo:
     """Hash key -> (the HGETALL reply it was parsed from, the Token)."""
 
-    def __init__(self, limit: int = LIMIT) -> None:
+    def __init__(self, limit: int = MEMO_LIMIT) -> None:
         self._limit = limit
         self._memo: dict[str, tuple[Mapping[bytes, bytes], Token]] = {}
 

@@ -44,38 +44,28 @@ from dataclasses import dataclass
 from typing import cast
 
 from tokencache import metrics
-from tokencache.core.locks import LOCK_TTL, Lock, acquire_each
+from tokencache.constants import (
+    BATCH_MAX_SCAN,
+    BATCH_SECONDS,
+    EARLY_SHARE,
+    FRESH_CLAIM,
+    LOCK_TTL,
+    LOOKAHEAD,
+    STOP_AFTER_FAILURES,
+)
+from tokencache.core.locks import Lock, acquire_each
 from tokencache.core.record import Bookkeeping
-from tokencache.core.sources import FETCH_TIMEOUT
 from tokencache.errors import ConfigurationError, RefreshError
 from tokencache.keys import TokenKey
-from tokencache.store.tokenstore import TokenRecord, TokenStore, record_failure, replace_if_indexed
+from tokencache.store.core import TokenRecord
+from tokencache.store.tokenstore import TokenStore
 from tokencache.token import Token
+from tokencache.worker.writes import record_failure, replace_if_indexed
 
-__all__ = ["BATCH_SECONDS", "EARLY_SHARE", "LOOKAHEAD", "STOP_AFTER_FAILURES", "batchable", "refresh_due"]
+__all__ = ["batchable", "refresh_due"]
 
 log = logging.getLogger(__name__)
 
-LOOKAHEAD = 5.0
-"""Seconds ahead of its refresh time that a token may be refreshed by another token's job: long
-enough to gather a burst that comes due over a few seconds, short enough to cost an hour-long
-token nothing that matters."""
-EARLY_SHARE = 0.1
-"""A token is batched at most this share of its own refresh interval (``refresh_at - refreshed_at``)
-early too, so short-lived tokens are not fetched more often for being batched: one refreshed
-every 3 s may be batched 0.3 s early, one refreshed every hour the whole look-ahead. A token no
-worker has fetched yet (stored by an app: no ``refreshed_at``) is batched only once it is due."""
-BATCH_SECONDS = 20.0
-"""A batch claims no new token after this long; each fetch is bounded (4 s), so the job ends well
-inside RQ's 60 s job timeout."""
-MAX_SCAN = 2000
-"""Index entries one batch looks at, at most: the range is re-read from its head each round, so
-entries it skips (tokens in backoff, other margins) must not make a round cost more and more."""
-STOP_AFTER_FAILURES = 3
-"""Member fetches failing in a row after which the batch stops: the members' own jobs back off."""
-_FRESH_CLAIM = LOCK_TTL - FETCH_TIMEOUT - 0.5
-"""A claimed token whose fetch starts later than this after the claim first renews its lock, so
-the lock outlives the fetch and the write (claims wait for a free thread, normally milliseconds)."""
 
 Fetch = Callable[[TokenKey, TokenRecord], Token]
 """How a member is fetched: what its own refresh job would do (raises RefreshError/ConfigurationError)."""
@@ -164,7 +154,7 @@ class _Candidates:
     def _claim_more(self) -> None:
         """Lock up to ``threads`` unseen, batchable entries of the range's head (a round trip each)."""
         while not self._claims:
-            if len(self._seen) >= MAX_SCAN or time.monotonic() > self.deadline:
+            if len(self._seen) >= BATCH_MAX_SCAN or time.monotonic() > self.deadline:
                 return  # entries it cannot take (backoff, other margins) must not make a batch crawl
             unseen = self._unseen(self.threads)
             if not unseen:
@@ -250,7 +240,7 @@ class _Batch:
     def refresh_claimed(self, claim: _Claim) -> str:
         """Refresh the claimed token if it is due within the look-ahead; the outcome. Releases the claim."""
         try:
-            if time.monotonic() - claim.at > _FRESH_CLAIM and not claim.lock.extend():
+            if time.monotonic() - claim.at > FRESH_CLAIM and not claim.lock.extend():
                 return "busy"  # the claim lapsed, and someone else may hold the lock now
             current = self.store.record(claim.key)
             if current is None or not batchable(

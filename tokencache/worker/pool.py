@@ -30,24 +30,18 @@ from rq.worker import SimpleWorker, Worker
 from rq.worker_pool import WorkerPool
 
 from tokencache import env, metrics
+from tokencache.constants import REPAIR_INTERVAL, RESEND_STOP_EVERY, STOP_TIMEOUT
 from tokencache.core.connection import redis_errors
-from tokencache.core.queue import JOB_TIMEOUT, RefreshJob
+from tokencache.core.queue import RefreshJob
 from tokencache.core.sources import default_sources
 from tokencache.errors import TokenCacheError
 from tokencache.store.tokenstore import TokenStore
 from tokencache.worker.repair import repair_if_leader
+from tokencache.worker.scrape import serve_worker_metrics
 
-__all__ = ["REPAIR_INTERVAL", "RefreshPool", "run_pool"]
+__all__ = ["RefreshPool", "run_pool"]
 
 log = logging.getLogger(__name__)
-
-REPAIR_INTERVAL = 1.0
-"""Seconds between repair passes of the fleet (the pool loop ticks once a second)."""
-RESEND_EVERY = 2.0
-"""Seconds after a stop request, and between repeats, at which workers still running but not busy
-are asked again (see :meth:`RefreshPool._resend_stop`)."""
-STOP_TIMEOUT = JOB_TIMEOUT + 10
-"""Seconds a graceful stop may take (a running refresh finishing) before workers are killed."""
 
 
 class RefreshPool(WorkerPool):
@@ -66,7 +60,7 @@ class RefreshPool(WorkerPool):
         self.store = store
         self._stop_requested_at: float | None = None
         self._heartbeat_withdrawn = False
-        self._next_resend = RESEND_EVERY
+        self._next_resend = RESEND_STOP_EVERY
 
     def check_workers(self, respawn: bool = True) -> None:
         super().check_workers(respawn=respawn)
@@ -104,7 +98,7 @@ class RefreshPool(WorkerPool):
             for data in list(self.worker_dict.values()):
                 self.stop_worker(data, sig=signal.SIGKILL)
         elif not stopped and waited >= self._next_resend:
-            self._next_resend = waited + RESEND_EVERY
+            self._next_resend = waited + RESEND_STOP_EVERY
             self._resend_stop()
         return stopped
 
@@ -147,6 +141,6 @@ def run_pool(
     log.info("refreshing accounts %s on queue %r", ", ".join(accounts), store.refresh_queue.name)
     if metrics_port is not None:
         folder = metrics.enable_multiprocess()  # before the workers are forked
-        metrics.serve_worker_metrics(store, metrics_port)
+        serve_worker_metrics(store, metrics_port)
         log.info("metrics on :%d (multiprocess folder %s)", metrics_port, folder)
     RefreshPool(store, num_workers).start(burst=burst, logging_level=logging_level)

@@ -23,29 +23,30 @@ from rq import get_current_job
 from rq.job import Job
 
 from tokencache import env, metrics
-from tokencache.core.locks import LOCK_TTL, Lock
+from tokencache.constants import (
+    BACKOFF_BASE,
+    BACKOFF_CAP,
+    BUSY_RETRY,
+    EARLY_RUN,
+    EXPIRY_SKEW,
+    GIVE_UP_AFTER,
+    LOCK_TTL,
+    MIN_DELAY,
+)
+from tokencache.core.locks import Lock
 from tokencache.core.queue import RefreshJob, job_target, repeat_current_job
 from tokencache.core.sources import Sources, default_sources
 from tokencache.errors import ConfigurationError, RefreshError
 from tokencache.keys import DEFAULT_ACCOUNT, TokenKey
-from tokencache.store.tokenstore import TokenRecord, TokenStore, record_failure, replace_if_indexed
-from tokencache.token import EXPIRY_SKEW, Token, mask
+from tokencache.store.core import TokenRecord
+from tokencache.store.tokenstore import TokenStore
+from tokencache.token import Token, mask
 from tokencache.worker.batch import refresh_due
+from tokencache.worker.writes import record_failure, replace_if_indexed
 
-__all__ = ["LOCK_TTL", "Refresher", "backoff", "refresh"]
+__all__ = ["Refresher", "backoff", "refresh"]
 
 log = logging.getLogger(__name__)
-
-EARLY = 2.0
-"""Seconds before ``refresh_at`` at which a run still counts as due (RQ may start jobs ~1 s early)."""
-MIN_DELAY = 1.0
-"""The shortest wait before a job runs again, so nothing can make a worker fetch in a tight loop."""
-BUSY_RETRY = 1.0
-"""Seconds to wait before looking again when another process holds the token's lock."""
-BACKOFF_BASE = 1.0
-BACKOFF_CAP = 60.0
-GIVE_UP_AFTER = 5
-"""Consecutive failures after which, with no valid token left, the job stops and fails in RQ."""
 
 
 def backoff(failures: int, time_left: float) -> float:
@@ -91,7 +92,7 @@ class Refresher:
         now = self.store.clock()
         if current is not None and current.token.expires_in(now) > EXPIRY_SKEW:
             due = current.bookkeeping.refresh_at or current.token.expires - self.store.refresh_before
-            if now < due - EARLY:
+            if now < due - EARLY_RUN:
                 return "not due", due - now
             self.lateness = now - due
         try:

@@ -25,23 +25,16 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from tokencache.constants import DEAD_AFTER, REPAIR_GRACE, REPAIR_SCAN
 from tokencache.core.connection import redis_errors
 from tokencache.core.locks import Lock
 from tokencache.core.queue import job_refresh_before
 from tokencache.keys import TokenKey
 from tokencache.store.tokenstore import TokenStore
 
-__all__ = ["DEAD_AFTER", "GRACE", "overdue", "repair", "repair_if_leader"]
+__all__ = ["overdue", "repair", "repair_if_leader"]
 
 log = logging.getLogger(__name__)
-
-GRACE = 3.0
-"""Seconds a refresh may be late before repair steps in: the scheduler polls every
-second with whole-second scores, so anything later than this is not normal jitter."""
-DEAD_AFTER = 2.0
-"""A job "started" this long ago whose token lock is free has lost its worker: a live
-refresh holds the lock from its first milliseconds to its end."""
-BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -86,12 +79,12 @@ def _parse_members(
 
 def _due_entries(store: TokenStore, now: float) -> tuple[list[_Entry], list[bytes]]:
     """The due index entries with what repair needs to judge them, and the junk members found."""
-    horizon = now + store.refresh_before - GRACE
+    horizon = now + store.refresh_before - REPAIR_GRACE
     scheduled_key = store.refresh_queue.scheduled.key
     with redis_errors(store.redis):
         members = cast(
             list[tuple[bytes, float]],
-            store.redis.zrangebyscore(store.keys.index, "-inf", horizon, 0, BATCH, withscores=True),
+            store.redis.zrangebyscore(store.keys.index, "-inf", horizon, 0, REPAIR_SCAN, withscores=True),
         )
         entries, junk = _parse_members(store, members)
         with store.redis.pipeline(transaction=False) as pipe:
@@ -135,9 +128,9 @@ def _started_ago(job: Job, now: float) -> float:
 
 
 def _scheduled_verdict(entry: _Entry, now: float) -> str:
-    if entry.scheduled_at is None or entry.scheduled_at <= now - GRACE:
+    if entry.scheduled_at is None or entry.scheduled_at <= now - REPAIR_GRACE:
         return "enqueue"  # overdue in the schedule: no scheduler is moving it
-    if entry.refresh_at is not None and now > entry.refresh_at + GRACE < entry.scheduled_at:
+    if entry.refresh_at is not None and now > entry.refresh_at + REPAIR_GRACE < entry.scheduled_at:
         return "enqueue"  # scheduled after the token's own refresh time (a store() lost a race)
     return "ok"
 

@@ -10,8 +10,9 @@ import logging
 import signal
 import threading
 
-from tokencache import TokenCacheError, TokenStore
-from tokencache.worker.pool import REPAIR_INTERVAL
+from tokencache.constants import REPAIR_INTERVAL
+from tokencache.errors import TokenCacheError
+from tokencache.store.tokenstore import TokenStore
 from tokencache.worker.repair import repair_if_leader
 
 log = logging.getLogger("tokencache.repair")

@@ -1,0 +1,218 @@
+"""Every timing and sizing constant of tokencache, with the reason for its value.
+
+They are tied to each other: a lock must outlive the fetch it guards, a refresh
+killed mid-fetch must be retried inside the refresh margin, a graceful stop must
+outlast a job. Those ties are written down once, in :data:`INVARIANTS`, and
+checked when this module is imported, so a change that breaks one fails at once
+(and in ``tests/test_constants.py``) instead of as a rare lost token.
+
+Units are seconds unless a name says otherwise. Nothing here is read from the
+environment: the knobs users set live in :mod:`tokencache.env`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+# -- tokens --------------------------------------------------------------------
+
+DEFAULT_REFRESH_BEFORE = 10
+"""Seconds before ``expires`` that a token's refresh job runs, unless configured otherwise (Goth's 10 s)."""
+
+EXPIRY_SKEW = 1
+"""Seconds before ``expires`` at which a token is already treated as expired.
+
+``EXPIREAT`` works in whole seconds and a caller needs a moment to use the
+token, so a token in its last second is not handed out."""
+
+# -- the token endpoint ----------------------------------------------------------
+
+FETCH_TIMEOUT = 4.0
+"""Seconds one token request may take. google-auth's own default is 120 s, far longer than the
+refresh margin: a hung request would let the token expire and hold the refresh lock past its TTL."""
+
+# -- locks and fleet-wide fetches --------------------------------------------------
+
+LOCK_TTL = FETCH_TIMEOUT + 1.0
+"""A fetch holds its token's lock this long at most: one bounded fetch plus a write. Kept well below
+the default margin so that a refresh killed mid-fetch is retried (by repair, once the lock is gone)
+before the token expires."""
+
+WANT_TTL = 2 * LOCK_TTL
+"""How long one request to the workers stands before a waiter may repeat it (a lost job, a dead pool)."""
+
+FLEET_POLL = 0.5
+"""Seconds between a waiter's fallback looks at the cache (a bound, not the normal wake-up, which is
+the fetch's published message)."""
+
+ERROR_TTL = 2.0
+"""Seconds a failed fetch's error is kept: waiters that subscribed after it was published still see
+it, and callers in that window fail at once instead of stampeding a failing endpoint."""
+
+# -- the refresh job ---------------------------------------------------------------
+
+RQ_SCHEDULER_POLL = 1.0
+"""How often RQ's scheduler moves due jobs to the queue (RQ's own default; scores are whole seconds,
+so a job may start up to this much early)."""
+
+JOB_TIMEOUT = 60
+"""Seconds RQ lets one refresh job run; every fetch in it is bounded far below that."""
+
+JOB_FAILURE_TTL = 24 * 3600
+"""How long a refresh that gave up stays in RQ's failed registry for operators to see."""
+
+EARLY_RUN = 2.0
+"""Seconds before ``refresh_at`` at which a run still counts as due (RQ may start jobs ~1 s early)."""
+
+MIN_DELAY = 1.0
+"""The shortest wait before a job runs again, so nothing can make a worker fetch in a tight loop."""
+
+BUSY_RETRY = 1.0
+"""Seconds to wait before looking again when another process holds the token's lock."""
+
+BACKOFF_BASE = 1.0
+"""The first retry's delay after a failed fetch; each further failure doubles it (with jitter)."""
+
+BACKOFF_CAP = 60.0
+"""The longest delay between retries of a failing refresh."""
+
+GIVE_UP_AFTER = 5
+"""Consecutive failures after which, with no valid token left, the job stops and fails in RQ."""
+
+# -- batched refreshes (tokencache.worker.batch) ----------------------------------------
+
+LOOKAHEAD = 5.0
+"""Seconds ahead of its refresh time that a token may be refreshed by another token's job: long
+enough to gather a burst that comes due over a few seconds, short enough to cost an hour-long
+token nothing that matters."""
+
+EARLY_SHARE = 0.1
+"""A token is batched at most this share of its own refresh interval early too, so short-lived
+tokens are not fetched more often for being batched."""
+
+BATCH_SECONDS = 20.0
+"""A batch claims no new token after this long, so the job ends well inside :data:`JOB_TIMEOUT`."""
+
+BATCH_MAX_SCAN = 2000
+"""Index entries one batch looks at, at most: entries it skips must not make a round cost more and more."""
+
+STOP_AFTER_FAILURES = 3
+"""Member fetches failing in a row after which a batch stops: the members' own jobs back off."""
+
+FRESH_CLAIM = LOCK_TTL - FETCH_TIMEOUT - 0.5
+"""A claimed token whose fetch starts later than this after the claim first renews its lock, so the
+lock outlives the fetch and the write."""
+
+# -- repair (tokencache.worker.repair) --------------------------------------------------
+
+REPAIR_INTERVAL = 1.0
+"""Seconds between repair passes of the fleet (the pool's supervision loop ticks once a second)."""
+
+REPAIR_GRACE = 3.0
+"""Seconds a refresh may be late before repair steps in: the scheduler polls every second with
+whole-second scores, so anything later than this is not normal jitter."""
+
+DEAD_AFTER = 2.0
+"""A job "started" this long ago whose token lock is free has lost its worker: a live refresh holds
+the lock from its first milliseconds to its end."""
+
+REPAIR_SCAN = 1000
+"""Due index entries one repair pass looks at, at most."""
+
+# -- the worker pool (tokencache.worker.pool) and status ---------------------------------
+
+RESEND_STOP_EVERY = 2.0
+"""Seconds after a stop request, and between repeats, at which workers still running but not busy
+are asked again (an RQ worker loses a stop signal that lands during its start-up)."""
+
+STOP_TIMEOUT = JOB_TIMEOUT + 10
+"""Seconds a graceful stop may take (a running refresh finishing) before workers are killed."""
+
+POOL_TTL = 5.0
+"""A pool whose heartbeat is older than this is dead (it beats every :data:`REPAIR_INTERVAL`)."""
+
+FORGET_POOL = 3600.0
+"""A dead pool's entry is dropped after this long, so ``status`` stops reporting it."""
+
+# -- Redis clients --------------------------------------------------------------------
+
+MAX_CONNECTIONS = 50
+"""Connections one client opens at most; more concurrent calls wait for one to come free."""
+
+SOCKET_TIMEOUT = 5.0
+"""Seconds before a Redis call gives up: long enough for a loaded server, short enough for a request."""
+
+INDEX_PAGE = 500
+"""Index entries read per round trip when listing every token (``tokens()``, ``ls``)."""
+
+MEMO_LIMIT = 4096
+"""Entries a key or token memo keeps before it starts over (a process reads far fewer distinct tokens)."""
+
+# -- the near cache (tokencache.store.nearcache) ----------------------------------------
+
+NEAR_MAX_ENTRIES = 10_000
+"""Tokens one process keeps before it starts over (far more than a process uses)."""
+
+PING_EVERY = 1.0
+"""Seconds of silence on the tracking connection after which it is pinged."""
+
+PING_TIMEOUT = 2.0
+"""Seconds a ping may go unanswered before the connection counts as lost (and the cache is emptied)."""
+
+LEASE = PING_EVERY + PING_TIMEOUT
+"""Seconds since the reader last heard from Redis after which entries are not served."""
+
+RETRY_MAX = 5.0
+"""Longest wait between attempts to re-establish tracking."""
+
+NEAR_POLL = 0.1
+"""How often the reader thread looks up from the socket (to notice close() and ping deadlines)."""
+
+NEAR_READ_TIMEOUT = 5.0
+"""Socket timeout of the tracking connection: longer than a ping's round trip, bounded for close()."""
+
+# -- adapters ---------------------------------------------------------------------------
+
+RECHECK = 1.0
+"""Seconds between re-reads of a token inside its refresh margin (its refresh is due but not seen yet)."""
+
+
+# -- the ties between them ------------------------------------------------------------------
+
+INVARIANTS: dict[str, Callable[[], bool]] = {
+    "a lock outlives the fetch it guards": lambda: LOCK_TTL > FETCH_TIMEOUT,
+    "a refresh killed mid-fetch frees its lock inside the default margin": (
+        lambda: LOCK_TTL + REPAIR_INTERVAL < DEFAULT_REFRESH_BEFORE - EXPIRY_SKEW
+    ),
+    "a request to the workers outlives one fetch under the lock": lambda: WANT_TTL >= LOCK_TTL,
+    "a kept error is seen by a waiter's fallback poll": lambda: ERROR_TTL > FLEET_POLL,
+    "a job may run early by one scheduler poll and still count as due": lambda: EARLY_RUN > RQ_SCHEDULER_POLL,
+    "repair waits out the scheduler's normal jitter": lambda: (
+        REPAIR_GRACE > RQ_SCHEDULER_POLL + EARLY_RUN / 2
+    ),
+    "repair steps in before a token due now expires": (
+        lambda: REPAIR_GRACE + REPAIR_INTERVAL < DEFAULT_REFRESH_BEFORE - EXPIRY_SKEW
+    ),
+    "a dead job is judged only after its lock would have been taken": lambda: DEAD_AFTER < REPAIR_GRACE,
+    "a batch stops claiming with time left for its last fetch": (
+        lambda: BATCH_SECONDS + FETCH_TIMEOUT + LOCK_TTL < JOB_TIMEOUT
+    ),
+    "a claimed lock still outlives the fetch it was claimed for": lambda: FRESH_CLAIM > 0,
+    "backoff starts below its cap": lambda: 0 < BACKOFF_BASE <= BACKOFF_CAP,
+    "nothing reruns in a tight loop": lambda: MIN_DELAY > 0 and BUSY_RETRY > 0,
+    "a graceful stop outlasts a running job": lambda: STOP_TIMEOUT > JOB_TIMEOUT,
+    "a live pool beats several times per heartbeat lifetime": lambda: POOL_TTL >= 2 * REPAIR_INTERVAL,
+    "a dead pool is reported before it is forgotten": lambda: FORGET_POOL > POOL_TTL,
+    "the near cache's lease covers one ping and its answer": lambda: LEASE >= PING_EVERY + PING_TIMEOUT,
+    "the near cache's reader looks up between pings": lambda: NEAR_POLL < PING_EVERY,
+}
+"""Each tie between the constants above, in words, with its check."""
+
+
+def broken_invariants() -> list[str]:
+    """The invariants that do not hold (empty for the values above)."""
+    return [name for name, holds in INVARIANTS.items() if not holds()]
+
+
+if _broken := broken_invariants():  # not ``assert``: python -O must not skip it
+    raise RuntimeError(f"tokencache.constants: broken invariants: {', '.join(_broken)}")

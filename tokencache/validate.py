@@ -1,0 +1,58 @@
+"""Argument checks shared by the public calls: each raises TypeError or ValueError naming the argument.
+
+One home, so that ``TokenStore``, its asyncio twin and the adapters refuse bad
+input with the same words, before anything is sent to Redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["check_name", "check_refresh_before", "check_scopes", "check_timeout"]
+
+
+def check_refresh_before(value: object) -> int:
+    """``refresh_before``: whole, non-negative seconds."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"refresh_before must be whole seconds (int), not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"refresh_before must not be negative, got {value}")
+    return value
+
+
+def check_timeout(timeout: object) -> float:
+    """A wait's ``timeout``: a positive number of seconds."""
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+    if not timeout > 0:
+        raise ValueError(f"timeout must be positive, got {timeout}")
+    return float(timeout)
+
+
+def check_name(name: str, value: object) -> str | None:
+    """An optional account or subject: None, or a non-empty string (TypeError/ValueError naming it)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string or None, not {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{name} must be a non-empty string or None")
+    return value
+
+
+def check_scopes(scopes: object, name: str = "scopes") -> list[str] | None:
+    """Scopes as google-auth keeps them: a list of strings, or None when there are none."""
+    if scopes is None:
+        return None
+    if isinstance(scopes, str):
+        parts = scopes.replace(",", " ").split()
+    elif isinstance(scopes, Sequence) and not isinstance(scopes, bytes | bytearray):
+        parts = list(scopes)
+        for part in parts:
+            if not isinstance(part, str):
+                raise TypeError(f"{name} must be strings, got {type(part).__name__} {part!r}")
+            if not part.strip():
+                raise ValueError(f"{name} must not contain empty scopes, got {scopes!r}")
+    else:
+        raise TypeError(f"{name} must be a string or a sequence of strings, not {type(scopes).__name__}")
+    return parts or None
