@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from tokencache import env
-from tokencache.cli import main as cli
+from tokencache.cli import commands as cli
 from tokencache.testing.redisserver import free_port
 
 from .conftest import wait_for

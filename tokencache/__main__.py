@@ -1,5 +1,5 @@
 """``python -m tokencache`` is the ``tokencache`` command."""
 
-from tokencache.cli.main import main
+from tokencache.cli.commands import main
 
 raise SystemExit(main())

@@ -1,5 +1,5 @@
 """The ``tokencache`` command line (``tokencache.cli:main`` is the console script)."""
 
-from tokencache.cli.main import main
+from tokencache.cli.commands import main
 
 __all__ = ["main"]
