@@ -1,4 +1,4 @@
-"""The README's redis-cli examples match what a real server shows."""
+"""The redis-cli examples of docs/design.md match what a real server shows."""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ from pathlib import Path
 from tokencache import Token, TokenStore
 from tokencache.testing.redisserver import EmbeddedRedis
 
-README = Path(__file__).parent.parent / "README.md"
+DESIGN_PAGE = Path(__file__).parent.parent / "docs" / "design.md"
 
 
-def readme_hgetall_fields() -> list[str]:
-    text = README.read_text()
+def documented_hgetall_fields() -> list[str]:
+    text = DESIGN_PAGE.read_text()
     block = re.search(r"\$ redis-cli HGETALL (\S+)\n(.*?)\$ redis-cli TTL", text, re.S)
-    assert block is not None, "README lost its HGETALL example"
+    assert block is not None, "docs/design.md lost its HGETALL example"
     lines = block.group(2).split("\n")
     return lines[0:-1:2]
 
 
-def test_readme_hgetall_and_ttl_read_as_documented(store: TokenStore, redis_server: EmbeddedRedis) -> None:
+def test_design_hgetall_and_ttl_read_as_documented(store: TokenStore, redis_server: EmbeddedRedis) -> None:
     token = Token(
         token="ya29.a0AfB_byC-example-access-token",
         scope="https://www.googleapis.com/auth/cloud-platform",
@@ -36,7 +36,7 @@ def test_readme_hgetall_and_ttl_read_as_documented(store: TokenStore, redis_serv
         ).stdout
 
     shown = cli("HGETALL", key).split("\n")
-    assert shown[0:-1:2] == readme_hgetall_fields()
+    assert shown[0:-1:2] == documented_hgetall_fields()
     assert shown[1] == token.token and shown[shown.index("expires") + 1] == str(token.expires)
     assert 3590 <= int(cli("TTL", key)) <= 3599
-    assert f"$ redis-cli TTL {key.replace('tc-test', 'tokencache')}" in README.read_text()
+    assert f"$ redis-cli TTL {key.replace('tc-test', 'tokencache')}" in DESIGN_PAGE.read_text()
