@@ -3,7 +3,7 @@
 No Docker engine runs here, so the compose file is parsed: every command a
 service (or its healthcheck) runs must be accepted by the real ``tokencache``
 argument parser or name a module that is in the image, every ``TOKENCACHE_*``,
-``GOOGLE_*`` and ``GCE_*`` variable must be one DESIGN.md defines, and the
+``GOOGLE_*`` and ``GCE_*`` variable must be one docs/design.md defines, and the
 services must be wired the way the README says (a scalable worker pool that
 alone holds credentials, an app that holds none).
 """
@@ -205,7 +205,7 @@ def test_variables_are_the_contracts(name: str) -> None:
     assert "env_file" not in service, "every variable must be visible here, where it is checked"
     for variable in environment(service):
         if variable.startswith(CONTRACT_PREFIXES):
-            assert variable in CONTRACT_VARIABLES, f"{name} sets {variable}, which DESIGN.md does not define"
+            assert variable in CONTRACT_VARIABLES, f"{name} sets {variable}, which docs/design.md does not define"
 
 
 @pytest.mark.parametrize("name", ["worker", "app"])

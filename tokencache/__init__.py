@@ -1,7 +1,7 @@
 """tokencache: one Google OAuth2 access token per (account, scope, sub) for a whole fleet.
 
 Tokens live in Redis; RQ workers refresh each one ``refresh_before`` seconds
-ahead of its expiry. See DESIGN.md for the contract and README.md for use.
+ahead of its expiry. See docs/design.md for the contract and README.md for use.
 """
 
 from __future__ import annotations
