@@ -10,9 +10,9 @@ Why it looks the way it does:
   sits in ``rq:job:*`` and nothing is pickled.
 * Memory: every value of the job's RQ hash is at most 64 bytes (a short fixed
   description, a ~47-byte ``data``) and :class:`RefreshJob` leaves out the
-  fields RQ would write empty, so Redis keeps the hash as a listpack (344 B
-  for a typical token, MEMORY USAGE) instead of a hashtable (1.36 KB). Only
-  memory depends on that; a bigger hash works the same.
+  fields RQ would write empty, so Redis keeps the hash as a listpack instead
+  of a hashtable, a fraction of the memory (docs/performance.md). Only memory
+  depends on that; a bigger hash works the same.
 * A running refresh job must not schedule *its own id* through ``enqueue_at``:
   with ``result_ttl=0`` RQ deletes the finished job's hash right after, which
   would take the freshly scheduled next run with it. Instead the job asks RQ to
@@ -48,8 +48,8 @@ class RefreshJob(Job):
       as an empty one, and a fresh refresh job has eight of them.
     * While the job waits in the schedule, the record of its last run
       (``started_at``, ``ended_at``, ``worker_name``, its result, the repeat
-      it just used...): about 390 B that RQ would otherwise keep for every
-      token until the next run overwrites it. RQ sets them again when the job
+      it just used...), which RQ would otherwise keep for every token until the
+      next run overwrites it. RQ sets them again when the job
       next runs.
 
     :meth:`save` deletes such fields in the same pipeline before it writes, so a
@@ -58,7 +58,7 @@ class RefreshJob(Job):
     so the save that reschedules a finished job (RQ's repeat) sheds its run
     record. A plain ``rq worker`` should get ``--job-class
     tokencache.scheduling.RefreshJob`` for the same saving; without it the jobs
-    work the same and take about 0.4 KB more each.
+    work the same and take more memory each.
     """
 
     UNSET: ClassVar[tuple[str, ...]] = (

@@ -2,10 +2,9 @@
 
 Why: a fleet that starts all at once stores its tokens in the same second, so
 an hour later they all come due in the same second. One fetch per job gives a
-pool at most ``workers / endpoint latency`` refreshes a second (4 / 50 ms = 80/s:
-12.5 s for 1,000 tokens, more than the 10 s margin), and on a small machine
-RQ's own work per job (several milliseconds of CPU, more than the fetch itself)
-halves that again. Spreading refresh times earlier with jitter would fit a
+pool at most ``workers / endpoint latency`` refreshes a second, which for a
+large burst is longer than the refresh margin, and RQ's own work per job
+lowers that again (docs/performance.md has the measured burst). Spreading refresh times earlier with jitter would fit a
 given burst only with a window sized to it, and it moves every token's refresh
 away from ``expires - refresh_before``; a pool with more threads per worker
 would mean replacing RQ's worker. So the job that runs for a due token looks

@@ -6,7 +6,7 @@
 
 (``-c workers.settings`` from a checkout of the repository is the same module.)
 ``--job-class`` is optional: with it, a job rescheduled after its run sheds
-RQ's record of that run (about 0.4 KB per token in Redis).
+RQ's record of that run (docs/performance.md has the bytes per token).
 
 Plain ``rq worker`` does not run tokencache's repair pass; run
 ``python -m tokencache.worker.repairloop`` beside it (any number of copies: one
