@@ -2,11 +2,12 @@
 
 Why: a fleet that starts all at once stores its tokens in the same second, so
 an hour later they all come due in the same second. One fetch per job gives a
-pool at most ``workers / endpoint latency`` refreshes a second, which for a
-large burst is longer than the refresh margin, and RQ's own work per job
-lowers that again (docs/performance.md has the measured burst). Spreading
-refresh times earlier with jitter would fit a given burst only with a window sized to it, and it moves every token's refresh
-away from ``expires - refresh_before``; a pool with more threads per worker
+pool at most ``workers / endpoint latency`` refreshes a second, and RQ's own
+work per job lowers that again: a large burst then takes longer than the
+refresh margin (docs/performance.md has the measured burst). Spreading refresh
+times earlier with jitter would fit a given burst only with a window sized to
+it, and it moves every token's refresh away from ``expires - refresh_before``;
+a pool with more threads per worker
 would mean replacing RQ's worker. So the job that runs for a due token looks
 in the index (a range query on ``expires``) for the other tokens that come due
 within :data:`LOOKAHEAD` seconds (and within :data:`EARLY_SHARE` of their own
