@@ -7,8 +7,8 @@ work per job lowers that again: a large burst then takes longer than the
 refresh margin (docs/performance.md has the measured burst). Spreading refresh
 times earlier with jitter would fit a given burst only with a window sized to
 it, and it moves every token's refresh away from ``expires - refresh_before``;
-a pool with more threads per worker
-would mean replacing RQ's worker. So the job that runs for a due token looks
+a pool with more threads per worker would mean replacing RQ's worker. So the
+job that runs for a due token looks
 in the index (a range query on ``expires``) for the other tokens that come due
 within :data:`LOOKAHEAD` seconds (and within :data:`EARLY_SHARE` of their own
 refresh interval) and refreshes them too, ``threads`` at a time
