@@ -205,7 +205,9 @@ def test_variables_are_the_contracts(name: str) -> None:
     assert "env_file" not in service, "every variable must be visible here, where it is checked"
     for variable in environment(service):
         if variable.startswith(CONTRACT_PREFIXES):
-            assert variable in CONTRACT_VARIABLES, f"{name} sets {variable}, which docs/design.md does not define"
+            assert variable in CONTRACT_VARIABLES, (
+                f"{name} sets {variable}, which docs/design.md does not define"
+            )
 
 
 @pytest.mark.parametrize("name", ["worker", "app"])

@@ -8,6 +8,9 @@ and ``_`` dropped, spaces to ``-``, ``-1``, ``-2`` ... for repeated headings).
 
 from __future__ import annotations
 
+import ast
+import importlib
+import importlib.util
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -172,3 +175,36 @@ def test_nothing_mentions_a_file_outside_the_repository() -> None:
         if needle.encode() in path.read_bytes()
     ]
     assert not offending, "\n".join(offending)
+
+
+PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+
+
+def python_examples() -> Iterator[tuple[str, str]]:
+    for page in pages():
+        for n, block in enumerate(PYTHON_BLOCK.findall(page.read_text()), 1):
+            yield f"{page.relative_to(ROOT)} python block {n}", block
+
+
+def test_python_examples_compile() -> None:
+    """Every ``python`` block in the README and docs is valid Python (top-level ``await`` allowed)."""
+    examples = list(python_examples())
+    assert len(examples) >= 5, "the docs lost their python examples"
+    for where, code in examples:
+        try:
+            compile(code, where, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+        except SyntaxError as e:
+            raise AssertionError(f"{where} does not compile: {e}") from None
+
+
+def test_python_examples_import_what_exists() -> None:
+    """Every ``from tokencache... import name`` in an example names something that exists."""
+    for where, code in python_examples():
+        tree = ast.parse(code, where, feature_version=(3, 11))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tokencache"):
+                module = importlib.import_module(node.module or "")
+                for alias in node.names:
+                    assert hasattr(module, alias.name) or importlib.util.find_spec(
+                        f"{node.module}.{alias.name}"
+                    ), f"{where}: {node.module} has no {alias.name}"
