@@ -26,7 +26,7 @@ from .conftest import SCOPE, Workers, wait_for
 
 NS = "tc-near"
 SEEN_WITHIN = 0.050
-"""The issue's bound: a write by another process is seen within 50 ms."""
+"""The near cache's promised bound (docs/near-cache.md): a write by another process is seen within 50 ms."""
 
 
 _AN_HOUR_ON = int(time.time()) + 7200
