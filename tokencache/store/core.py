@@ -2,14 +2,18 @@
 
 Both stores issue their writes into a pipeline-like writer (a redis-py
 pipeline, or a recorder that the asyncio store replays), so both write exactly
-the same layout; and both judge what they read with the same methods here. The
-twins (:mod:`tokencache.store.tokenstore`, :mod:`tokencache.aio.tokenstore`) only do I/O.
+the same layout; both page through the index the same way and judge what they
+read with the same methods here. The twins (:mod:`tokencache.store.tokenstore`,
+:mod:`tokencache.aio.tokenstore`) only do I/O, so a diff of the two shows little
+more than ``async`` and ``await``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,16 +21,17 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from rq.job import Job
 
-from tokencache import env
-from tokencache.constants import ERROR_TTL, EXPIRY_SKEW
+from tokencache import env, metrics
+from tokencache.constants import ERROR_TTL, EXPIRY_SKEW, INDEX_PAGE
 from tokencache.core.notify import error_message, ok_message
 from tokencache.core.queue import RefreshQueue, utc
 from tokencache.core.record import Bookkeeping, MalformedRecord, from_fields, to_fields
 from tokencache.core.sources import Sources, default_sources
+from tokencache.errors import TokenCacheError
 from tokencache.keys import Keys, TokenKey, parse_info
 from tokencache.store.nearcache import NearCache
 from tokencache.store.reads import KeyMemo, TokenMemo
-from tokencache.token import Token
+from tokencache.token import Freshness, Token
 from tokencache.validate import check_refresh_before
 
 __all__ = ["Clock", "Raw", "StoreCore", "TokenRecord"]
@@ -173,6 +178,7 @@ class StoreCore:
         return token
 
     def parse_record(self, key: TokenKey, raw: dict[bytes, bytes]) -> TokenRecord | None:
+        """The record in an HGETALL reply, valid or not (None if the hash is gone or malformed)."""
         if not raw:
             return None
         try:
@@ -180,6 +186,44 @@ class StoreCore:
         except MalformedRecord as e:
             log.warning("ignoring malformed token hash %s: %s", self.keys.token(key), e)
             return None
+
+    # -- listing: what a page of the index becomes ----------------------------
+
+    def index_pages(self, size: int) -> Iterator[tuple[int, int]]:
+        """ZRANGE bounds that read an index of ``size`` entries :data:`INDEX_PAGE` at a time.
+
+        One page is one round trip of bounded size: listing a large fleet neither blocks Redis
+        nor holds the whole index in memory.
+        """
+        for start in range(0, size, INDEX_PAGE):
+            yield start, start + INDEX_PAGE - 1
+
+    def page_records(self, members: list[bytes], replies: list[Raw]) -> Iterator[TokenRecord]:
+        """The records of one page of index members and their HGETALL replies.
+
+        A member whose hash is gone (expired since it was indexed) or malformed is skipped.
+        """
+        for member, raw in zip(members, replies, strict=True):
+            found = self.parse_record(self.keys.parse_token(member.decode()), raw)
+            if found is not None:
+                yield found
+
+    def listable(self, found: TokenRecord, now: float) -> bool:
+        """Whether ``tokens()`` lists a record: only a token that may still be handed out."""
+        return found.token.freshness(self.refresh_before, now) is not Freshness.INVALID
+
+    @contextmanager
+    def fetch_wait(self) -> Iterator[None]:
+        """Time a caller's wait for the fleet's fetch into the metrics, as a success or a failure."""
+        started = time.monotonic()
+        try:
+            yield
+        except TokenCacheError:
+            metrics.observe_fetch_wait(time.monotonic() - started, ok=False)
+            raise
+        metrics.observe_fetch_wait(time.monotonic() - started, ok=True)
+
+    # -- the near cache --------------------------------------------------------
 
     near_cache: NearCache | None = None
 

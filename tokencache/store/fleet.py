@@ -12,6 +12,11 @@ still wakes them. Every store publishes there (in the same transaction), and
 a failed fetch publishes its error so waiters fail at once instead of timing
 out. A fallback poll every ``FLEET_POLL`` seconds covers a lost message and lets
 the next caller take over from a fetcher that died (its lock expires).
+
+:class:`FleetFetchCore` holds what a miss decides, without I/O: what to do after
+a look at the cache, how long to wait, which errors the fleet is told about.
+:class:`FleetFetch` here and its asyncio twin in :mod:`tokencache.aio.fleet` only
+do the I/O around it.
 """
 
 from __future__ import annotations
@@ -19,10 +24,10 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from enum import Enum
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, cast
 
 from tokencache.constants import FLEET_POLL, LOCK_TTL, WANT_TTL
@@ -37,7 +42,20 @@ if TYPE_CHECKING:
     from tokencache.store.core import StoreCore
     from tokencache.store.tokenstore import TokenStore
 
-__all__ = ["FleetFetch", "Flights", "fetch_failed", "timeout_error"]
+__all__ = [
+    "REPORTED",
+    "FleetFetch",
+    "FleetFetchCore",
+    "Flights",
+    "Move",
+    "account_arg",
+    "fetch_failed",
+    "message_error",
+    "timeout_error",
+]
+
+REPORTED = (RefreshError, ConfigurationError)
+"""Errors of a local fetch that the fleet is told about, so its waiters fail at once instead of timing out."""
 
 
 def timeout_error(store: StoreCore, key: TokenKey, timeout: float, fetches_itself: bool) -> FetchTimeoutError:
@@ -65,6 +83,58 @@ def account_arg(key: TokenKey) -> str | None:
     return None if key.account == DEFAULT_ACCOUNT else key.account
 
 
+def message_error(message: dict[str, Any] | None) -> str | None:
+    """The fetch error a wake-up message carries (None for a success, a timeout or a non-message)."""
+    if message is None or message["type"] != "message":
+        return None
+    return parse(message["data"])
+
+
+class Move(Enum):
+    """What a miss does after one look at the cache."""
+
+    DONE = "done"  # the token is there
+    FETCH = "fetch"  # this process holds the credentials: fetch under the token's lock
+    ASK = "ask"  # ask the worker pool (once per want marker), then wait
+
+
+class FleetFetchCore:
+    """The decisions of one ``for_scope`` miss, shared by the sync and the asyncio fetch (no I/O)."""
+
+    def __init__(self, store: StoreCore, key: TokenKey, timeout: float) -> None:
+        self.store, self.key, self.timeout = store, key, timeout
+        self.owner = uuid.uuid4().hex
+        self.deadline = time.monotonic() + timeout
+
+    @cached_property
+    def fetches_itself(self) -> bool:
+        """Whether this process holds the account's credentials (looked up once, and only if needed)."""
+        return self.store.sources.has(self.key.account)
+
+    def next_move(self, token: Token | None, error: bytes | None) -> Move:
+        """After a look at the token and at the fleet's last fetch error: done, fail, fetch or ask.
+
+        The error key outlives the failed fetch by ``ERROR_TTL``, so a miss that comes late still
+        fails at once instead of fetching again or waiting out its timeout.
+        """
+        if token is not None:
+            return Move.DONE
+        if error is not None:
+            raise fetch_failed(self.store, self.key, error.decode(errors="replace"))
+        return Move.FETCH if self.fetches_itself else Move.ASK
+
+    def wait_time(self) -> float:
+        """Seconds to wait for a wake-up before looking again; raises once ``timeout`` is spent."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise self.timed_out()
+        return min(FLEET_POLL, left)
+
+    def timed_out(self) -> FetchTimeoutError:
+        """The error of a caller whose ``timeout`` ran out, saying what to check."""
+        return timeout_error(self.store, self.key, self.timeout, self.fetches_itself)
+
+
 class Flights:
     """Concurrent misses on one key inside one process share one fleet fetch.
 
@@ -76,19 +146,23 @@ class Flights:
         self._lock = threading.Lock()
         self._running: dict[TokenKey, Future[Token]] = {}
 
-    def run(self, key: TokenKey, timeout: float, fetch: Callable[[], Token]) -> Token:
+    def run(self, fetch: FleetFetch) -> Token:
+        """The token ``fetch`` gets: this thread runs it, or waits for the thread already running it."""
         with self._lock:
-            future = self._running.get(key)
+            future = self._running.get(fetch.key)
             leader = future is None
             if future is None:
-                future = self._running[key] = Future()
+                future = self._running[fetch.key] = Future()
         if not leader:
             try:
-                return future.result(timeout=timeout)
+                return future.result(timeout=fetch.timeout)
             except FutureTimeout:
-                raise FetchTimeoutError(f"no token for {key.encode()!r} within {timeout:g}s") from None
+                raise fetch.timed_out() from None
+        return self._lead(fetch, future)
+
+    def _lead(self, fetch: FleetFetch, future: Future[Token]) -> Token:
         try:
-            token = fetch()
+            token = fetch.run()
             future.set_result(token)
             return token
         except BaseException as e:
@@ -96,24 +170,16 @@ class Flights:
             raise
         finally:
             with self._lock:
-                del self._running[key]
+                del self._running[fetch.key]
 
 
-@dataclass
-class FleetFetch:
+class FleetFetch(FleetFetchCore):
     """One ``for_scope`` miss of a synchronous process."""
 
     store: TokenStore
-    key: TokenKey
-    timeout: float
-    owner: str = field(default_factory=lambda: uuid.uuid4().hex)
-
-    @property
-    def fetches_itself(self) -> bool:
-        return self.store.sources.has(self.key.account)
 
     def run(self) -> Token:
-        deadline = time.monotonic() + self.timeout
+        """Look, fetch or ask, and wait for wake-ups until the token is there (or the timeout)."""
         redis = self.store.redis
         with redis_errors(redis), redis.pubsub() as sub:  # type: ignore[no-untyped-call]
             sub.subscribe(self.store.keys.channel(self.key))
@@ -122,32 +188,26 @@ class FleetFetch:
                 token = self._step()
                 if token is not None:
                     return token
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise timeout_error(self.store, self.key, self.timeout, self.fetches_itself)
-                self._wait(sub, min(FLEET_POLL, left))
+                self._wait(sub, self.wait_time())
 
     def _wait(self, sub: Any, seconds: float) -> None:
-        message = sub.get_message(timeout=seconds)
-        if message is None or message["type"] != "message":
-            return
-        error = parse(message["data"])
+        error = message_error(sub.get_message(timeout=seconds))
         if error is not None and self.store.find_key(self.key) is None:
             raise fetch_failed(self.store, self.key, error)
 
     def _step(self) -> Token | None:
         """Look once more; fetch or ask the workers if nobody is on it. The token, or None to wait."""
         token = self.store.find_key(self.key)
-        if token is not None:
-            return token
-        with redis_errors(self.store.redis):
-            error = cast(bytes | None, self.store.redis.get(self.store.keys.error(self.key)))
-        if error is not None:
-            raise fetch_failed(self.store, self.key, error.decode(errors="replace"))
-        if self.fetches_itself:
+        move = self.next_move(token, None if token is not None else self._error())
+        if move is Move.FETCH:
             return self._fetch_if_free()
-        self._ask_workers()
-        return None
+        if move is Move.ASK:
+            self._ask_workers()
+        return token
+
+    def _error(self) -> bytes | None:
+        with redis_errors(self.store.redis):
+            return cast(bytes | None, self.store.redis.get(self.store.keys.error(self.key)))
 
     def _fetch_if_free(self) -> Token | None:
         lock = Lock(self.store.redis, self.store.keys.lock(self.key), LOCK_TTL, owner=self.owner)
@@ -163,7 +223,7 @@ class FleetFetch:
     def _fetch(self) -> Token:
         try:
             token = self.store.sources.fetch(self.key, account=account_arg(self.key))
-        except (RefreshError, ConfigurationError) as e:
+        except REPORTED as e:
             with redis_errors(self.store.redis), self.store.redis.pipeline(transaction=True) as pipe:
                 self.store.failure_commands(pipe, self.key, str(e), gave_up=False)
                 pipe.execute()
