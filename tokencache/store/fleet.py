@@ -13,126 +13,30 @@ a failed fetch publishes its error so waiters fail at once instead of timing
 out. A fallback poll every ``FLEET_POLL`` seconds covers a lost message and lets
 the next caller take over from a fetcher that died (its lock expires).
 
-:class:`FleetFetchCore` holds what a miss decides, without I/O: what to do after
-a look at the cache, how long to wait, which errors the fleet is told about.
-:class:`FleetFetch` here and its asyncio twin in :mod:`tokencache.aio.fleet` only
-do the I/O around it.
+:class:`~tokencache.store.core.FleetFetchCore` holds what a miss decides,
+without I/O: what to do after a look at the cache, how long to wait, which
+errors the fleet is told about. :class:`FleetFetch` here and its asyncio twin in
+:mod:`tokencache.aio.fleet` only do the I/O around it.
 """
 
 from __future__ import annotations
 
 import threading
-import time
-import uuid
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from enum import Enum
-from functools import cached_property
 from typing import TYPE_CHECKING, Any, cast
 
-from tokencache.constants import FLEET_POLL, LOCK_TTL, WANT_TTL
+from tokencache.constants import LOCK_TTL, WANT_TTL
 from tokencache.core.connection import redis_errors
 from tokencache.core.locks import Lock
-from tokencache.core.notify import parse
-from tokencache.errors import ConfigurationError, FetchTimeoutError, RefreshError
-from tokencache.keys import DEFAULT_ACCOUNT, TokenKey
+from tokencache.keys import TokenKey
+from tokencache.store.core import REPORTED, FleetFetchCore, Move, account_arg, fetch_failed, message_error
 from tokencache.token import Token
 
 if TYPE_CHECKING:
-    from tokencache.store.core import StoreCore
     from tokencache.store.tokenstore import TokenStore
 
-__all__ = [
-    "REPORTED",
-    "FleetFetch",
-    "FleetFetchCore",
-    "Flights",
-    "Move",
-    "account_arg",
-    "fetch_failed",
-    "message_error",
-    "timeout_error",
-]
-
-REPORTED = (RefreshError, ConfigurationError)
-"""Errors of a local fetch that the fleet is told about, so its waiters fail at once instead of timing out."""
-
-
-def timeout_error(store: StoreCore, key: TokenKey, timeout: float, fetches_itself: bool) -> FetchTimeoutError:
-    """The error a waiter raises, saying what to check."""
-    if fetches_itself:
-        hint = (
-            "this process holds the account's credentials, but another fetch held the token's lock "
-            "and never stored a result: is the token endpoint answering?"
-        )
-    else:
-        hint = (
-            f"the fetch was handed to the refresh workers on queue {store.refresh_queue.name!r}: are "
-            f"'tokencache worker' processes running there, with credentials for account {key.account!r}?"
-        )
-    return FetchTimeoutError(f"no token for {store.keys.token(key)!r} within {timeout:g}s; {hint}")
-
-
-def fetch_failed(store: StoreCore, key: TokenKey, error: str) -> RefreshError:
-    """The error a waiter raises when the fleet's fetch of ``key`` failed."""
-    return RefreshError(f"fetching {store.keys.token(key)!r} failed: {error}")
-
-
-def account_arg(key: TokenKey) -> str | None:
-    """The Token.account of a freshly fetched token (``default`` is stored as None)."""
-    return None if key.account == DEFAULT_ACCOUNT else key.account
-
-
-def message_error(message: dict[str, Any] | None) -> str | None:
-    """The fetch error a wake-up message carries (None for a success, a timeout or a non-message)."""
-    if message is None or message["type"] != "message":
-        return None
-    return parse(message["data"])
-
-
-class Move(Enum):
-    """What a miss does after one look at the cache."""
-
-    DONE = "done"  # the token is there
-    FETCH = "fetch"  # this process holds the credentials: fetch under the token's lock
-    ASK = "ask"  # ask the worker pool (once per want marker), then wait
-
-
-class FleetFetchCore:
-    """The decisions of one ``for_scope`` miss, shared by the sync and the asyncio fetch (no I/O)."""
-
-    def __init__(self, store: StoreCore, key: TokenKey, timeout: float) -> None:
-        self.store, self.key, self.timeout = store, key, timeout
-        self.owner = uuid.uuid4().hex
-        self.deadline = time.monotonic() + timeout
-
-    @cached_property
-    def fetches_itself(self) -> bool:
-        """Whether this process holds the account's credentials (looked up once, and only if needed)."""
-        return self.store.sources.has(self.key.account)
-
-    def next_move(self, token: Token | None, error: bytes | None) -> Move:
-        """After a look at the token and at the fleet's last fetch error: done, fail, fetch or ask.
-
-        The error key outlives the failed fetch by ``ERROR_TTL``, so a miss that comes late still
-        fails at once instead of fetching again or waiting out its timeout.
-        """
-        if token is not None:
-            return Move.DONE
-        if error is not None:
-            raise fetch_failed(self.store, self.key, error.decode(errors="replace"))
-        return Move.FETCH if self.fetches_itself else Move.ASK
-
-    def wait_time(self) -> float:
-        """Seconds to wait for a wake-up before looking again; raises once ``timeout`` is spent."""
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise self.timed_out()
-        return min(FLEET_POLL, left)
-
-    def timed_out(self) -> FetchTimeoutError:
-        """The error of a caller whose ``timeout`` ran out, saying what to check."""
-        return timeout_error(self.store, self.key, self.timeout, self.fetches_itself)
+__all__ = ["FleetFetch", "Flights"]
 
 
 class Flights:
@@ -183,12 +87,15 @@ class FleetFetch(FleetFetchCore):
         redis = self.store.redis
         with redis_errors(redis), redis.pubsub() as sub:  # type: ignore[no-untyped-call]
             sub.subscribe(self.store.keys.channel(self.key))
-            sub.get_message(timeout=min(1.0, self.timeout))  # the confirmation: subscribed before we look
-            while True:
-                token = self._step()
-                if token is not None:
-                    return token
-                self._wait(sub, self.wait_time())
+            sub.get_message(timeout=min(1.0, self.timeout))  # subscribed before we look
+            return self._until_found(sub)
+
+    def _until_found(self, sub: Any) -> Token:
+        while True:
+            token = self._step()
+            if token is not None:
+                return token
+            self._wait(sub, self.wait_time())
 
     def _wait(self, sub: Any, seconds: float) -> None:
         error = message_error(sub.get_message(timeout=seconds))
