@@ -155,9 +155,15 @@ class AsyncFacade:
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._store, name)
-        if not inspect.iscoroutinefunction(attr):
+        if not inspect.ismethod(attr):
             return attr
-        return lambda *args, **kwargs: self._loop.run_until_complete(attr(*args, **kwargs))
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = attr(*args, **kwargs)
+            # a coroutine, or a listing (an async iterator that awaits to a list)
+            return self._loop.run_until_complete(result) if inspect.isawaitable(result) else result
+
+        return call
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name.startswith("_") or name == "redis":

@@ -31,7 +31,7 @@ PUBLIC = {
         "ConfigurationError", "UnknownAccountError",
     },
     "tokencache.aio": {
-        "TokenStore", "aclose_default", "default_store", "delete", "find", "for_scope", "store",
+        "TokenStore", "aclose_default", "default_store", "delete", "find", "for_scope", "store", "tokens",
     },
     "tokencache.testing": set(),
 }  # fmt: skip

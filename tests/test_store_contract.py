@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -17,9 +18,11 @@ import tokencache
 from tokencache import RedisUnavailableError, Token, TokenStore, aio
 from tokencache.core.sources import Sources
 from tokencache.keys import parse_job_id
+from tokencache.store import core as store_core
+from tokencache.store.core import TokenRecord
 from tokencache.testing.emulator import Emulator
 
-from .conftest import AsyncFacade, async_client_like
+from .conftest import AsyncFacade, async_client_like, wait_for
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 
@@ -268,3 +271,115 @@ def test_the_refresh_job_hash_is_a_small_listpack(store: TokenStore) -> None:
     assert job is not None
     assert store.redis.object("encoding", job.key) == b"listpack"
     assert max(len(value) for value in store.redis.hvals(job.key)) <= 64
+
+
+def test_record_and_indexed(ts: TokenStore) -> None:
+    t = token(expires_in=600)
+    key = ts.key_for(t)
+    assert ts.record(key) is None and ts.indexed(key) is False
+    ts.store(t)
+    found = ts.record(key)
+    assert isinstance(found, TokenRecord) and found.key == key and found.token == t
+    assert found.bookkeeping.refresh_at == t.expires - 10
+    assert ts.indexed(key) is True
+    ts.delete(SCOPE)
+    assert ts.record(key) is None and ts.indexed(key) is False
+
+
+def test_listing_reads_the_index_a_page_at_a_time(ts: TokenStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """records() and tokens() page through the index; an entry whose hash is gone is skipped."""
+    monkeypatch.setattr(store_core, "INDEX_PAGE", 7)  # where both stores read it
+    valid = {token(scope=f"s{i}") for i in range(20)}
+    for t in valid:
+        ts.store(t)
+    ts.store(token(expires_in=-5), "gone")  # indexed, but its hash expired at once
+    pages: list[tuple[int, int]] = []
+    every_page = ts.index_pages
+
+    def spy(size: int) -> Iterator[tuple[int, int]]:
+        for bounds in every_page(size):
+            pages.append(bounds)
+            yield bounds
+
+    ts.index_pages = spy  # type: ignore[method-assign]
+    assert {found.token for found in ts.records()} == valid
+    assert pages == [(0, 6), (7, 13), (14, 20)]
+    assert set(ts.tokens()) == valid
+
+
+def asyncio_store(any_redis: Redis, **settings: Any) -> aio.TokenStore:
+    return aio.TokenStore(async_client_like(any_redis), namespace="contract", queue="contract", **settings)
+
+
+def test_asyncio_listings_are_async_iterators_that_can_be_awaited(any_redis: Redis) -> None:
+    """``async for`` reads page by page; ``await store.tokens()`` still gives the list, as it did before."""
+    stored = {token(scope=f"a{i}") for i in range(3)}
+
+    async def scenario() -> None:
+        async with asyncio_store(any_redis) as store:
+            for t in stored:
+                await store.store(t)
+            assert {t async for t in store.tokens()} == stored
+            assert set(await store.tokens()) == stored
+            assert {found.token for found in await store.records()} == stored
+            listing = store.tokens()
+            assert await anext(listing) in stored
+            await listing.aclose()  # stopping early leaves nothing behind
+
+    asyncio.run(scenario())
+
+
+def test_async_with_closes_the_asyncio_store(redis_url: str, real_redis: Redis) -> None:
+    """Leaving ``async with`` closes the store's connections and its near cache's, as ``with`` does."""
+    before = len(real_redis.client_list())
+
+    async def scenario() -> aio.TokenStore:
+        async with aio.TokenStore.from_url(redis_url, namespace="contract", near_cache=True) as store:
+            assert store.near_cache is not None
+            assert await asyncio.to_thread(store.near_cache.wait_active, 5)
+            await store.find(SCOPE)
+            assert len(real_redis.client_list()) > before
+        return store
+
+    store = asyncio.run(scenario())
+    assert store.near_cache is not None and not store.near_cache.active
+    wait_for(lambda: len(real_redis.client_list()) == before, 5, what="the store's connections to close")
+
+
+def test_asyncio_module_level_defaults(monkeypatch: pytest.MonkeyPatch, redis_url: str) -> None:
+    monkeypatch.setenv("TOKENCACHE_REDIS_URL", redis_url)
+    monkeypatch.setenv("TOKENCACHE_NAMESPACE", "aio-defaults")
+    t = token()
+
+    async def scenario() -> None:
+        try:
+            await aio.store(t)
+            assert await aio.find(SCOPE) == t
+            assert [found async for found in aio.tokens()] == [t]
+            assert await aio.tokens() == [t]
+            assert await aio.delete(SCOPE)
+            assert await aio.tokens() == []
+        finally:
+            await aio.aclose_default()
+
+    asyncio.run(scenario())
+
+
+def test_rq_gets_an_offline_client_on_asyncio(any_redis: Redis) -> None:
+    """RQ only builds commands for the asyncio store: its client refuses to connect, saying why."""
+    from tokencache.aio.recorder import offline_client
+
+    with pytest.raises(RuntimeError, match="never connects"):
+        offline_client().ping()
+
+    async def scenario() -> None:
+        async with asyncio_store(any_redis) as store:
+            rq_client = store.refresh_queue.queue.connection
+            with pytest.raises(RuntimeError, match=r"tokencache\.aio"):
+                rq_client.ping()
+            with pytest.raises(RuntimeError, match="never connects"):
+                store.refresh_queue.queue.get_redis_server_version()  # RQ's own look-up: not localhost
+            job = await store.store(token())  # RQ's commands, replayed on redis.asyncio
+            assert job is not None and any_redis.exists(job.key)
+
+    asyncio.run(scenario())

@@ -2,34 +2,54 @@
 
 Both stores issue their writes into a pipeline-like writer (a redis-py
 pipeline, or a recorder that the asyncio store replays), so both write exactly
-the same layout; and both judge what they read with the same methods here. The
-twins (:mod:`tokencache.store.tokenstore`, :mod:`tokencache.aio.tokenstore`) only do I/O.
+the same layout; both page through the index the same way and judge what they
+read with the same methods here. The twins (:mod:`tokencache.store.tokenstore`,
+:mod:`tokencache.aio.tokenstore`) only do I/O, so a diff of the two shows little
+more than ``async`` and ``await``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import Enum
+from functools import cached_property
 from typing import Any
 
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from rq.job import Job
 
-from tokencache import env
-from tokencache.constants import ERROR_TTL, EXPIRY_SKEW
-from tokencache.core.notify import error_message, ok_message
+from tokencache import env, metrics
+from tokencache.constants import ERROR_TTL, EXPIRY_SKEW, FLEET_POLL, INDEX_PAGE
+from tokencache.core.notify import error_message, ok_message, parse
 from tokencache.core.queue import RefreshQueue, utc
 from tokencache.core.record import Bookkeeping, MalformedRecord, from_fields, to_fields
 from tokencache.core.sources import Sources, default_sources
-from tokencache.keys import Keys, TokenKey, parse_info
+from tokencache.errors import ConfigurationError, FetchTimeoutError, RefreshError, TokenCacheError
+from tokencache.keys import DEFAULT_ACCOUNT, Keys, TokenKey, parse_info
 from tokencache.store.nearcache import NearCache
 from tokencache.store.reads import KeyMemo, TokenMemo
-from tokencache.token import Token
+from tokencache.token import Freshness, Token
 from tokencache.validate import check_refresh_before
 
-__all__ = ["Clock", "Raw", "StoreCore", "TokenRecord"]
+__all__ = [
+    "REPORTED",
+    "Clock",
+    "FleetFetchCore",
+    "Move",
+    "Raw",
+    "StoreCore",
+    "TokenRecord",
+    "account_arg",
+    "fetch_failed",
+    "message_error",
+    "timeout_error",
+]
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +193,7 @@ class StoreCore:
         return token
 
     def parse_record(self, key: TokenKey, raw: dict[bytes, bytes]) -> TokenRecord | None:
+        """The record in an HGETALL reply, valid or not (None if the hash is gone or malformed)."""
         if not raw:
             return None
         try:
@@ -180,6 +201,44 @@ class StoreCore:
         except MalformedRecord as e:
             log.warning("ignoring malformed token hash %s: %s", self.keys.token(key), e)
             return None
+
+    # -- listing: what a page of the index becomes ----------------------------
+
+    def index_pages(self, size: int) -> Iterator[tuple[int, int]]:
+        """ZRANGE bounds that read an index of ``size`` entries :data:`INDEX_PAGE` at a time.
+
+        One page is one round trip of bounded size: listing a large fleet neither blocks Redis
+        nor holds the whole index in memory.
+        """
+        for start in range(0, size, INDEX_PAGE):
+            yield start, start + INDEX_PAGE - 1
+
+    def page_records(self, members: list[bytes], replies: list[Raw]) -> Iterator[TokenRecord]:
+        """The records of one page of index members and their HGETALL replies.
+
+        A member whose hash is gone (expired since it was indexed) or malformed is skipped.
+        """
+        for member, raw in zip(members, replies, strict=True):
+            found = self.parse_record(self.keys.parse_token(member.decode()), raw)
+            if found is not None:
+                yield found
+
+    def listable(self, found: TokenRecord, now: float) -> bool:
+        """Whether ``tokens()`` lists a record: only a token that may still be handed out."""
+        return found.token.freshness(self.refresh_before, now) is not Freshness.INVALID
+
+    @contextmanager
+    def fetch_wait(self) -> Iterator[None]:
+        """Time a caller's wait for the fleet's fetch into the metrics, as a success or a failure."""
+        started = time.monotonic()
+        try:
+            yield
+        except TokenCacheError:
+            metrics.observe_fetch_wait(time.monotonic() - started, ok=False)
+            raise
+        metrics.observe_fetch_wait(time.monotonic() - started, ok=True)
+
+    # -- the near cache --------------------------------------------------------
 
     near_cache: NearCache | None = None
 
@@ -193,3 +252,86 @@ class StoreCore:
         """Drop ``key`` from the near cache at once: this process reads its own writes."""
         if self.near_cache is not None:
             self.near_cache.invalidate([self.keys.token(key)])
+
+
+# -- what a for_scope miss decides (tokencache.store.fleet and tokencache.aio.fleet do its I/O) --
+
+REPORTED = (RefreshError, ConfigurationError)
+"""Errors of a local fetch that the fleet is told about, so its waiters fail at once instead of timing out."""
+
+
+def timeout_error(store: StoreCore, key: TokenKey, timeout: float, fetches_itself: bool) -> FetchTimeoutError:
+    """The error a waiter raises, saying what to check."""
+    if fetches_itself:
+        hint = (
+            "this process holds the account's credentials, but another fetch held the token's lock "
+            "and never stored a result: is the token endpoint answering?"
+        )
+    else:
+        hint = (
+            f"the fetch was handed to the refresh workers on queue {store.refresh_queue.name!r}: are "
+            f"'tokencache worker' processes running there, with credentials for account {key.account!r}?"
+        )
+    return FetchTimeoutError(f"no token for {store.keys.token(key)!r} within {timeout:g}s; {hint}")
+
+
+def fetch_failed(store: StoreCore, key: TokenKey, error: str) -> RefreshError:
+    """The error a waiter raises when the fleet's fetch of ``key`` failed."""
+    return RefreshError(f"fetching {store.keys.token(key)!r} failed: {error}")
+
+
+def account_arg(key: TokenKey) -> str | None:
+    """The Token.account of a freshly fetched token (``default`` is stored as None)."""
+    return None if key.account == DEFAULT_ACCOUNT else key.account
+
+
+def message_error(message: dict[str, Any] | None) -> str | None:
+    """The fetch error a wake-up message carries (None for a success, a timeout or a non-message)."""
+    if message is None or message["type"] != "message":
+        return None
+    return parse(message["data"])
+
+
+class Move(Enum):
+    """What a miss does after one look at the cache."""
+
+    DONE = "done"  # the token is there
+    FETCH = "fetch"  # this process holds the credentials: fetch under the token's lock
+    ASK = "ask"  # ask the worker pool (once per want marker), then wait
+
+
+class FleetFetchCore:
+    """The decisions of one ``for_scope`` miss, shared by the sync and the asyncio fetch (no I/O)."""
+
+    def __init__(self, store: StoreCore, key: TokenKey, timeout: float) -> None:
+        self.store, self.key, self.timeout = store, key, timeout
+        self.owner = uuid.uuid4().hex
+        self.deadline = time.monotonic() + timeout
+
+    @cached_property
+    def fetches_itself(self) -> bool:
+        """Whether this process holds the account's credentials (looked up once, and only if needed)."""
+        return self.store.sources.has(self.key.account)
+
+    def next_move(self, token: Token | None, error: bytes | None) -> Move:
+        """After a look at the token and at the fleet's last fetch error: done, fail, fetch or ask.
+
+        The error key outlives the failed fetch by ``ERROR_TTL``, so a miss that comes late still
+        fails at once instead of fetching again or waiting out its timeout.
+        """
+        if token is not None:
+            return Move.DONE
+        if error is not None:
+            raise fetch_failed(self.store, self.key, error.decode(errors="replace"))
+        return Move.FETCH if self.fetches_itself else Move.ASK
+
+    def wait_time(self) -> float:
+        """Seconds to wait for a wake-up before looking again; raises once ``timeout`` is spent."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise self.timed_out()
+        return min(FLEET_POLL, left)
+
+    def timed_out(self) -> FetchTimeoutError:
+        """The error of a caller whose ``timeout`` ran out, saying what to check."""
+        return timeout_error(self.store, self.key, self.timeout, self.fetches_itself)

@@ -12,57 +12,31 @@ still wakes them. Every store publishes there (in the same transaction), and
 a failed fetch publishes its error so waiters fail at once instead of timing
 out. A fallback poll every ``FLEET_POLL`` seconds covers a lost message and lets
 the next caller take over from a fetcher that died (its lock expires).
+
+:class:`~tokencache.store.core.FleetFetchCore` holds what a miss decides,
+without I/O: what to do after a look at the cache, how long to wait, which
+errors the fleet is told about. :class:`FleetFetch` here and its asyncio twin in
+:mod:`tokencache.aio.fleet` only do the I/O around it.
 """
 
 from __future__ import annotations
 
 import threading
-import time
-import uuid
-from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-from tokencache.constants import FLEET_POLL, LOCK_TTL, WANT_TTL
+from tokencache.constants import LOCK_TTL, WANT_TTL
 from tokencache.core.connection import redis_errors
 from tokencache.core.locks import Lock
-from tokencache.core.notify import parse
-from tokencache.errors import ConfigurationError, FetchTimeoutError, RefreshError
-from tokencache.keys import DEFAULT_ACCOUNT, TokenKey
+from tokencache.keys import TokenKey
+from tokencache.store.core import REPORTED, FleetFetchCore, Move, account_arg, fetch_failed, message_error
 from tokencache.token import Token
 
 if TYPE_CHECKING:
-    from tokencache.store.core import StoreCore
     from tokencache.store.tokenstore import TokenStore
 
-__all__ = ["FleetFetch", "Flights", "fetch_failed", "timeout_error"]
-
-
-def timeout_error(store: StoreCore, key: TokenKey, timeout: float, fetches_itself: bool) -> FetchTimeoutError:
-    """The error a waiter raises, saying what to check."""
-    if fetches_itself:
-        hint = (
-            "this process holds the account's credentials, but another fetch held the token's lock "
-            "and never stored a result: is the token endpoint answering?"
-        )
-    else:
-        hint = (
-            f"the fetch was handed to the refresh workers on queue {store.refresh_queue.name!r}: are "
-            f"'tokencache worker' processes running there, with credentials for account {key.account!r}?"
-        )
-    return FetchTimeoutError(f"no token for {store.keys.token(key)!r} within {timeout:g}s; {hint}")
-
-
-def fetch_failed(store: StoreCore, key: TokenKey, error: str) -> RefreshError:
-    """The error a waiter raises when the fleet's fetch of ``key`` failed."""
-    return RefreshError(f"fetching {store.keys.token(key)!r} failed: {error}")
-
-
-def account_arg(key: TokenKey) -> str | None:
-    """The Token.account of a freshly fetched token (``default`` is stored as None)."""
-    return None if key.account == DEFAULT_ACCOUNT else key.account
+__all__ = ["FleetFetch", "Flights"]
 
 
 class Flights:
@@ -76,19 +50,23 @@ class Flights:
         self._lock = threading.Lock()
         self._running: dict[TokenKey, Future[Token]] = {}
 
-    def run(self, key: TokenKey, timeout: float, fetch: Callable[[], Token]) -> Token:
+    def run(self, fetch: FleetFetch) -> Token:
+        """The token ``fetch`` gets: this thread runs it, or waits for the thread already running it."""
         with self._lock:
-            future = self._running.get(key)
+            future = self._running.get(fetch.key)
             leader = future is None
             if future is None:
-                future = self._running[key] = Future()
+                future = self._running[fetch.key] = Future()
         if not leader:
             try:
-                return future.result(timeout=timeout)
+                return future.result(timeout=fetch.timeout)
             except FutureTimeout:
-                raise FetchTimeoutError(f"no token for {key.encode()!r} within {timeout:g}s") from None
+                raise fetch.timed_out() from None
+        return self._lead(fetch, future)
+
+    def _lead(self, fetch: FleetFetch, future: Future[Token]) -> Token:
         try:
-            token = fetch()
+            token = fetch.run()
             future.set_result(token)
             return token
         except BaseException as e:
@@ -96,58 +74,47 @@ class Flights:
             raise
         finally:
             with self._lock:
-                del self._running[key]
+                del self._running[fetch.key]
 
 
-@dataclass
-class FleetFetch:
+class FleetFetch(FleetFetchCore):
     """One ``for_scope`` miss of a synchronous process."""
 
     store: TokenStore
-    key: TokenKey
-    timeout: float
-    owner: str = field(default_factory=lambda: uuid.uuid4().hex)
-
-    @property
-    def fetches_itself(self) -> bool:
-        return self.store.sources.has(self.key.account)
 
     def run(self) -> Token:
-        deadline = time.monotonic() + self.timeout
+        """Look, fetch or ask, and wait for wake-ups until the token is there (or the timeout)."""
         redis = self.store.redis
         with redis_errors(redis), redis.pubsub() as sub:  # type: ignore[no-untyped-call]
             sub.subscribe(self.store.keys.channel(self.key))
-            sub.get_message(timeout=min(1.0, self.timeout))  # the confirmation: subscribed before we look
-            while True:
-                token = self._step()
-                if token is not None:
-                    return token
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise timeout_error(self.store, self.key, self.timeout, self.fetches_itself)
-                self._wait(sub, min(FLEET_POLL, left))
+            sub.get_message(timeout=min(1.0, self.timeout))  # subscribed before we look
+            return self._until_found(sub)
+
+    def _until_found(self, sub: Any) -> Token:
+        while True:
+            token = self._step()
+            if token is not None:
+                return token
+            self._wait(sub, self.wait_time())
 
     def _wait(self, sub: Any, seconds: float) -> None:
-        message = sub.get_message(timeout=seconds)
-        if message is None or message["type"] != "message":
-            return
-        error = parse(message["data"])
+        error = message_error(sub.get_message(timeout=seconds))
         if error is not None and self.store.find_key(self.key) is None:
             raise fetch_failed(self.store, self.key, error)
 
     def _step(self) -> Token | None:
         """Look once more; fetch or ask the workers if nobody is on it. The token, or None to wait."""
         token = self.store.find_key(self.key)
-        if token is not None:
-            return token
-        with redis_errors(self.store.redis):
-            error = cast(bytes | None, self.store.redis.get(self.store.keys.error(self.key)))
-        if error is not None:
-            raise fetch_failed(self.store, self.key, error.decode(errors="replace"))
-        if self.fetches_itself:
+        move = self.next_move(token, None if token is not None else self._error())
+        if move is Move.FETCH:
             return self._fetch_if_free()
-        self._ask_workers()
-        return None
+        if move is Move.ASK:
+            self._ask_workers()
+        return token
+
+    def _error(self) -> bytes | None:
+        with redis_errors(self.store.redis):
+            return cast(bytes | None, self.store.redis.get(self.store.keys.error(self.key)))
 
     def _fetch_if_free(self) -> Token | None:
         lock = Lock(self.store.redis, self.store.keys.lock(self.key), LOCK_TTL, owner=self.owner)
@@ -163,7 +130,7 @@ class FleetFetch:
     def _fetch(self) -> Token:
         try:
             token = self.store.sources.fetch(self.key, account=account_arg(self.key))
-        except (RefreshError, ConfigurationError) as e:
+        except REPORTED as e:
             with redis_errors(self.store.redis), self.store.redis.pipeline(transaction=True) as pipe:
                 self.store.failure_commands(pipe, self.key, str(e), gave_up=False)
                 pipe.execute()

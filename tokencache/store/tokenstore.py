@@ -17,14 +17,12 @@ from redis import Redis
 from rq.job import Job
 
 from tokencache import metrics
-from tokencache.constants import INDEX_PAGE
 from tokencache.core.connection import connect, redis_errors, unavailable
 from tokencache.core.sources import Sources
-from tokencache.errors import TokenCacheError
 from tokencache.keys import TokenKey, parse_info
 from tokencache.store.core import Clock, Raw, StoreCore, TokenRecord
 from tokencache.store.fleet import FleetFetch, Flights
-from tokencache.token import Freshness, Token
+from tokencache.token import Token
 from tokencache.validate import check_timeout
 
 __all__ = ["TokenRecord", "TokenStore"]
@@ -162,14 +160,8 @@ class TokenStore(StoreCore):
         metrics.record_read(token is not None)
         if token is not None:
             return token
-        started = time.monotonic()
-        try:
-            token = self._flights.run(key, timeout, FleetFetch(self, key, timeout).run)
-        except TokenCacheError:
-            metrics.observe_fetch_wait(time.monotonic() - started, ok=False)
-            raise
-        metrics.observe_fetch_wait(time.monotonic() - started, ok=True)
-        return token
+        with self.fetch_wait():
+            return self._flights.run(FleetFetch(self, key, timeout))
 
     def record(self, key: TokenKey) -> TokenRecord | None:
         """The token stored under ``key`` with its bookkeeping, valid or not (None if absent/malformed)."""
@@ -183,27 +175,30 @@ class TokenStore(StoreCore):
             return self.redis.zscore(self.keys.index, self.keys.token(key)) is not None
 
     def records(self) -> Iterator[TokenRecord]:
-        """Every indexed token that is still in Redis, with its bookkeeping (expired ones included)."""
-        for start in range(0, self._index_size(), INDEX_PAGE):
-            with redis_errors(self.redis):
-                members = cast(list[bytes], self.redis.zrange(self.keys.index, start, start + INDEX_PAGE - 1))
-                with self.redis.pipeline(transaction=False) as pipe:
-                    for member in members:
-                        pipe.hgetall(member)
-                    replies = pipe.execute()
-            for member, raw in zip(members, replies, strict=True):
-                key = self.keys.parse_token(member.decode())
-                found = self.parse_record(key, raw)
-                if found is not None:
-                    yield found
+        """Every indexed token that is still in Redis, with its bookkeeping (expired ones included).
+
+        Read a page of the index at a time (see :meth:`index_pages`).
+        """
+        for start, stop in self.index_pages(self._index_size()):
+            members, replies = self._page(start, stop)
+            yield from self.page_records(members, replies)
 
     def _index_size(self) -> int:
         with redis_errors(self.redis):
             return int(self.redis.zcard(self.keys.index))
 
+    def _page(self, start: int, stop: int) -> tuple[list[bytes], list[Raw]]:
+        """The index members from ``start`` to ``stop`` and their hashes, in two round trips."""
+        with redis_errors(self.redis):
+            members = cast(list[bytes], self.redis.zrange(self.keys.index, start, stop))
+            with self.redis.pipeline(transaction=False) as pipe:
+                for member in members:
+                    pipe.hgetall(member)
+                return members, pipe.execute()
+
     def tokens(self) -> Iterator[Token]:
-        """Every cached token that may still be handed out."""
+        """Every cached token that may still be handed out, read a page of the index at a time."""
         now = self.clock()
         for found in self.records():
-            if found.token.freshness(self.refresh_before, now) is not Freshness.INVALID:
+            if self.listable(found, now):
                 yield found.token

@@ -1,0 +1,213 @@
+"""TokenStore on asyncio: the twin of :mod:`tokencache.store.tokenstore`, on ``redis.asyncio``.
+
+Same keys, hash layout, refresh job and wake-up channel as the sync store, so
+async and sync processes of one fleet share tokens and single-flight fetches.
+The decisions are :class:`~tokencache.store.core.StoreCore`'s; this module only
+does their I/O. RQ is synchronous, so writes go into a
+:class:`~tokencache.aio.recorder.Recorder` that replays them in one asyncio
+transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import redis as redis_py
+from redis.asyncio import Redis
+from rq.job import Job
+
+from tokencache import metrics
+from tokencache.aio.fleet import FleetFetch, Flights
+from tokencache.aio.listing import listing
+from tokencache.aio.recorder import Recorder, offline_client
+from tokencache.core.connection import connect, redis_errors, unavailable
+from tokencache.core.sources import Sources
+from tokencache.keys import TokenKey, parse_info
+from tokencache.store.core import Clock, Raw, StoreCore, TokenRecord
+from tokencache.token import Token
+from tokencache.validate import check_timeout
+
+__all__ = ["TokenRecord", "TokenStore"]
+
+log = logging.getLogger(__name__)
+
+
+class TokenStore(StoreCore):
+    """Shared tokens of one namespace in one Redis, refreshed by the RQ queue of that namespace."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        namespace: str | None = None,
+        refresh_before: int | None = None,
+        queue: str | None = None,
+        clock: Clock = time.time,
+        sources: Sources | None = None,
+        near_cache: bool = False,
+    ) -> None:
+        if not isinstance(redis, Redis):
+            raise TypeError(f"redis must be a redis.asyncio.Redis client, not {type(redis).__name__}")
+        super().__init__(
+            offline_client(),  # RQ only builds commands with it, into a Recorder
+            namespace=namespace,
+            refresh_before=refresh_before,
+            queue=queue,
+            clock=clock,
+            sources=sources,
+        )
+        self.redis = redis
+        self._flights = Flights()
+        self.start_near_cache(redis, near_cache)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str | None = None,
+        *,
+        namespace: str | None = None,
+        refresh_before: int | None = None,
+        queue: str | None = None,
+        sources: Sources | None = None,
+        near_cache: bool = False,
+        **redis_options: Any,
+    ) -> TokenStore:
+        """A store on the Redis at ``url`` (``None`` reads ``TOKENCACHE_REDIS_URL``)."""
+        redis = connect(url, client_class=Redis, **redis_options)
+        return cls(
+            redis,
+            namespace=namespace,
+            refresh_before=refresh_before,
+            queue=queue,
+            sources=sources,
+            near_cache=near_cache,
+        )
+
+    async def aclose(self) -> None:
+        """Close the Redis connections and stop the near cache (the store is not usable afterwards)."""
+        if self.near_cache is not None:
+            await asyncio.to_thread(self.near_cache.close)
+        await self.redis.aclose()
+
+    async def __aenter__(self) -> TokenStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- writing -------------------------------------------------------------
+
+    async def store(self, token: Token, info: object = None, sub: str | None = None) -> Job | None:
+        """Cache ``token`` for the fleet and schedule its refresh; returns the refresh job."""
+        return await self.write(self.key_for(token, info, sub), token)
+
+    async def write(self, key: TokenKey, token: Token, *, fetched: bool = False) -> Job:
+        """Atomically write hash, TTL, index entry and the refresh job, under ``key``.
+
+        ``fetched`` says the token was just fetched from its source (see :meth:`due_at`).
+        """
+        with redis_errors(self.redis), Recorder(self.redis) as pipe:
+            job = self.write_commands(pipe, key, token, fetched=fetched)
+            await pipe.execute()
+        self._forget(key)
+        return job
+
+    async def delete(self, info: object, sub: str | None = None) -> bool:
+        """Forget a token and cancel its refresh; True if it was cached."""
+        with redis_errors(self.redis), Recorder(self.redis) as pipe:
+            key = parse_info(info, sub)
+            self.delete_commands(pipe, key)
+            deleted, unindexed, *_ = await pipe.execute()
+        self._forget(key)
+        return bool(deleted or unindexed)
+
+    # -- reading -------------------------------------------------------------
+
+    async def find(self, info: object, sub: str | None = None) -> Token | None:
+        """The cached token for ``info``/``sub``, or None; never an expired one."""
+        _, redis_key = self._key_memo.get(info, sub)
+        token = await self._near_read(redis_key)
+        metrics.record_read(token is not None)
+        return token
+
+    async def find_key(self, key: TokenKey) -> Token | None:
+        """:meth:`find` by a parsed key, always from Redis (the near cache may lag by a push)."""
+        return await self._read(self.keys.token(key))
+
+    async def _read(self, redis_key: str) -> Token | None:
+        try:
+            raw = cast(Raw, await self.redis.hgetall(redis_key))
+        except redis_py.RedisError as e:  # no context manager: this is the hot path
+            raise unavailable(self.redis, e) from e
+        return self.usable_token(redis_key, raw)
+
+    async def _near_read(self, redis_key: str) -> Token | None:
+        """From the near cache if it has the token, else from Redis (filling the cache)."""
+        near = self.near_cache
+        if near is None:
+            return await self._read(redis_key)
+        token = near.get(redis_key, self.clock())
+        if token is None:
+            epoch = near.epoch()
+            token = await self._read(redis_key)
+            if token is not None:
+                near.put(redis_key, token, epoch)
+        return token
+
+    async def for_scope(self, info: object, sub: str | None = None, timeout: float = 30.0) -> Token:
+        """The cached token, or one fetched once for the whole fleet (see :mod:`tokencache.store.fleet`)."""
+        key, redis_key = self._key_memo.get(info, sub)
+        timeout = check_timeout(timeout)
+        token = await self._near_read(redis_key)
+        metrics.record_read(token is not None)
+        if token is not None:
+            return token
+        with self.fetch_wait():
+            return await self._flights.run(FleetFetch(self, key, timeout))
+
+    async def record(self, key: TokenKey) -> TokenRecord | None:
+        """The token stored under ``key`` with its bookkeeping, valid or not (None if absent/malformed)."""
+        with redis_errors(self.redis):
+            raw = cast(Raw, await self.redis.hgetall(self.keys.token(key)))
+        return self.parse_record(key, raw)
+
+    async def indexed(self, key: TokenKey) -> bool:
+        """Whether ``key`` is in the index (a deleted token is not; an expired one still is)."""
+        with redis_errors(self.redis):
+            return await self.redis.zscore(self.keys.index, self.keys.token(key)) is not None
+
+    @listing
+    async def records(self) -> AsyncIterator[TokenRecord]:
+        """Every indexed token that is still in Redis, with its bookkeeping (expired ones included).
+
+        Read a page of the index at a time (see :meth:`index_pages`).
+        """
+        for start, stop in self.index_pages(await self._index_size()):
+            members, replies = await self._page(start, stop)
+            for found in self.page_records(members, replies):
+                yield found
+
+    async def _index_size(self) -> int:
+        with redis_errors(self.redis):
+            return int(await self.redis.zcard(self.keys.index))
+
+    async def _page(self, start: int, stop: int) -> tuple[list[bytes], list[Raw]]:
+        """The index members from ``start`` to ``stop`` and their hashes, in two round trips."""
+        with redis_errors(self.redis):
+            members = cast(list[bytes], await self.redis.zrange(self.keys.index, start, stop))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for member in members:
+                    pipe.hgetall(member)
+                return members, await pipe.execute()
+
+    @listing
+    async def tokens(self) -> AsyncIterator[Token]:
+        """Every cached token that may still be handed out, read a page of the index at a time."""
+        now = self.clock()
+        async for found in self.records():
+            if self.listable(found, now):
+                yield found.token
