@@ -131,6 +131,8 @@ class WorkerPools:
     def stop(self) -> None:
         """Stop every pool gracefully (each is SIGKILLed if it outlasts its grace period)."""
         for pool in self.pools:
+            pool.terminate()  # all at once, then wait for each
+        for pool in self.pools:
             pool.stop()
 
 

@@ -73,13 +73,15 @@ def isolated_env(no_gcloud: Path, base: Mapping[str, str] | None = None, **extra
     return {**kept, "CLOUDSDK_CONFIG": str(no_gcloud), **extra}
 
 
-def stop_group(proc: subprocess.Popen[Any], grace: float = STOP_GRACE) -> int:
+def stop_group(proc: subprocess.Popen[Any], grace: float = STOP_GRACE, *, terminated: bool = False) -> int:
     """SIGTERM to ``proc``'s process group, SIGKILL to it after ``grace`` seconds; the exit code.
 
+    ``terminated``: the SIGTERM was sent already (a second one would be a cold shutdown to RQ).
     Once ``proc`` has exited, the group is SIGKILLed anyway so that no orphan outlives it.
     """
     if proc.poll() is None:
-        _signal_group(proc.pid, signal.SIGTERM)
+        if not terminated:
+            _signal_group(proc.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(grace)
     _signal_group(proc.pid, signal.SIGKILL)
@@ -134,6 +136,7 @@ class PoolProcess:
         self._log_dir: Path | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self._store: TokenStore | None = None
+        self._terminated = False
         self._last_tail = ""
 
     def _child_env(
@@ -269,12 +272,18 @@ class PoolProcess:
         if code != 0:
             raise self._error(f"burst run failed with exit code {code}")
 
+    def terminate(self) -> None:
+        """Send the group its SIGTERM without waiting, to stop several pools at once; then stop()."""
+        if self.process is not None and self.process.poll() is None and not self._terminated:
+            _signal_group(self.process.pid, signal.SIGTERM)
+            self._terminated = True
+
     def stop(self, grace: float = STOP_GRACE) -> int | None:
         """Stop gracefully (SIGTERM to the group; SIGKILL after ``grace`` s); the exit code."""
         if self.process is None:
             return None
         try:
-            return stop_group(self.process, grace)
+            return stop_group(self.process, grace, terminated=self._terminated)
         finally:
             self._close()
 
