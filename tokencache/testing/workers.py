@@ -62,14 +62,13 @@ class PoolError(RuntimeError):
     """The worker pool died, failed or was not ready in time; the message ends with its log's tail."""
 
 
-def isolated_env(no_gcloud: Path, base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
-    """``base`` (default ``os.environ``) without Google or tokencache settings, plus ``extra``.
+def isolated_env(no_gcloud: Path, **extra: str) -> dict[str, str]:
+    """This process's environment without Google or tokencache settings, plus ``extra``.
 
     ``CLOUDSDK_CONFIG`` points at ``no_gcloud`` (a folder that need not exist), so google-auth's
     ADC chain cannot find the developer's gcloud login either.
     """
-    source = os.environ if base is None else base
-    kept = {k: v for k, v in source.items() if not k.startswith(ISOLATED_PREFIXES)}
+    kept = {k: v for k, v in os.environ.items() if not k.startswith(ISOLATED_PREFIXES)}
     return {**kept, "CLOUDSDK_CONFIG": str(no_gcloud), **extra}
 
 
