@@ -367,7 +367,7 @@ def run(env: BenchEnv, quick: bool) -> list[Result]:
 
 
 def main() -> None:
-    from tokencache.__main__ import print_table
+    from .__main__ import print_table
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=1000)
