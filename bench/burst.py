@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -54,6 +53,7 @@ from tokencache.core.notify import parse
 from tokencache.keys import TokenKey
 from tokencache.testing.emulator import Emulator
 from tokencache.testing.redisserver import free_port
+from tokencache.testing.workers import PoolProcess, stop_group
 
 from .common import SCOPE, BenchEnv, Result, bench_env
 
@@ -114,44 +114,14 @@ def _original(i: int, expires: int) -> Token:
     return Token(token=original, scope=SCOPE, expires=expires, sub=f"user{i}@example.com")
 
 
-def _pool_ready(store: TokenStore, n: int) -> bool:
-    workers = Worker.all(queue=store.refresh_queue.queue)
-    ready = sum(1 for w in workers if w.get_state() in ("idle", "busy"))
-    return ready >= n and store.refresh_queue.queue.scheduler_pid is not None
-
-
 @contextmanager
-def worker_pool(
-    env: dict[str, str], store: TokenStore, n: int, log: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    """``tokencache worker -n N`` in its own process group, stopped with SIGTERM to the group (always)."""
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tokencache", "worker", "-n", str(n), "--log-level", LOG_LEVEL],
-            env=env,
-            stdout=out,
-            stderr=out,
-            start_new_session=True,
-        )
+def worker_pool(url: str, env: dict[str, str], store: TokenStore, n: int, log: Path) -> Iterator[PoolProcess]:
+    """``tokencache worker -n N`` for ``store``, ready (tokencache.testing.workers), stopped at the end."""
+    pool = PoolProcess.for_store(store, url, n, env=env, log_level=LOG_LEVEL, log=log)
     try:
-        deadline = time.monotonic() + 60
-        while not _pool_ready(store, n):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the worker pool did not start (see {log})")
-            time.sleep(0.1)
-        yield proc
+        yield pool.start(timeout=60)
     finally:
-        _stop(proc)
-
-
-def _stop(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
+        pool.stop(30)
 
 
 class WakeUps:
@@ -230,7 +200,7 @@ def burst_round(
     child = env.child_env(credentials=True, **extra)
     child["GOOGLE_APPLICATION_CREDENTIALS"] = str(emulator.key_file)
     logs = Path(os.environ.get("BENCH_BURST_LOGS") or env.dir)
-    with worker_pool(child, store, workers, logs / f"{ns}.log") as proc:
+    with worker_pool(env.url, child, store, workers, logs / f"{ns}.log") as pool:
         expires = math.ceil(time.time() + LEAD) + MARGIN  # due LEAD (+ <1) s after the pool is ready
         originals = [_original(i, expires) for i in range(n)]
         for token in originals:
@@ -240,7 +210,7 @@ def burst_round(
         wakeups = WakeUps(env.client(), f"{ns}:fetched:*")  # after the stores: they publish too
         emulator.reset()
         redis_pid = env.redis.process.pid if env.redis.process else None
-        cpu = CpuMeter(_roles(store, proc.pid, redis_pid))
+        cpu = CpuMeter(_roles(store, pool.pid, redis_pid))
         result = Round(case, n, expires)
         try:
             while time.time() < expires + grace and redis.zcount(store.keys.index, expires + 1, "+inf") < n:
@@ -328,7 +298,7 @@ class _Subprocess:
         return self._call("/stats")
 
     def close(self) -> None:
-        _stop(self.proc)
+        stop_group(self.proc, 30)
 
 
 def measure(
@@ -397,7 +367,7 @@ def run(env: BenchEnv, quick: bool) -> list[Result]:
 
 
 def main() -> None:
-    from tokencache.__main__ import print_table
+    from .__main__ import print_table
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=1000)

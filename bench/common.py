@@ -8,7 +8,6 @@ both sides alike, and reports medians.
 
 from __future__ import annotations
 
-import os
 import statistics
 import tempfile
 import time
@@ -23,6 +22,7 @@ from redis.connection import Connection
 
 from tokencache.testing.emulator import Emulator
 from tokencache.testing.redisserver import EmbeddedRedis
+from tokencache.testing.workers import isolated_env
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 ACCESS_TOKEN = "ya29." + "x" * 180
@@ -79,8 +79,7 @@ class BenchEnv:
 
     def child_env(self, *, credentials: bool, **extra: str) -> dict[str, str]:
         """Environment of a worker or app subprocess on this Redis (a key file only if ``credentials``)."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "TOKENCACHE_", "GCE_"))}
-        env.update(TOKENCACHE_REDIS_URL=self.url, CLOUDSDK_CONFIG=str(self.dir / "no-gcloud"), **extra)
+        env = isolated_env(self.dir / "no-gcloud", TOKENCACHE_REDIS_URL=self.url, **extra)
         if credentials:
             env["GOOGLE_APPLICATION_CREDENTIALS"] = str(self.key_file)
         return env

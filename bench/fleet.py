@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -45,11 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rq import Worker
-
-from tokencache import TokenStore
-from tokencache.core.sources import Sources
-from tokencache.env import DEFAULT_NAMESPACE, DEFAULT_QUEUE
+from tokencache.testing.barrier import StartBarrier
+from tokencache.testing.workers import PoolProcess
 
 from .common import BenchEnv, Result
 from .fleet_child import GOOGLE_AUTH_FRACTION, SCOPES
@@ -66,7 +61,7 @@ comes back to each of its 20 tokens (every 0.2 s here) well inside both refresh 
 SAMPLE = 50
 """One returned token in this many is also checked with the emulator's tokeninfo."""
 PREFIX = "bench-fleet"
-"""Redis keys of the ready/go handshake (the benchmark's private Redis)."""
+"""Name of the apps' start barrier (tokencache.testing.barrier) on the benchmark's private Redis."""
 READY_WAIT = 90.0
 POOL_WAIT = 30.0
 
@@ -150,49 +145,18 @@ def progress(message: str) -> None:
 
 
 @contextmanager
-def worker_pool(env: BenchEnv, plan: Plan) -> Iterator[subprocess.Popen[bytes]]:
-    """``tokencache worker -n 2`` with the key file, in its own session; SIGTERM to its group at the end."""
+def worker_pool(env: BenchEnv, plan: Plan) -> Iterator[PoolProcess]:
+    """``tokencache worker -n 2`` with the key file, started but not waited for (the apps start meanwhile).
+
+    The pool serves the children's defaults (their environment has no TOKENCACHE_NAMESPACE/QUEUE),
+    not this process's. Stopped with SIGTERM to its group at the end: its workers finish their refresh.
+    """
     child_env = env.child_env(credentials=True, TOKENCACHE_REFRESH_BEFORE=str(plan.refresh_before))
-    with (env.dir / "fleet-pool.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tokencache", "worker", "-n", "2", "--log-level", "WARNING"],
-            env=child_env,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-            start_new_session=True,
-        )
+    pool = PoolProcess(env.url, 2, env=child_env, log_level="WARNING", log=env.dir / "fleet-pool.log")
     try:
-        yield proc
+        yield pool.start(wait=False)
     finally:
-        stop_group(proc)
-
-
-def wait_for_pool(env: BenchEnv, proc: subprocess.Popen[bytes]) -> None:
-    """Until both workers and the scheduler have registered (the apps' first misses wait in the queue)."""
-    # The children's defaults (their environment has no TOKENCACHE_NAMESPACE/QUEUE), not this process's.
-    with TokenStore.from_url(
-        env.url, namespace=DEFAULT_NAMESPACE, queue=DEFAULT_QUEUE, sources=Sources(use_adc=False)
-    ) as store:
-        queue = store.refresh_queue.queue
-        deadline = time.monotonic() + POOL_WAIT
-        while len(Worker.all(queue=queue)) < 2 or queue.scheduler_pid is None:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the worker pool did not start; see {env.dir / 'fleet-pool.log'}")
-            time.sleep(0.1)
-    progress("worker pool ready")
-
-
-def stop_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to the pool's process group (SIGKILL after 20 s); its workers finish their refresh."""
-    if proc.poll() is None:
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
+        pool.stop(20)
 
 
 def app_commands(env: BenchEnv, plan: Plan, peer_key: Path) -> dict[tuple[str, int], list[str]]:
@@ -208,20 +172,19 @@ def app_commands(env: BenchEnv, plan: Plan, peer_key: Path) -> dict[tuple[str, i
     return commands
 
 
-def run_fleets(env: BenchEnv, plan: Plan, pool: subprocess.Popen[bytes], peer_key: Path) -> dict[str, Fleet]:
+def run_fleets(env: BenchEnv, plan: Plan, pool: PoolProcess, peer_key: Path) -> dict[str, Fleet]:
     """Start both fleets (while the pool starts), release them together, collect what each app saw."""
     logs = env.dir / "fleet-logs"
     logs.mkdir(exist_ok=True)
     child_env = env.child_env(credentials=False, TOKENCACHE_REFRESH_BEFORE=str(plan.refresh_before))
-    with apps(app_commands(env, plan, peer_key), child_env, logs) as procs:
-        wait_for_pool(env, pool)
-        wait_ready(env, procs, logs)
+    with apps(app_commands(env, plan, peer_key), child_env, logs) as procs, env.client() as control:
+        pool.wait_ready(POOL_WAIT)  # the apps' first misses wait in the queue meanwhile
+        progress("worker pool ready")
+        barrier = StartBarrier(control, PREFIX, len(procs))
+        barrier.wait_ready(READY_WAIT, check=lambda: check_apps(procs, logs))  # each warmed up
         progress(f"{len(procs)} apps warmed up: go")
         end = time.time() + plan.duration
-        with env.client() as control, control.pipeline() as pipe:
-            for mode, i in procs:
-                pipe.rpush(f"{PREFIX}:go:{mode}:{i}", json.dumps({"end": end}))
-            pipe.execute()
+        barrier.go(json.dumps({"end": end}))
         reports = collect(procs, logs, end)
         progress("apps done")
     return {
@@ -253,17 +216,11 @@ def apps(
                 proc.stdout.close()
 
 
-def wait_ready(env: BenchEnv, procs: dict[tuple[str, int], subprocess.Popen[str]], logs: Path) -> None:
-    """Until every app has warmed up (one pass over its 20 tokens) and waits for the go signal."""
-    deadline = time.monotonic() + READY_WAIT
-    with env.client() as control:
-        while control.llen(f"{PREFIX}:ready") < len(procs):
-            for (mode, i), proc in procs.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"app {mode} {i} exited early: {tail(logs / f'{mode}-{i}.log')}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the apps were not ready within {READY_WAIT:.0f} s")
-            time.sleep(0.1)
+def check_apps(procs: dict[tuple[str, int], subprocess.Popen[str]], logs: Path) -> None:
+    """Raise when an app exited before its go signal, with the tail of its log."""
+    for (mode, i), proc in procs.items():
+        if proc.poll() is not None:
+            raise RuntimeError(f"app {mode} {i} exited early: {tail(logs / f'{mode}-{i}.log')}")
 
 
 def collect(

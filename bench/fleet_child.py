@@ -6,12 +6,13 @@
 (the store and its ``refresh_before`` come from the environment).
 ``google-auth``: one service-account ``Credentials`` per scope, refreshed in
 the loop when not ``valid``, with google-auth's refresh threshold scaled to
-the short lifetime. Both: warm up (one pass over the scopes), report ready on
-``{prefix}:ready``, block on ``{prefix}:go:{mode}:{index}`` for the end time,
-then one call every ``--pace`` seconds until then. Every returned token is
-checked against its own expiry; a random 1 in ``--sample`` also against the
-emulator's tokeninfo (POST, so the token is never in a URL). Tokens are never
-printed: the JSON holds counts only.
+the short lifetime. Both: warm up (one pass over the scopes), meet the others
+at the start barrier ``{prefix}`` (tokencache.testing.barrier, member
+``{mode}:{index}``), whose go message holds the end time, then one call every
+``--pace`` seconds until then. Every returned token is checked against its own
+expiry; a random 1 in ``--sample`` also against the emulator's tokeninfo (POST,
+so the token is never in a URL). Tokens are never printed: the JSON holds
+counts only.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import requests
-from redis import Redis
+
+from tokencache.testing.barrier import arrive
 
 SCOPES = tuple(f"https://www.googleapis.com/auth/bench.fleet.{i:02d}" for i in range(20))
 """The fleet's 20 tokens: one service account, 20 scopes."""
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.fleet_child")
     parser.add_argument("mode", choices=("tokencache", "google-auth"))
     parser.add_argument("index", type=int)
-    parser.add_argument("--control", required=True, help="Redis URL of the ready/go lists")
+    parser.add_argument("--control", required=True, help="Redis URL of the start barrier")
     parser.add_argument("--prefix", default="bench-fleet")
     parser.add_argument("--emulator", required=True, help="emulator base URL (tokeninfo)")
     parser.add_argument("--pace", type=float, default=0.01)
@@ -209,12 +211,11 @@ def main(argv: list[str] | None = None) -> None:
     checker = Checker(args.emulator, args.sample, seed=args.index)
     counts.warm_start = time.time()
     app.warm_up()
-    control = Redis.from_url(args.control)
-    control.rpush(f"{args.prefix}:ready", f"{args.mode}:{args.index}")
-    go = control.blpop([f"{args.prefix}:go:{args.mode}:{args.index}"], timeout=GO_WAIT)
-    if go is None:
-        raise SystemExit(f"no go signal within {GO_WAIT} s")
-    run_loop(app, checker, counts, json.loads(go[1])["end"], args.pace)
+    try:
+        go = arrive(args.control, args.prefix, f"{args.mode}:{args.index}", timeout=GO_WAIT)
+    except TimeoutError as e:
+        raise SystemExit(str(e)) from None
+    run_loop(app, checker, counts, json.loads(go)["end"], args.pace)
     print(json.dumps(asdict(counts)), flush=True)
 
 

@@ -18,8 +18,6 @@ that run; its size is measured on one token refreshed by a real worker.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,6 +27,7 @@ from redis import Redis
 from rq.job import Job
 
 from tokencache import Token, TokenStore
+from tokencache.testing.workers import PoolProcess
 
 from .common import ACCESS_TOKEN, SCOPE, BenchEnv, Result
 
@@ -110,14 +109,8 @@ def job_after_a_refresh(env: BenchEnv, store: TokenStore) -> tuple[int, str, int
     key = store.key_for(t)
     store.store(t)
     store.refresh_queue.enqueue(key, store.refresh_before)
-    worker_env = env.child_env(credentials=True, TOKENCACHE_NAMESPACE=NAMESPACE, TOKENCACHE_QUEUE=QUEUE)
-    subprocess.run(
-        [sys.executable, "-m", "tokencache", "worker", "-n", "1", "--burst", "--log-level", "WARNING"],
-        env=worker_env,
-        check=True,
-        timeout=120,
-        stdout=subprocess.DEVNULL,
-    )
+    worker_env = env.child_env(credentials=True)
+    PoolProcess.for_store(store, env.url, 1, env=worker_env, log_level="WARNING").run_burst(timeout=120)
     found = store.find(t.scope)
     if found is None or found.token == t.token:
         raise RuntimeError("the worker did not refresh the sample token")

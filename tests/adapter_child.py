@@ -2,7 +2,7 @@
 
     python -m tests.adapter_child REDIS_URL NAMESPACE QUEUE INDEX API_URL REQUESTS
 
-Waits for its go signal (a per-process list, as in tests/fleet_child.py), then
+Waits for its go at the start barrier (as tests/fleet_child.py does), then
 makes REQUESTS calls to the test API and reports the status codes, how many
 times the credentials read the cache (for_scope calls) and a hash of the token.
 """
@@ -18,10 +18,10 @@ from typing import Any
 import google.auth.exceptions
 import requests
 from google.auth.transport.requests import AuthorizedSession
-from redis import Redis
 
 from tokencache import Token, TokenStore
 from tokencache.adapters.google_auth import Credentials
+from tokencache.testing.barrier import arrive
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 
@@ -39,9 +39,8 @@ def main() -> None:
 
     store.for_scope = counting  # type: ignore[method-assign]
     credentials = Credentials([SCOPE], store=store)
-    store.redis.rpush(f"{namespace}:test:ready", index)
-    # A client of its own: a blocking pop outlasts the store's 5 s socket timeout.
-    Redis.from_url(url).blpop([f"{namespace}:test:go:{index}"], timeout=60)
+    # A client of its own (the URL): a blocking pop outlasts the store's 5 s socket timeout.
+    arrive(url, f"{namespace}:test", index, timeout=60)
     result: dict[str, Any] = {"index": int(index)}
     statuses = Counter[int]()
     try:

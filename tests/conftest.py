@@ -1,7 +1,11 @@
 """Fixtures: a private redis-server, the token emulator, key files and real worker processes.
 
 The redis-server is started by these fixtures on a free port in a temporary
-folder and stopped at the end; it is the only Redis any test talks to.
+folder and stopped at the end; it is the only Redis any test talks to. The
+redis-server and the emulator are the pytest plugin's (``tokencache_redis``,
+``tokencache_emulator``), worker pools are ``tokencache.testing.workers``'s
+launcher and app processes start together through its ``StartBarrier``: the
+suite runs on the same tools it ships to users.
 """
 
 from __future__ import annotations
@@ -10,7 +14,6 @@ import asyncio
 import inspect
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,8 +27,10 @@ from redis import Redis
 
 from tokencache import TokenStore
 from tokencache.core.sources import reset_default_sources
+from tokencache.testing.barrier import StartBarrier
 from tokencache.testing.emulator import Emulator
 from tokencache.testing.redisserver import EmbeddedRedis
+from tokencache.testing.workers import PoolProcess, isolated_env
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 
@@ -45,10 +50,8 @@ def wait_for(
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis().start()
-    yield server
-    server.stop()
+def redis_server(tokencache_redis: EmbeddedRedis) -> EmbeddedRedis:
+    return tokencache_redis
 
 
 @pytest.fixture
@@ -79,9 +82,8 @@ def store(real_redis: Redis) -> TokenStore:
 
 
 @pytest.fixture
-def emulator() -> Iterator[Emulator]:
-    with Emulator() as emu:
-        yield emu
+def emulator(tokencache_emulator: Emulator) -> Emulator:
+    return tokencache_emulator
 
 
 @pytest.fixture
@@ -102,25 +104,28 @@ def credentials_env(tmp_path: Path, emulator: Emulator, monkeypatch: pytest.Monk
 
 def app_env(redis_url: str, tmp_path: Path, *, credentials: str | None) -> dict[str, str]:
     """The environment of an app process: this Redis, and a key file only if ``credentials`` names one."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "TOKENCACHE_", "GCE_"))}
-    env.update(TOKENCACHE_REDIS_URL=redis_url, CLOUDSDK_CONFIG=str(tmp_path / "no-gcloud"))
+    env = isolated_env(tmp_path / "no-gcloud", TOKENCACHE_REDIS_URL=redis_url)
     if credentials:
         env["GOOGLE_APPLICATION_CREDENTIALS"] = credentials
     return env
 
 
-def run_apps(store: TokenStore, commands: list[list[str]], env: dict[str, str], timeout: float) -> list[Any]:
-    """Start one process per command, release them all at one instant, return the JSON each printed.
+def app_barrier(store: TokenStore, parties: int) -> StartBarrier:
+    """The start barrier of app processes (``tests.fleet_child``, ``tests.adapter_child``): ``{ns}:test``."""
+    return StartBarrier(store.redis, f"{store.keys.namespace}:test", parties)
 
-    Each child pushes its index to ``{ns}:test:ready`` and blocks on ``{ns}:test:go:{index}``.
-    """
-    ns = store.keys.namespace
+
+def none_exited(procs: list[subprocess.Popen[str]]) -> None:
+    """Fail at once when an app process ended before its go (instead of at the barrier's timeout)."""
+    for i, proc in enumerate(procs):
+        if proc.poll() is not None:
+            raise AssertionError(f"app process {i} exited with {proc.returncode} before its go")
+
+
+def run_apps(store: TokenStore, commands: list[list[str]], env: dict[str, str], timeout: float) -> list[Any]:
+    """Start one process per command, release them all at one instant, return the JSON each printed."""
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True) for cmd in commands]
-    wait_for(lambda: store.redis.llen(f"{ns}:test:ready") == len(procs), 30, what="app processes ready")
-    with store.redis.pipeline() as pipe:
-        for i in range(len(procs)):
-            pipe.rpush(f"{ns}:test:go:{i}", 1)
-        pipe.execute()
+    app_barrier(store, len(procs)).release(30, check=lambda: none_exited(procs))
     return [json.loads(p.communicate(timeout=timeout)[0]) for p in procs]
 
 
@@ -195,12 +200,12 @@ def async_client_like(client: Redis) -> Any:
 
 
 class Workers:
-    """``tokencache worker`` subprocesses for one test, stopped at its end."""
+    """``tokencache worker`` pools for one test (see ``tokencache.testing.workers``), stopped at its end."""
 
     def __init__(self, redis_url: str, store: TokenStore) -> None:
         self.redis_url = redis_url
         self.store = store
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.pools: list[PoolProcess] = []
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -212,22 +217,11 @@ class Workers:
         )
         return env
 
-    def start(self, n: int = 1, *, wait: bool = True, args: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
-        before = self.count()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tokencache", "worker", "-n", str(n), *args],
-            env=self.env(),
-            stdout=subprocess.DEVNULL,
-            stderr=None,
-            start_new_session=True,
-        )
-        self.procs.append(proc)
-        if wait:
-            # "idle" or "busy" means the worker's loop (and its signal handlers) is running.
-            wait_for(
-                lambda: self.count(ready=True) >= before + n and self.scheduler_running(), 30, what="workers"
-            )
-        return proc
+    def start(self, n: int = 1, *, wait: bool = True, args: tuple[str, ...] = ()) -> PoolProcess:
+        """A pool of ``n`` workers; with ``wait``, ready: none of its processes can miss a SIGTERM."""
+        pool = PoolProcess(self.redis_url, n, env=self.env(), args=args)
+        self.pools.append(pool)
+        return pool.start(wait=wait)
 
     def count(self, *, ready: bool = False) -> int:
         from rq import Worker
@@ -235,20 +229,13 @@ class Workers:
         workers = Worker.all(queue=self.store.refresh_queue.queue)
         return sum(1 for w in workers if not ready or w.get_state() in ("idle", "busy"))
 
-    def scheduler_running(self) -> bool:
-        """The scheduler process registered itself, which it does after installing its signal handlers."""
-        return self.store.refresh_queue.queue.scheduler_pid is not None
-
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        for pool in self.pools:
+            pool.terminate()  # all at once, then wait for each
+        for pool in self.pools:
+            pool.stop(15)
+            # Shown by pytest only when the test failed.
+            print(f"worker pool {pool.pid}: {pool.log_tail(40)}", file=sys.stderr)
 
 
 @pytest.fixture

@@ -2,9 +2,9 @@
 
     python -m tests.fleet_child REDIS_URL NAMESPACE QUEUE INDEX TIMEOUT [sync|async]
 
-Used by the stampede tests and by bench/stampede.py. The go signal is a
-per-process list (BLPOP), so the parent releases all processes with one
-pipelined write instead of a sleep.
+Used by the stampede tests. The processes start together through
+``tokencache.testing.barrier`` (barrier ``{NAMESPACE}:test``, member INDEX),
+so the parent releases them all with one pipelined write instead of a sleep.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ import json
 import sys
 import time
 
-from redis import Redis
-
 from tokencache import Token, TokenCacheError, TokenStore, aio
+from tokencache.testing.barrier import arrive
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 
@@ -27,9 +26,8 @@ def main() -> None:
     mode = sys.argv[6] if len(sys.argv) > 6 else "sync"
     store = TokenStore.from_url(url, namespace=namespace, queue=queue)
     store.sources.has("default")  # read the environment before the clock starts
-    store.redis.rpush(f"{namespace}:test:ready", index)
-    # A client of its own: a blocking pop outlasts the store's 5 s socket timeout.
-    Redis.from_url(url).blpop([f"{namespace}:test:go:{index}"], timeout=60)
+    # A client of its own (the URL): a blocking pop outlasts the store's 5 s socket timeout.
+    arrive(url, f"{namespace}:test", index, timeout=60)
     started = time.time()
     result: dict[str, object] = {"index": int(index), "started": started, "mode": mode}
     try:

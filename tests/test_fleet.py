@@ -16,7 +16,7 @@ from tokencache import FetchTimeoutError, RefreshError, TokenStore
 from tokencache.core.sources import Sources
 from tokencache.testing.emulator import Emulator
 
-from .conftest import SCOPE, Workers, app_env, run_apps, wait_for
+from .conftest import SCOPE, Workers, app_barrier, app_env, run_apps, wait_for
 
 FLEET = 16
 
@@ -100,8 +100,7 @@ def test_a_sigkilled_fetcher_is_taken_over_after_its_lock_ttl(
         env=env,
         stdout=subprocess.PIPE,
     )
-    wait_for(lambda: store.redis.llen(f"{ns}:test:ready") == 1, 30, what="fetcher ready")
-    store.redis.rpush(f"{ns}:test:go:0", 1)
+    app_barrier(store, 1).release(30)
     wait_for(lambda: emulator.stats()["token_requests"] == 1, 10, what="fetch in flight")
     os.kill(victim.pid, signal.SIGKILL)
     victim.communicate(timeout=10)

@@ -16,9 +16,6 @@ import contextlib
 import hashlib
 import multiprocessing
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -38,6 +35,7 @@ from tokencache.errors import ConfigurationError, TokenCacheError
 from tokencache.store.tokenstore import TokenStore
 from tokencache.testing.emulator import Emulator, EmulatorConfig
 from tokencache.testing.redisserver import EmbeddedRedis
+from tokencache.testing.workers import PoolError, PoolProcess
 from tokencache.token import mask
 
 __all__ = ["run_demo"]
@@ -107,48 +105,19 @@ def _redis(url: str | None, console: Console) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _workers(url: str, key_file: Path, store: TokenStore) -> Iterator[subprocess.Popen[bytes]]:
-    worker_env = dict(os.environ)
-    worker_env.update({
-        env.REDIS_URL: url, env.NAMESPACE: NAMESPACE, env.QUEUE: NAMESPACE,
-        env.GOOGLE_APPLICATION_CREDENTIALS: str(key_file), env.CREDENTIALS: "",
-        env.REFRESH_BEFORE: str(store.refresh_before),
-    })  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tokencache", "worker", "-n", "2", "--log-level", "WARNING"],
-        env=worker_env, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+def _workers(url: str, key_file: Path, store: TokenStore) -> Iterator[PoolProcess]:
+    """The demo's pool of 2 workers with the key file, ready (see :mod:`tokencache.testing.workers`)."""
+    worker_env = dict(os.environ, **{env.GOOGLE_APPLICATION_CREDENTIALS: str(key_file), env.CREDENTIALS: ""})
+    pool = PoolProcess.for_store(store, url, 2, env=worker_env, log_level="WARNING")
     try:
-        _wait_for_workers(store, proc)
-        yield proc
+        pool.start(timeout=30)
+    except PoolError as e:
+        hint = "try 'tokencache worker' alone"
+        raise ConfigurationError(f"the demo's worker pool did not start ({hint}): {e}") from e
+    try:
+        yield pool
     finally:
-        _stop(proc)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop the worker pool (SIGTERM, SIGKILL after 20 s); a no-op once it has ended."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def _wait_for_workers(store: TokenStore, proc: subprocess.Popen[bytes]) -> None:
-    from rq import Worker
-
-    deadline = time.monotonic() + 30
-    while (
-        len(Worker.all(queue=store.refresh_queue.queue)) < 2
-        or store.refresh_queue.queue.scheduler_pid is None
-    ):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise ConfigurationError("the demo's worker pool did not start (try 'tokencache worker' alone)")
-        time.sleep(0.1)
+        pool.stop()
 
 
 @contextlib.contextmanager
@@ -228,7 +197,7 @@ def _watch(
     url: str,
     emulator: Emulator,
     duration: float,
-    pool: subprocess.Popen[bytes],
+    pool: PoolProcess,
     console: Console,
 ) -> int:
     counts = _Counts.new()
@@ -240,7 +209,7 @@ def _watch(
                 live.update(_view(store, started, emulator, counts), refresh=True)
                 time.sleep(1)
         pool_died = pool.poll() is not None
-        _stop(pool)
+        pool.stop()
     seen = set().union(*(counts.seen.get(timeout=10) for app in apps if app.exitcode == 0))
     crashed = sum(1 for app in apps if app.exitcode != 0) + pool_died
     return _summary(console, emulator, duration, counts, len(seen), crashed)
