@@ -41,7 +41,7 @@ def test_the_plugin_imports_its_tools_only_when_a_fixture_asks() -> None:
 def test_the_docs_list_every_fixture_and_show_the_example_as_it_is() -> None:
     from tokencache.testing import pytest_plugin
 
-    docs = (EXAMPLE.parent.parent / "docs" / "testing-toolkit.md").read_text()
+    docs = (EXAMPLE.parent.parent / "docs" / "testing.md").read_text()
     listed = set(re.findall(r"^\| `(tokencache_\w+)` \|", docs, re.M))
     assert listed == {name for name in pytest_plugin.__all__ if name.startswith("tokencache_")}
     shown = re.search(r"An example suite.*?```python\n(.*?)```", docs, re.S)

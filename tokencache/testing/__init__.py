@@ -1,6 +1,6 @@
 """Tools for tests: a local Google token endpoint, a private redis-server, a worker-pool launcher.
 
-Public and supported (see docs/testing-toolkit.md), so that applications can test against a
+Public and supported (see docs/testing.md), so that applications can test against a
 real token flow, as huey's ``MemoryHuey`` and rq's testing page let theirs; the library itself
 never imports this package. The parts:
 

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from .messages import _GrantError
 from .registry import _Key
 
-CLOCK_SKEW = 30  # seconds of iat/exp leeway, as the spec of this emulator promises
+CLOCK_SKEW = 30  # seconds of iat/exp leeway: Google allows a little clock drift, and so does the emulator
 MAX_ASSERTION_LIFETIME = 3600  # Google refuses assertions valid for more than an hour
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
