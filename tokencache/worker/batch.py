@@ -57,6 +57,7 @@ from tokencache.core.locks import Lock, acquire_each
 from tokencache.core.record import Bookkeeping
 from tokencache.errors import ConfigurationError, RefreshError
 from tokencache.keys import TokenKey
+from tokencache.outcomes import Outcome
 from tokencache.store.core import TokenRecord
 from tokencache.store.tokenstore import TokenStore
 from tokencache.token import Token
@@ -126,13 +127,13 @@ class _Candidates:
                 self._claim_more()
             return self._claims.popleft() if self._claims else None
 
-    def done(self, outcome: str) -> None:
+    def done(self, outcome: Outcome) -> None:
         with self._lock:
-            self._gone += outcome in ("refreshed", "deleted")
-            if outcome == "failed":
+            self._gone += outcome in (Outcome.REFRESHED, Outcome.DELETED)
+            if outcome is Outcome.FAILED:
                 self._failures_in_a_row += 1
                 self.stopped = self.stopped or self._failures_in_a_row >= STOP_AFTER_FAILURES
-            elif outcome == "refreshed":
+            elif outcome is Outcome.REFRESHED:
                 self._failures_in_a_row = 0
 
     def stop(self) -> None:
@@ -220,7 +221,7 @@ class _Batch:
         self.store = store
         self.fetch = fetch
         self.candidates = candidates
-        self.outcomes: Counter[str] = Counter()
+        self.outcomes: Counter[Outcome] = Counter()
         self._count = threading.Lock()
 
     def drain(self) -> None:
@@ -235,39 +236,39 @@ class _Batch:
             log.exception("a batched refresh crashed; stopping the batch")
             self.candidates.stop()
             with self._count:
-                self.outcomes["crashed"] += 1
+                self.outcomes[Outcome.CRASHED] += 1
 
-    def refresh_claimed(self, claim: _Claim) -> str:
+    def refresh_claimed(self, claim: _Claim) -> Outcome:
         """Refresh the claimed token if it is due within the look-ahead; the outcome. Releases the claim."""
         try:
             if time.monotonic() - claim.at > FRESH_CLAIM and not claim.lock.extend():
-                return "busy"  # the claim lapsed, and someone else may hold the lock now
+                return Outcome.BUSY  # the claim lapsed, and someone else may hold the lock now
             current = self.store.record(claim.key)
             if current is None or not batchable(
                 current.bookkeeping, current.token.expires, self.store.refresh_before, self.store.clock()
             ):
-                return "skipped"
+                return Outcome.SKIPPED
             return self._fetch_and_write(claim.key, current)
         finally:
             claim.lock.release()
 
-    def _fetch_and_write(self, key: TokenKey, current: TokenRecord) -> str:
+    def _fetch_and_write(self, key: TokenKey, current: TokenRecord) -> Outcome:
         try:
             token = self.fetch(key, current)
         except ConfigurationError as e:
             log.debug("batch skips %s: %s", key.encode(), e)  # its own job reports it
-            return "skipped"
+            return Outcome.SKIPPED
         except RefreshError as e:
             record_failure(self.store, key, str(e))
             log.warning("batched refresh of %s failed: %s; its own job retries", key.encode(), e)
-            return "failed"
+            return Outcome.FAILED
         if not replace_if_indexed(self.store, key, token, move_job=True):
-            return "deleted"
-        metrics.record_refresh("batched")
-        return "refreshed"
+            return Outcome.DELETED
+        metrics.record_refresh(Outcome.BATCHED)
+        return Outcome.REFRESHED
 
 
-def refresh_due(store: TokenStore, fetch: Fetch, exclude: TokenKey, threads: int) -> Counter[str]:
+def refresh_due(store: TokenStore, fetch: Fetch, exclude: TokenKey, threads: int) -> Counter[Outcome]:
     """Refresh the tokens other than ``exclude`` that come due within :data:`LOOKAHEAD`, ``threads`` at a
     time; counts the outcomes (refreshed, skipped, busy, failed, deleted, crashed, held elsewhere)."""
     if threads < 1:
@@ -282,7 +283,7 @@ def refresh_due(store: TokenStore, fetch: Fetch, exclude: TokenKey, threads: int
                     pool.submit(batch.drain)
     finally:
         candidates.release_claims()
-    batch.outcomes["held elsewhere"] += candidates.held_elsewhere
+    batch.outcomes[Outcome.HELD_ELSEWHERE] += candidates.held_elsewhere
     if batch.outcomes.total():
         log.info(
             "batch after %s: %s in %.1fs",

@@ -30,6 +30,7 @@ from tokencache.core.connection import redis_errors
 from tokencache.core.locks import Lock
 from tokencache.core.queue import job_refresh_before
 from tokencache.keys import TokenKey
+from tokencache.outcomes import Verdict
 from tokencache.store.tokenstore import TokenStore
 
 __all__ = ["overdue", "repair", "repair_if_leader"]
@@ -127,36 +128,36 @@ def _started_ago(job: Job, now: float) -> float:
     return (datetime.fromtimestamp(now, UTC) - started).total_seconds()
 
 
-def _scheduled_verdict(entry: _Entry, now: float) -> str:
+def _scheduled_verdict(entry: _Entry, now: float) -> Verdict:
     if entry.scheduled_at is None or entry.scheduled_at <= now - REPAIR_GRACE:
-        return "enqueue"  # overdue in the schedule: no scheduler is moving it
+        return Verdict.ENQUEUE  # overdue in the schedule: no scheduler is moving it
     if entry.refresh_at is not None and now > entry.refresh_at + REPAIR_GRACE < entry.scheduled_at:
-        return "enqueue"  # scheduled after the token's own refresh time (a store() lost a race)
-    return "ok"
+        return Verdict.ENQUEUE  # scheduled after the token's own refresh time (a store() lost a race)
+    return Verdict.OK
 
 
-def _verdict(entry: _Entry, now: float) -> str:
-    """What to do with one overdue token: 'ok', 'enqueue' or 'drop'."""
+def _verdict(entry: _Entry, now: float) -> Verdict:
+    """What to do with one overdue token."""
     job = entry.job
     token_exists = entry.refresh_at is not None
     if job is None:
-        return "enqueue" if token_exists or entry.wanted or entry.expires >= now else "drop"
+        return Verdict.ENQUEUE if token_exists or entry.wanted or entry.expires >= now else Verdict.DROP
     status = job.get_status(refresh=False)
     if status == JobStatus.FAILED:
         # A refresh that gave up on purpose stays failed (RQ's failed registry says why, and giving
         # up withdraws the apps' request); one that crashed (a killed work-horse) is retried while the
         # token is cached or an app is waiting for it.
         if not token_exists:
-            return "enqueue" if entry.wanted else "drop"
-        return "ok" if entry.gave_up else "enqueue"
+            return Verdict.ENQUEUE if entry.wanted else Verdict.DROP
+        return Verdict.OK if entry.gave_up else Verdict.ENQUEUE
     if status == JobStatus.SCHEDULED:
         return _scheduled_verdict(entry, now)
     if status == JobStatus.QUEUED:
-        return "ok"
+        return Verdict.OK
     if status == JobStatus.STARTED:
         dead = not entry.lock_held and _started_ago(job, now) > DEAD_AFTER
-        return "enqueue" if dead else "ok"
-    return "enqueue"  # finished without a repeat, stopped, canceled
+        return Verdict.ENQUEUE if dead else Verdict.OK
+    return Verdict.ENQUEUE  # finished without a repeat, stopped, canceled
 
 
 def _enqueue(store: TokenStore, entry: _Entry) -> None:
@@ -173,13 +174,13 @@ def overdue(store: TokenStore) -> list[TokenKey]:
     """The tokens a repair pass would re-enqueue right now (for ``tokencache status``), changing nothing."""
     now = store.clock()
     due, _ = _due_entries(store, now)
-    return [entry.key for entry in due if _verdict(entry, now) == "enqueue"]
+    return [entry.key for entry in due if _verdict(entry, now) is Verdict.ENQUEUE]
 
 
-def repair(store: TokenStore) -> Counter[str]:
+def repair(store: TokenStore) -> Counter[Verdict]:
     """One repair pass over the overdue tokens of ``store``; counts what it did."""
     now = store.clock()
-    done: Counter[str] = Counter()
+    done: Counter[Verdict] = Counter()
     due, junk = _due_entries(store, now)
     for member in junk:
         log.warning("dropping %r from %s: not a token key", member, store.keys.index)
@@ -188,15 +189,15 @@ def repair(store: TokenStore) -> Counter[str]:
     for entry in due:
         verdict = _verdict(entry, now)
         done[verdict] += 1
-        if verdict == "enqueue":
+        if verdict is Verdict.ENQUEUE:
             _enqueue(store, entry)
-        elif verdict == "drop":
+        elif verdict is Verdict.DROP:
             with redis_errors(store.redis):
                 store.redis.zrem(store.keys.index, store.keys.token(entry.key))
     return done
 
 
-def repair_if_leader(store: TokenStore, interval: float) -> Counter[str] | None:
+def repair_if_leader(store: TokenStore, interval: float) -> Counter[Verdict] | None:
     """Run :func:`repair` unless another worker of the fleet did within ``interval`` seconds."""
     with redis_errors(store.redis):
         if not Lock(store.redis, store.keys.repair, interval).acquire():
