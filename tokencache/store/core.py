@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
@@ -20,6 +19,7 @@ from rq.job import Job
 from tokencache import env
 from tokencache.constants import ERROR_TTL, EXPIRY_SKEW
 from tokencache.core.notify import error_message, ok_message
+from tokencache.core.pipeline import Pipeline
 from tokencache.core.queue import RefreshQueue, utc
 from tokencache.core.record import Bookkeeping, MalformedRecord, from_fields, to_fields
 from tokencache.core.sources import Sources, default_sources
@@ -116,7 +116,7 @@ class StoreCore:
             due = max(due, now + (token.expires - now) // 2)
         return max(due, now)
 
-    def write_commands(self, pipe: Any, key: TokenKey, token: Token, *, fetched: bool) -> Job:
+    def write_commands(self, pipe: Pipeline, key: TokenKey, token: Token, *, fetched: bool) -> Job:
         """Queue the commands of a store into ``pipe``: hash, TTL, index entry, refresh job, wake-up."""
         now = int(self.clock())
         refresh_at = self.due_at(token, fetched=fetched)
@@ -131,7 +131,7 @@ class StoreCore:
         pipe.publish(self.keys.channel(key), ok_message())
         return job
 
-    def failure_commands(self, pipe: Any, key: TokenKey, message: str, *, gave_up: bool) -> None:
+    def failure_commands(self, pipe: Pipeline, key: TokenKey, message: str, *, gave_up: bool) -> None:
         """Queue what tells the fleet a fetch failed: the error (kept for late waiters) and the wake-up.
 
         The error is kept :data:`ERROR_TTL` seconds. A refresh that gave up also withdraws the apps'
@@ -142,7 +142,7 @@ class StoreCore:
             pipe.delete(self.keys.want(key))
         pipe.publish(self.keys.channel(key), error_message(message))
 
-    def ask_workers_commands(self, pipe: Any, key: TokenKey) -> None:
+    def ask_workers_commands(self, pipe: Pipeline, key: TokenKey) -> None:
         """Queue a request for an immediate refresh by the worker pool (inside a MULTI).
 
         The index placeholder (score 0) tells the refresh job the token is wanted; it goes in the
@@ -151,7 +151,7 @@ class StoreCore:
         pipe.zadd(self.keys.index, {self.keys.token(key): 0}, nx=True)
         self.refresh_queue.enqueue_into(pipe, key, self.refresh_before)
 
-    def delete_commands(self, pipe: Any, key: TokenKey) -> None:
+    def delete_commands(self, pipe: Pipeline, key: TokenKey) -> None:
         """Queue the commands of a delete into ``pipe``: hash, index entry, refresh job."""
         redis_key = self.keys.token(key)
         pipe.delete(redis_key)
