@@ -1,14 +1,15 @@
-"""The Pipeline protocol names exactly the commands the store, the refresh queue and RQ send into it."""
+"""The Pipeline protocol names exactly the commands written into it; per_entry names the replies read."""
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import fakeredis
+import pytest
 
 from tokencache import Token, TokenStore
-from tokencache.core.pipeline import Pipeline
+from tokencache.core.pipeline import Pipeline, per_entry
 from tokencache.keys import TokenKey
 
 from .conftest import SCOPE
@@ -47,3 +48,22 @@ def test_the_protocol_lists_every_command_written_and_no_other() -> None:
     store.refresh_queue.move_scheduled(recording, key, int(time.time()))
     assert recording.called == protocol_methods()
     assert "explicit_transaction" in Pipeline.__annotations__
+
+
+class _Pair(NamedTuple):
+    score: float | None
+    exists: int
+
+
+def test_per_entry_names_the_replies_of_each_entry() -> None:
+    redis = fakeredis.FakeRedis()
+    redis.zadd("tc-pipe:z", {"a": 1.5})
+    redis.set("tc-pipe:b", 1)
+    with redis.pipeline(transaction=False) as pipe:
+        for name in ("a", "b"):
+            pipe.zscore("tc-pipe:z", name)
+            pipe.exists(f"tc-pipe:{name}")
+        entries = per_entry(_Pair, pipe.execute())
+    assert entries == [_Pair(score=1.5, exists=0), _Pair(score=None, exists=1)]
+    with pytest.raises(ValueError, match="3 replies do not split into entries of 2"):
+        per_entry(_Pair, [1, 2, 3])

@@ -17,16 +17,22 @@ type check instead of a fleet. It lists what is really called, and nothing more:
 Every command's reply comes from ``execute()``, so the methods return ``object``. Lua scripts are
 not part of it: they run only on real redis-py pipelines, which load them before the transaction
 (see :mod:`tokencache.core.scripts`).
+
+A pipeline that reads the same few things for each of many entries gets its replies back as one
+NamedTuple per entry (:func:`per_entry`), whose fields are named in the order the commands were
+queued, next to the code that queues them: no ``replies[4 * i + 3]``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from redis.typing import EncodableT
 
-__all__ = ["Pipeline"]
+__all__ = ["Pipeline", "per_entry"]
+
+Entry = TypeVar("Entry", bound=NamedTuple)
 
 
 class Pipeline(Protocol):
@@ -68,3 +74,12 @@ class Pipeline(Protocol):
     def set(self, name: str, value: str, *, px: int | None = None) -> object: ...
 
     def publish(self, channel: str, message: str) -> object: ...
+
+
+def per_entry(shape: type[Entry], replies: Sequence[Any]) -> list[Entry]:
+    """A pipeline's replies as one ``shape`` per entry, for a pipeline that queued one command per field
+    of ``shape``, in the order of its fields, for each entry in turn."""
+    width = len(shape._fields)
+    if len(replies) % width:
+        raise ValueError(f"{len(replies)} replies do not split into entries of {width} ({shape.__name__})")
+    return [shape(*replies[start : start + width]) for start in range(0, len(replies), width)]

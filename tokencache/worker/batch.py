@@ -41,7 +41,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import cast
+from typing import NamedTuple, cast
 
 from tokencache import metrics
 from tokencache.constants import (
@@ -72,7 +72,16 @@ Fetch = Callable[[TokenKey, TokenRecord], Token]
 """How a member is fetched: what its own refresh job would do (raises RefreshError/ConfigurationError)."""
 
 
-_BOOKKEEPING = ("expires", "refresh_at", "refreshed_at", "failures")
+class _Fields(NamedTuple):
+    """The token hash's fields a batch reads before claiming: HMGET in this order, named as in the hash."""
+
+    expires: bytes | None
+    refresh_at: bytes | None
+    refreshed_at: bytes | None
+    failures: bytes | None
+
+    def parsed(self) -> Bookkeeping:
+        return Bookkeeping.of({name.encode(): value for name, value in self._asdict().items() if value})
 
 
 def batchable(book: Bookkeeping, expires: int, refresh_before: int, now: float) -> bool:
@@ -174,19 +183,14 @@ class _Candidates:
         that are not due are not locked (their own jobs would find them busy); re-checked once locked."""
         with self.store.redis.pipeline(transaction=False) as pipe:
             for key in keys:
-                pipe.hmget(self.store.keys.token(key), *_BOOKKEEPING)
-            replies = pipe.execute()
+                pipe.hmget(self.store.keys.token(key), *_Fields._fields)
+            books = [_Fields(*values) for values in pipe.execute()]
         now = self.store.clock()
         return [
             key
-            for key, values in zip(keys, replies, strict=True)
-            if values[0] is not None  # no hash: an app's request to the workers, or gone
-            and batchable(
-                Bookkeeping.of({name.encode(): v for name, v in zip(_BOOKKEEPING, values, strict=True) if v}),
-                int(values[0]),
-                self.store.refresh_before,
-                now,
-            )
+            for key, book in zip(keys, books, strict=True)
+            if book.expires is not None  # no hash: an app's request to the workers, or gone
+            and batchable(book.parsed(), int(book.expires), self.store.refresh_before, now)
         ]
 
     def _unseen(self, want: int) -> list[TokenKey]:

@@ -19,8 +19,9 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import cast
+from typing import NamedTuple, cast
 
+from redis.client import Pipeline
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
@@ -28,6 +29,7 @@ from rq.serializers import JSONSerializer
 from tokencache.constants import DEAD_AFTER, REPAIR_GRACE, REPAIR_SCAN
 from tokencache.core.connection import redis_errors
 from tokencache.core.locks import Lock
+from tokencache.core.pipeline import per_entry
 from tokencache.core.queue import job_refresh_before
 from tokencache.keys import TokenKey
 from tokencache.outcomes import Verdict
@@ -78,10 +80,32 @@ def _parse_members(
     return parsed, junk
 
 
+class _Fields(NamedTuple):
+    """The token hash's fields repair reads, by HMGET in this order (named as in the hash)."""
+
+    refresh_at: bytes | None
+    gave_up_at: bytes | None
+
+
+class _Lookups(NamedTuple):
+    """What repair reads about one due entry: one reply per command of :meth:`queue`, in its order."""
+
+    fields: list[bytes | None]
+    wanted: int
+    lock_held: int
+    scheduled_at: float | None
+
+    @staticmethod
+    def queue(pipe: Pipeline, store: TokenStore, key: TokenKey) -> None:
+        pipe.hmget(store.keys.token(key), *_Fields._fields)
+        pipe.exists(store.keys.want(key))
+        pipe.exists(store.keys.lock(key))
+        pipe.zscore(store.refresh_queue.scheduled.key, store.keys.job_id(key))
+
+
 def _due_entries(store: TokenStore, now: float) -> tuple[list[_Entry], list[bytes]]:
     """The due index entries with what repair needs to judge them, and the junk members found."""
     horizon = now + store.refresh_before - REPAIR_GRACE
-    scheduled_key = store.refresh_queue.scheduled.key
     with redis_errors(store.redis):
         members = cast(
             list[tuple[bytes, float]],
@@ -90,27 +114,28 @@ def _due_entries(store: TokenStore, now: float) -> tuple[list[_Entry], list[byte
         entries, junk = _parse_members(store, members)
         with store.redis.pipeline(transaction=False) as pipe:
             for key, _ in entries:
-                pipe.hmget(store.keys.token(key), "refresh_at", "gave_up_at")
-                pipe.exists(store.keys.want(key))
-                pipe.exists(store.keys.lock(key))
-                pipe.zscore(scheduled_key, store.keys.job_id(key))
-            flags = pipe.execute()
+                _Lookups.queue(pipe, store, key)
+            lookups = per_entry(_Lookups, pipe.execute())
         jobs = _fetch_jobs(store, [store.keys.job_id(key) for key, _ in entries])
-    per = 4  # replies per entry in the pipeline above
     due = [
-        _Entry(
-            key,
-            expires,
-            refresh_at=_number(flags[per * i][0]),
-            gave_up=flags[per * i][1] is not None,
-            wanted=bool(flags[per * i + 1]),
-            lock_held=bool(flags[per * i + 2]),
-            scheduled_at=flags[per * i + 3],
-            job=jobs[i],
-        )
-        for i, (key, expires) in enumerate(entries)
+        _entry(key, expires, found, job)
+        for (key, expires), found, job in zip(entries, lookups, jobs, strict=True)
     ]
     return due, junk
+
+
+def _entry(key: TokenKey, expires: float, found: _Lookups, job: Job | None) -> _Entry:
+    fields = _Fields(*found.fields)
+    return _Entry(
+        key,
+        expires,
+        refresh_at=_number(fields.refresh_at),
+        gave_up=fields.gave_up_at is not None,
+        wanted=bool(found.wanted),
+        lock_held=bool(found.lock_held),
+        scheduled_at=found.scheduled_at,
+        job=job,
+    )
 
 
 def _number(raw: bytes | None) -> float | None:
