@@ -27,7 +27,7 @@ from tokencache.keys import Keys, TokenKey, parse_info
 from tokencache.store.nearcache import NearCache
 from tokencache.store.reads import KeyMemo, TokenMemo
 from tokencache.token import Token
-from tokencache.validate import check_refresh_before
+from tokencache.validate import check_flag, check_refresh_before
 
 __all__ = ["Clock", "Raw", "StoreCore", "TokenRecord"]
 
@@ -185,9 +185,8 @@ class StoreCore:
 
     def start_near_cache(self, client: Redis | AsyncRedis, near_cache: object) -> None:
         """Give this store a near cache on ``client``'s server if ``near_cache`` is True."""
-        if not isinstance(near_cache, bool):
-            raise TypeError(f"near_cache must be True or False, not {type(near_cache).__name__}")
-        self.near_cache = NearCache(client, self.keys.token_prefix) if near_cache else None
+        enabled = check_flag("near_cache", near_cache)
+        self.near_cache = NearCache(client, self.keys.token_prefix) if enabled else None
 
     def _forget(self, key: TokenKey) -> None:
         """Drop ``key`` from the near cache at once: this process reads its own writes."""
