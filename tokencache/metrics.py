@@ -3,8 +3,9 @@
 Worker side (``tokencache worker --metrics-port 9108`` serves them, with the scrape-time gauges of
 :mod:`tokencache.worker.scrape`):
 
-- ``tokencache_refreshes_total{outcome}`` (counter): refresh-job runs by outcome: refreshed,
-  not due, busy, failed, gave up, deleted, crashed; and ``batched``: tokens refreshed by another
+- ``tokencache_refreshes_total{outcome}`` (counter): refresh-job runs by outcome (the
+  :attr:`~tokencache.outcomes.Outcome.label` of each): ``refreshed``, ``not_due``, ``busy``,
+  ``failed``, ``gave_up``, ``deleted``, ``crashed``; and ``batched``: tokens refreshed by another
   token's job (see :mod:`tokencache.worker.batch`);
 - ``tokencache_refresh_lateness_seconds`` (histogram): when a refresh ran minus when it was due;
 - ``tokencache_endpoint_latency_seconds{result}`` (histogram): token requests to Google, ok/error;
@@ -37,6 +38,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from tokencache.outcomes import Outcome
 
 if TYPE_CHECKING:
     from prometheus_client import Counter, Histogram
@@ -105,9 +108,10 @@ def _create() -> _Metrics:
     )
 
 
-def record_refresh(outcome: str, lateness: float | None = None) -> None:
+def record_refresh(outcome: Outcome, lateness: float | None = None) -> None:
+    """Count one refresh run under its outcome's label, with its lateness if it refreshed a due token."""
     metrics = _get()
-    metrics.refreshes.labels(outcome).inc()
+    metrics.refreshes.labels(outcome.label).inc()
     if lateness is not None:
         metrics.lateness.observe(max(0.0, lateness))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["check_name", "check_refresh_before", "check_scopes", "check_timeout"]
+__all__ = ["check_count", "check_flag", "check_name", "check_refresh_before", "check_scopes", "check_timeout"]
 
 
 def check_refresh_before(value: object) -> int:
@@ -27,6 +27,22 @@ def check_timeout(timeout: object) -> float:
     if not timeout > 0:
         raise ValueError(f"timeout must be positive, got {timeout}")
     return float(timeout)
+
+
+def check_count(name: str, value: object) -> int:
+    """A number of things to start (``num_workers``): a whole number, at least 1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a whole number (int), not {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+    return value
+
+
+def check_flag(name: str, value: object) -> bool:
+    """An on/off option (``near_cache``): True or False, not merely truthy."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, not {type(value).__name__}")
+    return value
 
 
 def check_name(name: str, value: object) -> str | None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
-from tokencache.core.locks import RELEASE_SCRIPT
+from tokencache.core import scripts
 
 __all__ = ["Lock"]
 
@@ -31,4 +31,4 @@ class Lock:
 
     async def release(self) -> bool:
         """Give the lock back if we still hold it; True if it was ours."""
-        return bool(await self.redis.eval(RELEASE_SCRIPT, 1, self.name, self.owner))
+        return bool(await scripts.RELEASE.on_async(self.redis)(keys=[self.name], args=[self.owner]))

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
+from redis.client import Pipeline
 from rq import Worker
 from rq.exceptions import DeserializationError
 from rq.job import Job
@@ -21,6 +22,7 @@ from rq.serializers import JSONSerializer
 
 from tokencache.constants import FORGET_POOL, POOL_TTL
 from tokencache.core.connection import redis_errors
+from tokencache.core.pipeline import per_entry
 from tokencache.core.queue import job_target
 from tokencache.keys import TokenKey
 from tokencache.store.tokenstore import TokenStore
@@ -98,6 +100,18 @@ def _target(store: TokenStore, job: Job | None) -> TokenKey | None:
     return key if namespace == store.keys.namespace else None
 
 
+class _Still(NamedTuple):
+    """Whether a failed job's token still matters: one reply per command of :meth:`queue`, in its order."""
+
+    indexed_at: float | None
+    wanted: int
+
+    @staticmethod
+    def queue(pipe: Pipeline, store: TokenStore, key: TokenKey) -> None:
+        pipe.zscore(store.keys.index, store.keys.token(key))
+        pipe.exists(store.keys.want(key))
+
+
 def _failed_that_matter(store: TokenStore) -> int:
     """Failed refresh jobs of tokens still cached or wanted (an old typo's job does not count)."""
     registry = FailedJobRegistry(queue=store.refresh_queue.queue)
@@ -105,10 +119,9 @@ def _failed_that_matter(store: TokenStore) -> int:
     keys = [key for key in (_target(store, job) for job in jobs) if key is not None]
     with store.redis.pipeline(transaction=False) as pipe:
         for key in keys:
-            pipe.zscore(store.keys.index, store.keys.token(key))
-            pipe.exists(store.keys.want(key))
-        replies = pipe.execute()
-    return sum(1 for i in range(len(keys)) if replies[2 * i] is not None or replies[2 * i + 1])
+            _Still.queue(pipe, store, key)
+        still = per_entry(_Still, pipe.execute())
+    return sum(1 for token in still if token.indexed_at is not None or token.wanted)
 
 
 def check(store: TokenStore, redis_url: str) -> Health:

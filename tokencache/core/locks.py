@@ -1,7 +1,8 @@
 """Single-flight locks: ``SET NX PX`` with an owner value, released by compare-and-delete.
 
 The owner value makes release safe: a holder whose lock already expired (and
-was taken by someone else) cannot delete the new holder's lock.
+was taken by someone else) cannot delete the new holder's lock. Release and
+extend are Lua scripts of :mod:`tokencache.core.scripts`.
 """
 
 from __future__ import annotations
@@ -12,22 +13,9 @@ from dataclasses import dataclass, field
 
 from redis import Redis
 
+from tokencache.core import scripts
+
 __all__ = ["Lock", "acquire_each"]
-
-
-RELEASE_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
-EXTEND_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
 
 
 @dataclass
@@ -45,7 +33,7 @@ class Lock:
 
     def extend(self) -> bool:
         """Give the lock its whole ``ttl`` again if we still hold it; True if it was ours."""
-        return bool(self.redis.eval(EXTEND_SCRIPT, 1, self.name, self.owner, self._ttl_ms))
+        return bool(scripts.EXTEND(self.redis, [self.name], [self.owner, self._ttl_ms]))
 
     @property
     def _ttl_ms(self) -> int:
@@ -53,7 +41,7 @@ class Lock:
 
     def release(self) -> bool:
         """Give the lock back if we still hold it; True if it was ours."""
-        return bool(self.redis.eval(RELEASE_SCRIPT, 1, self.name, self.owner))
+        return bool(scripts.RELEASE(self.redis, [self.name], [self.owner]))
 
     def held(self) -> bool:
         """Whether anybody holds the lock right now."""

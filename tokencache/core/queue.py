@@ -32,6 +32,7 @@ from rq.registry import ScheduledJobRegistry
 from rq.serializers import JSONSerializer
 
 from tokencache.constants import JOB_FAILURE_TTL, JOB_TIMEOUT
+from tokencache.core.pipeline import Pipeline
 from tokencache.keys import Keys, TokenKey, parse_job_id
 
 __all__ = ["RefreshJob", "RefreshQueue", "job_refresh_before", "job_target", "repeat_current_job"]
@@ -96,9 +97,11 @@ class RefreshJob(Job):
             and not (name == "meta" and not self.meta)
         }
 
-    def save(self, pipeline: Any = None, include_meta: bool = True, include_result: bool = True) -> None:
-        connection: Any = pipeline if pipeline is not None else self.connection
-        mapping = self.to_dict(include_meta=include_meta, include_result=include_result)
+    def save(
+        self, pipeline: Pipeline | None = None, include_meta: bool = True, include_result: bool = True
+    ) -> None:
+        connection: Pipeline | Redis = pipeline if pipeline is not None else self.connection
+        mapping: dict[Any, Any] = self.to_dict(include_meta=include_meta, include_result=include_result)
         stale = [name for name in self.CLEARED if name not in mapping and (include_meta or name != "meta")]
         connection.hdel(self.key, *stale)
         connection.hset(self.key, mapping=mapping)
@@ -119,7 +122,7 @@ class RefreshQueue:
         self.queue = Queue(name, connection=connection, serializer=JSONSerializer, job_class=RefreshJob)
         self.scheduled = ScheduledJobRegistry(queue=self.queue)
 
-    def _job(self, pipe: Any, key: TokenKey, refresh_before: int, status: JobStatus) -> Job:
+    def _job(self, pipe: Pipeline, key: TokenKey, refresh_before: int, status: JobStatus) -> Job:
         """The token's job (its id names the token; its one argument is ``refresh_before``).
 
         A :class:`RefreshJob`: saving it in ``pipe`` also clears the fields it leaves out."""
@@ -135,19 +138,19 @@ class RefreshQueue:
         )
         return job
 
-    def schedule(self, pipe: Any, key: TokenKey, refresh_before: int, at: datetime) -> Job:
+    def schedule(self, pipe: Pipeline, key: TokenKey, refresh_before: int, at: datetime) -> Job:
         """Add (or move) the token's one refresh job to ``at`` inside ``pipe``'s transaction."""
         job = self._job(pipe, key, refresh_before, JobStatus.SCHEDULED)
-        return self.queue.schedule_job(job, at.astimezone(UTC), pipeline=pipe)
+        return self.queue.schedule_job(job, at.astimezone(UTC), pipeline=_for_rq(pipe))
 
-    def cancel(self, pipe: Any, key: TokenKey) -> None:
+    def cancel(self, pipe: Pipeline, key: TokenKey) -> None:
         """Remove the token's refresh job from the schedule and the queue, inside ``pipe``."""
         job_id = self.keys.job_id(key)
         pipe.zrem(self.scheduled.key, job_id)
         pipe.lrem(self.queue.key, 0, job_id)
         pipe.delete(Job.key_for(job_id))
 
-    def move_scheduled(self, pipe: Any, key: TokenKey, at: int) -> None:
+    def move_scheduled(self, pipe: Pipeline, key: TokenKey, at: int) -> None:
         """Move the token's job to ``at`` (Unix seconds) inside ``pipe``, if it waits in RQ's schedule.
 
         ``ZADD XX`` touches only a job that is still scheduled: one the scheduler already queued, or a
@@ -155,12 +158,12 @@ class RefreshQueue:
         """
         pipe.zadd(self.scheduled.key, {self.keys.job_id(key): at}, xx=True)
 
-    def enqueue_into(self, pipe: Any, key: TokenKey, refresh_before: int) -> Job:
+    def enqueue_into(self, pipe: Pipeline, key: TokenKey, refresh_before: int) -> Job:
         """Put the token's refresh job on the queue now, bypassing the scheduler, inside ``pipe``'s MULTI."""
         job = self._job(pipe, key, refresh_before, JobStatus.QUEUED)
         pipe.zrem(self.scheduled.key, job.id)
         pipe.lrem(self.queue.key, 0, job.id)
-        return self.queue.enqueue_job(job, pipeline=pipe)
+        return self.queue.enqueue_job(job, pipeline=_for_rq(pipe))
 
     def enqueue(self, key: TokenKey, refresh_before: int) -> Job:
         """:meth:`enqueue_into` a transaction of its own (repair, for_scope without credentials)."""
@@ -169,6 +172,12 @@ class RefreshQueue:
             job = self.enqueue_into(pipe, key, refresh_before)
             pipe.execute()
         return job
+
+
+def _for_rq(pipe: Pipeline) -> Any:
+    """``pipe`` as RQ's ``pipeline=`` argument: RQ types it ``redis.client.Pipeline``, but it only
+    calls what :class:`Pipeline` names on it (the asyncio store passes a recorder), hence Any."""
+    return pipe
 
 
 def job_target(job: Job) -> tuple[str, TokenKey]:

@@ -27,6 +27,7 @@ from rq.job import Job
 from tokencache import env, metrics
 from tokencache.constants import ERROR_TTL, EXPIRY_SKEW, FLEET_POLL, INDEX_PAGE
 from tokencache.core.notify import error_message, ok_message, parse
+from tokencache.core.pipeline import Pipeline
 from tokencache.core.queue import RefreshQueue, utc
 from tokencache.core.record import Bookkeeping, MalformedRecord, from_fields, to_fields
 from tokencache.core.sources import Sources, default_sources
@@ -35,7 +36,7 @@ from tokencache.keys import DEFAULT_ACCOUNT, Keys, TokenKey, parse_info
 from tokencache.store.nearcache import NearCache
 from tokencache.store.reads import KeyMemo, TokenMemo
 from tokencache.token import Freshness, Token
-from tokencache.validate import check_refresh_before
+from tokencache.validate import check_flag, check_refresh_before
 
 __all__ = [
     "REPORTED",
@@ -136,7 +137,7 @@ class StoreCore:
             due = max(due, now + (token.expires - now) // 2)
         return max(due, now)
 
-    def write_commands(self, pipe: Any, key: TokenKey, token: Token, *, fetched: bool) -> Job:
+    def write_commands(self, pipe: Pipeline, key: TokenKey, token: Token, *, fetched: bool) -> Job:
         """Queue the commands of a store into ``pipe``: hash, TTL, index entry, refresh job, wake-up."""
         now = int(self.clock())
         refresh_at = self.due_at(token, fetched=fetched)
@@ -151,7 +152,7 @@ class StoreCore:
         pipe.publish(self.keys.channel(key), ok_message())
         return job
 
-    def failure_commands(self, pipe: Any, key: TokenKey, message: str, *, gave_up: bool) -> None:
+    def failure_commands(self, pipe: Pipeline, key: TokenKey, message: str, *, gave_up: bool) -> None:
         """Queue what tells the fleet a fetch failed: the error (kept for late waiters) and the wake-up.
 
         The error is kept :data:`ERROR_TTL` seconds. A refresh that gave up also withdraws the apps'
@@ -162,7 +163,7 @@ class StoreCore:
             pipe.delete(self.keys.want(key))
         pipe.publish(self.keys.channel(key), error_message(message))
 
-    def ask_workers_commands(self, pipe: Any, key: TokenKey) -> None:
+    def ask_workers_commands(self, pipe: Pipeline, key: TokenKey) -> None:
         """Queue a request for an immediate refresh by the worker pool (inside a MULTI).
 
         The index placeholder (score 0) tells the refresh job the token is wanted; it goes in the
@@ -171,7 +172,7 @@ class StoreCore:
         pipe.zadd(self.keys.index, {self.keys.token(key): 0}, nx=True)
         self.refresh_queue.enqueue_into(pipe, key, self.refresh_before)
 
-    def delete_commands(self, pipe: Any, key: TokenKey) -> None:
+    def delete_commands(self, pipe: Pipeline, key: TokenKey) -> None:
         """Queue the commands of a delete into ``pipe``: hash, index entry, refresh job."""
         redis_key = self.keys.token(key)
         pipe.delete(redis_key)
@@ -244,9 +245,8 @@ class StoreCore:
 
     def start_near_cache(self, client: Redis | AsyncRedis, near_cache: object) -> None:
         """Give this store a near cache on ``client``'s server if ``near_cache`` is True."""
-        if not isinstance(near_cache, bool):
-            raise TypeError(f"near_cache must be True or False, not {type(near_cache).__name__}")
-        self.near_cache = NearCache(client, self.keys.token_prefix) if near_cache else None
+        enabled = check_flag("near_cache", near_cache)
+        self.near_cache = NearCache(client, self.keys.token_prefix) if enabled else None
 
     def _forget(self, key: TokenKey) -> None:
         """Drop ``key`` from the near cache at once: this process reads its own writes."""

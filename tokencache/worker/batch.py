@@ -41,7 +41,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import cast
+from typing import NamedTuple, cast
 
 from tokencache import metrics
 from tokencache.constants import (
@@ -57,6 +57,7 @@ from tokencache.core.locks import Lock, acquire_each
 from tokencache.core.record import Bookkeeping
 from tokencache.errors import ConfigurationError, RefreshError
 from tokencache.keys import TokenKey
+from tokencache.outcomes import Outcome
 from tokencache.store.core import TokenRecord
 from tokencache.store.tokenstore import TokenStore
 from tokencache.token import Token
@@ -71,7 +72,16 @@ Fetch = Callable[[TokenKey, TokenRecord], Token]
 """How a member is fetched: what its own refresh job would do (raises RefreshError/ConfigurationError)."""
 
 
-_BOOKKEEPING = ("expires", "refresh_at", "refreshed_at", "failures")
+class _Fields(NamedTuple):
+    """The token hash's fields a batch reads before claiming: HMGET in this order, named as in the hash."""
+
+    expires: bytes | None
+    refresh_at: bytes | None
+    refreshed_at: bytes | None
+    failures: bytes | None
+
+    def parsed(self) -> Bookkeeping:
+        return Bookkeeping.of({name.encode(): value for name, value in self._asdict().items() if value})
 
 
 def batchable(book: Bookkeeping, expires: int, refresh_before: int, now: float) -> bool:
@@ -126,13 +136,13 @@ class _Candidates:
                 self._claim_more()
             return self._claims.popleft() if self._claims else None
 
-    def done(self, outcome: str) -> None:
+    def done(self, outcome: Outcome) -> None:
         with self._lock:
-            self._gone += outcome in ("refreshed", "deleted")
-            if outcome == "failed":
+            self._gone += outcome in (Outcome.REFRESHED, Outcome.DELETED)
+            if outcome is Outcome.FAILED:
                 self._failures_in_a_row += 1
                 self.stopped = self.stopped or self._failures_in_a_row >= STOP_AFTER_FAILURES
-            elif outcome == "refreshed":
+            elif outcome is Outcome.REFRESHED:
                 self._failures_in_a_row = 0
 
     def stop(self) -> None:
@@ -173,19 +183,14 @@ class _Candidates:
         that are not due are not locked (their own jobs would find them busy); re-checked once locked."""
         with self.store.redis.pipeline(transaction=False) as pipe:
             for key in keys:
-                pipe.hmget(self.store.keys.token(key), *_BOOKKEEPING)
-            replies = pipe.execute()
+                pipe.hmget(self.store.keys.token(key), *_Fields._fields)
+            books = [_Fields(*values) for values in pipe.execute()]
         now = self.store.clock()
         return [
             key
-            for key, values in zip(keys, replies, strict=True)
-            if values[0] is not None  # no hash: an app's request to the workers, or gone
-            and batchable(
-                Bookkeeping.of({name.encode(): v for name, v in zip(_BOOKKEEPING, values, strict=True) if v}),
-                int(values[0]),
-                self.store.refresh_before,
-                now,
-            )
+            for key, book in zip(keys, books, strict=True)
+            if book.expires is not None  # no hash: an app's request to the workers, or gone
+            and batchable(book.parsed(), int(book.expires), self.store.refresh_before, now)
         ]
 
     def _unseen(self, want: int) -> list[TokenKey]:
@@ -220,7 +225,7 @@ class _Batch:
         self.store = store
         self.fetch = fetch
         self.candidates = candidates
-        self.outcomes: Counter[str] = Counter()
+        self.outcomes: Counter[Outcome] = Counter()
         self._count = threading.Lock()
 
     def drain(self) -> None:
@@ -235,39 +240,39 @@ class _Batch:
             log.exception("a batched refresh crashed; stopping the batch")
             self.candidates.stop()
             with self._count:
-                self.outcomes["crashed"] += 1
+                self.outcomes[Outcome.CRASHED] += 1
 
-    def refresh_claimed(self, claim: _Claim) -> str:
+    def refresh_claimed(self, claim: _Claim) -> Outcome:
         """Refresh the claimed token if it is due within the look-ahead; the outcome. Releases the claim."""
         try:
             if time.monotonic() - claim.at > FRESH_CLAIM and not claim.lock.extend():
-                return "busy"  # the claim lapsed, and someone else may hold the lock now
+                return Outcome.BUSY  # the claim lapsed, and someone else may hold the lock now
             current = self.store.record(claim.key)
             if current is None or not batchable(
                 current.bookkeeping, current.token.expires, self.store.refresh_before, self.store.clock()
             ):
-                return "skipped"
+                return Outcome.SKIPPED
             return self._fetch_and_write(claim.key, current)
         finally:
             claim.lock.release()
 
-    def _fetch_and_write(self, key: TokenKey, current: TokenRecord) -> str:
+    def _fetch_and_write(self, key: TokenKey, current: TokenRecord) -> Outcome:
         try:
             token = self.fetch(key, current)
         except ConfigurationError as e:
             log.debug("batch skips %s: %s", key.encode(), e)  # its own job reports it
-            return "skipped"
+            return Outcome.SKIPPED
         except RefreshError as e:
             record_failure(self.store, key, str(e))
             log.warning("batched refresh of %s failed: %s; its own job retries", key.encode(), e)
-            return "failed"
+            return Outcome.FAILED
         if not replace_if_indexed(self.store, key, token, move_job=True):
-            return "deleted"
-        metrics.record_refresh("batched")
-        return "refreshed"
+            return Outcome.DELETED
+        metrics.record_refresh(Outcome.BATCHED)
+        return Outcome.REFRESHED
 
 
-def refresh_due(store: TokenStore, fetch: Fetch, exclude: TokenKey, threads: int) -> Counter[str]:
+def refresh_due(store: TokenStore, fetch: Fetch, exclude: TokenKey, threads: int) -> Counter[Outcome]:
     """Refresh the tokens other than ``exclude`` that come due within :data:`LOOKAHEAD`, ``threads`` at a
     time; counts the outcomes (refreshed, skipped, busy, failed, deleted, crashed, held elsewhere)."""
     if threads < 1:
@@ -282,7 +287,7 @@ def refresh_due(store: TokenStore, fetch: Fetch, exclude: TokenKey, threads: int
                     pool.submit(batch.drain)
     finally:
         candidates.release_claims()
-    batch.outcomes["held elsewhere"] += candidates.held_elsewhere
+    batch.outcomes[Outcome.HELD_ELSEWHERE] += candidates.held_elsewhere
     if batch.outcomes.total():
         log.info(
             "batch after %s: %s in %.1fs",

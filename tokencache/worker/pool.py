@@ -36,6 +36,7 @@ from tokencache.core.queue import RefreshJob
 from tokencache.core.sources import default_sources
 from tokencache.errors import TokenCacheError
 from tokencache.store.tokenstore import TokenStore
+from tokencache.validate import check_count
 from tokencache.worker.repair import repair_if_leader
 from tokencache.worker.scrape import serve_worker_metrics
 
@@ -133,8 +134,7 @@ def run_pool(
     metrics_port: int | None = None,
 ) -> None:
     """Run the pool in the foreground until SIGTERM/SIGINT (or until idle with ``burst``)."""
-    if num_workers < 1:
-        raise ValueError(f"num_workers must be at least 1, got {num_workers}")
+    num_workers = check_count("num_workers", num_workers)
     _check_redis(store.redis)
     accounts = default_sources().accounts()  # fail fast on a broken TOKENCACHE_CREDENTIALS
     env.refresh_batch()  # and on a bad TOKENCACHE_REFRESH_BATCH, which every refresh job reads

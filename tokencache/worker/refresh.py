@@ -38,6 +38,7 @@ from tokencache.core.queue import RefreshJob, job_target, repeat_current_job
 from tokencache.core.sources import Sources, default_sources
 from tokencache.errors import ConfigurationError, RefreshError
 from tokencache.keys import DEFAULT_ACCOUNT, TokenKey
+from tokencache.outcomes import Outcome
 from tokencache.store.core import TokenRecord
 from tokencache.store.tokenstore import TokenStore
 from tokencache.token import Token, mask
@@ -76,34 +77,34 @@ class Refresher:
     lateness: float | None = None
     """How late this run came after the token's refresh was due (for the lateness metric)."""
 
-    def run(self) -> tuple[str, float | None]:
+    def run(self) -> tuple[Outcome, float | None]:
         if not self.store.indexed(self.key):
-            return "deleted", None
+            return Outcome.DELETED, None
         lock = Lock(self.store.redis, self.store.keys.lock(self.key), LOCK_TTL, owner=self.owner)
         if not lock.acquire():
-            return "busy", BUSY_RETRY
+            return Outcome.BUSY, BUSY_RETRY
         try:
             return self._locked()
         finally:
             lock.release()
 
-    def _locked(self) -> tuple[str, float | None]:
+    def _locked(self) -> tuple[Outcome, float | None]:
         current = self.store.record(self.key)
         now = self.store.clock()
         if current is not None and current.token.expires_in(now) > EXPIRY_SKEW:
             due = current.bookkeeping.refresh_at or current.token.expires - self.store.refresh_before
             if now < due - EARLY_RUN:
-                return "not due", due - now
+                return Outcome.NOT_DUE, due - now
             self.lateness = now - due
         try:
             token = self.fetch(current)
         except (RefreshError, ConfigurationError) as e:
             return self._failed(current, e)
         if not replace_if_indexed(self.store, self.key, token):
-            return "deleted", None
+            return Outcome.DELETED, None
         self.failures = 0
         log.info("refreshed %s: %s, expires in %ds", self.key.encode(), mask(token.token), token.expires_in())
-        return "refreshed", max(MIN_DELAY, self.store.due_at(token, fetched=True) - self.store.clock())
+        return Outcome.REFRESHED, max(MIN_DELAY, self.store.due_at(token, fetched=True) - self.store.clock())
 
     def fetch(self, current: TokenRecord | None) -> Token:
         """A new token from the key's source (RefreshError if it lives too short to be worth storing)."""
@@ -120,13 +121,13 @@ class Refresher:
             return current.token.account
         return None if self.key.account == DEFAULT_ACCOUNT else self.key.account
 
-    def _failed(self, current: TokenRecord | None, error: Exception) -> tuple[str, float]:
+    def _failed(self, current: TokenRecord | None, error: Exception) -> tuple[Outcome, float]:
         self.failures += 1
         left = current.token.expires_in(self.store.clock()) if current is not None else 0.0
         hopeless = isinstance(error, ConfigurationError)
         if hopeless or (left <= EXPIRY_SKEW and self.failures >= GIVE_UP_AFTER):
             record_failure(self.store, self.key, str(error), gave_up=True)
-            metrics.record_refresh("gave_up")
+            metrics.record_refresh(Outcome.GAVE_UP)
             log.error("refresh of %s failed %d times, giving up: %s", self.key.encode(), self.failures, error)
             raise error
         record_failure(self.store, self.key, str(error))
@@ -140,7 +141,7 @@ class Refresher:
             mask(current.token.token) if current else "-",
             left,
         )
-        return "failed", delay
+        return Outcome.FAILED, delay
 
 
 def _remember_failures(job: Job, failures: int) -> None:
@@ -166,7 +167,7 @@ def refresh(refresh_before: int, **old_format: object) -> str:
     store = TokenStore(job.connection, namespace=namespace, refresh_before=refresh_before, queue=job.origin)
     if old_format:
         store.refresh_queue.enqueue(key, refresh_before)
-        return "handed over"
+        return Outcome.HANDED_OVER.value
     refresher = Refresher(
         store, key, default_sources(), owner=job.id, failures=int(job.meta.get("failures", 0))
     )
@@ -177,15 +178,15 @@ def refresh(refresh_before: int, **old_format: object) -> str:
     except Exception:
         # Anything else (Redis failing over mid-write, a bug) must not end the refresh chain.
         refresher.failures += 1
-        outcome, delay = "crashed", backoff(refresher.failures, 0.0)
+        outcome, delay = Outcome.CRASHED, backoff(refresher.failures, 0.0)
         log.exception("refresh of %s crashed; retrying in %.1fs", key.encode(), delay)
-    if outcome == "refreshed":
+    if outcome is Outcome.REFRESHED:
         _refresh_others(store, refresher)
-    metrics.record_refresh(outcome.replace(" ", "_"), refresher.lateness if outcome == "refreshed" else None)
+    metrics.record_refresh(outcome, refresher.lateness if outcome is Outcome.REFRESHED else None)
     _remember_failures(job, refresher.failures)
     if delay is not None:
         repeat_current_job(job, delay)
-    return outcome
+    return outcome.value  # a plain str whatever serializer RQ stores the result with
 
 
 def _refresh_others(store: TokenStore, refresher: Refresher) -> None:

@@ -19,8 +19,9 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import cast
+from typing import NamedTuple, cast
 
+from redis.client import Pipeline
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
@@ -28,8 +29,10 @@ from rq.serializers import JSONSerializer
 from tokencache.constants import DEAD_AFTER, REPAIR_GRACE, REPAIR_SCAN
 from tokencache.core.connection import redis_errors
 from tokencache.core.locks import Lock
+from tokencache.core.pipeline import per_entry
 from tokencache.core.queue import job_refresh_before
 from tokencache.keys import TokenKey
+from tokencache.outcomes import Verdict
 from tokencache.store.tokenstore import TokenStore
 
 __all__ = ["overdue", "repair", "repair_if_leader"]
@@ -77,10 +80,32 @@ def _parse_members(
     return parsed, junk
 
 
+class _Fields(NamedTuple):
+    """The token hash's fields repair reads, by HMGET in this order (named as in the hash)."""
+
+    refresh_at: bytes | None
+    gave_up_at: bytes | None
+
+
+class _Lookups(NamedTuple):
+    """What repair reads about one due entry: one reply per command of :meth:`queue`, in its order."""
+
+    fields: list[bytes | None]
+    wanted: int
+    lock_held: int
+    scheduled_at: float | None
+
+    @staticmethod
+    def queue(pipe: Pipeline, store: TokenStore, key: TokenKey) -> None:
+        pipe.hmget(store.keys.token(key), *_Fields._fields)
+        pipe.exists(store.keys.want(key))
+        pipe.exists(store.keys.lock(key))
+        pipe.zscore(store.refresh_queue.scheduled.key, store.keys.job_id(key))
+
+
 def _due_entries(store: TokenStore, now: float) -> tuple[list[_Entry], list[bytes]]:
     """The due index entries with what repair needs to judge them, and the junk members found."""
     horizon = now + store.refresh_before - REPAIR_GRACE
-    scheduled_key = store.refresh_queue.scheduled.key
     with redis_errors(store.redis):
         members = cast(
             list[tuple[bytes, float]],
@@ -89,27 +114,28 @@ def _due_entries(store: TokenStore, now: float) -> tuple[list[_Entry], list[byte
         entries, junk = _parse_members(store, members)
         with store.redis.pipeline(transaction=False) as pipe:
             for key, _ in entries:
-                pipe.hmget(store.keys.token(key), "refresh_at", "gave_up_at")
-                pipe.exists(store.keys.want(key))
-                pipe.exists(store.keys.lock(key))
-                pipe.zscore(scheduled_key, store.keys.job_id(key))
-            flags = pipe.execute()
+                _Lookups.queue(pipe, store, key)
+            lookups = per_entry(_Lookups, pipe.execute())
         jobs = _fetch_jobs(store, [store.keys.job_id(key) for key, _ in entries])
-    per = 4  # replies per entry in the pipeline above
     due = [
-        _Entry(
-            key,
-            expires,
-            refresh_at=_number(flags[per * i][0]),
-            gave_up=flags[per * i][1] is not None,
-            wanted=bool(flags[per * i + 1]),
-            lock_held=bool(flags[per * i + 2]),
-            scheduled_at=flags[per * i + 3],
-            job=jobs[i],
-        )
-        for i, (key, expires) in enumerate(entries)
+        _entry(key, expires, found, job)
+        for (key, expires), found, job in zip(entries, lookups, jobs, strict=True)
     ]
     return due, junk
+
+
+def _entry(key: TokenKey, expires: float, found: _Lookups, job: Job | None) -> _Entry:
+    fields = _Fields(*found.fields)
+    return _Entry(
+        key,
+        expires,
+        refresh_at=_number(fields.refresh_at),
+        gave_up=fields.gave_up_at is not None,
+        wanted=bool(found.wanted),
+        lock_held=bool(found.lock_held),
+        scheduled_at=found.scheduled_at,
+        job=job,
+    )
 
 
 def _number(raw: bytes | None) -> float | None:
@@ -127,36 +153,36 @@ def _started_ago(job: Job, now: float) -> float:
     return (datetime.fromtimestamp(now, UTC) - started).total_seconds()
 
 
-def _scheduled_verdict(entry: _Entry, now: float) -> str:
+def _scheduled_verdict(entry: _Entry, now: float) -> Verdict:
     if entry.scheduled_at is None or entry.scheduled_at <= now - REPAIR_GRACE:
-        return "enqueue"  # overdue in the schedule: no scheduler is moving it
+        return Verdict.ENQUEUE  # overdue in the schedule: no scheduler is moving it
     if entry.refresh_at is not None and now > entry.refresh_at + REPAIR_GRACE < entry.scheduled_at:
-        return "enqueue"  # scheduled after the token's own refresh time (a store() lost a race)
-    return "ok"
+        return Verdict.ENQUEUE  # scheduled after the token's own refresh time (a store() lost a race)
+    return Verdict.OK
 
 
-def _verdict(entry: _Entry, now: float) -> str:
-    """What to do with one overdue token: 'ok', 'enqueue' or 'drop'."""
+def _verdict(entry: _Entry, now: float) -> Verdict:
+    """What to do with one overdue token."""
     job = entry.job
     token_exists = entry.refresh_at is not None
     if job is None:
-        return "enqueue" if token_exists or entry.wanted or entry.expires >= now else "drop"
+        return Verdict.ENQUEUE if token_exists or entry.wanted or entry.expires >= now else Verdict.DROP
     status = job.get_status(refresh=False)
     if status == JobStatus.FAILED:
         # A refresh that gave up on purpose stays failed (RQ's failed registry says why, and giving
         # up withdraws the apps' request); one that crashed (a killed work-horse) is retried while the
         # token is cached or an app is waiting for it.
         if not token_exists:
-            return "enqueue" if entry.wanted else "drop"
-        return "ok" if entry.gave_up else "enqueue"
+            return Verdict.ENQUEUE if entry.wanted else Verdict.DROP
+        return Verdict.OK if entry.gave_up else Verdict.ENQUEUE
     if status == JobStatus.SCHEDULED:
         return _scheduled_verdict(entry, now)
     if status == JobStatus.QUEUED:
-        return "ok"
+        return Verdict.OK
     if status == JobStatus.STARTED:
         dead = not entry.lock_held and _started_ago(job, now) > DEAD_AFTER
-        return "enqueue" if dead else "ok"
-    return "enqueue"  # finished without a repeat, stopped, canceled
+        return Verdict.ENQUEUE if dead else Verdict.OK
+    return Verdict.ENQUEUE  # finished without a repeat, stopped, canceled
 
 
 def _enqueue(store: TokenStore, entry: _Entry) -> None:
@@ -173,13 +199,13 @@ def overdue(store: TokenStore) -> list[TokenKey]:
     """The tokens a repair pass would re-enqueue right now (for ``tokencache status``), changing nothing."""
     now = store.clock()
     due, _ = _due_entries(store, now)
-    return [entry.key for entry in due if _verdict(entry, now) == "enqueue"]
+    return [entry.key for entry in due if _verdict(entry, now) is Verdict.ENQUEUE]
 
 
-def repair(store: TokenStore) -> Counter[str]:
+def repair(store: TokenStore) -> Counter[Verdict]:
     """One repair pass over the overdue tokens of ``store``; counts what it did."""
     now = store.clock()
-    done: Counter[str] = Counter()
+    done: Counter[Verdict] = Counter()
     due, junk = _due_entries(store, now)
     for member in junk:
         log.warning("dropping %r from %s: not a token key", member, store.keys.index)
@@ -188,15 +214,15 @@ def repair(store: TokenStore) -> Counter[str]:
     for entry in due:
         verdict = _verdict(entry, now)
         done[verdict] += 1
-        if verdict == "enqueue":
+        if verdict is Verdict.ENQUEUE:
             _enqueue(store, entry)
-        elif verdict == "drop":
+        elif verdict is Verdict.DROP:
             with redis_errors(store.redis):
                 store.redis.zrem(store.keys.index, store.keys.token(entry.key))
     return done
 
 
-def repair_if_leader(store: TokenStore, interval: float) -> Counter[str] | None:
+def repair_if_leader(store: TokenStore, interval: float) -> Counter[Verdict] | None:
     """Run :func:`repair` unless another worker of the fleet did within ``interval`` seconds."""
     with redis_errors(store.redis):
         if not Lock(store.redis, store.keys.repair, interval).acquire():
