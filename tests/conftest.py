@@ -221,7 +221,7 @@ class Workers:
         """A pool of ``n`` workers; with ``wait``, ready: none of its processes can miss a SIGTERM."""
         pool = PoolProcess(self.redis_url, n, env=self.env(), args=args)
         self.pools.append(pool)
-        return pool.start(wait=wait)
+        return pool.start(wait=wait, timeout=30)
 
     def count(self, *, ready: bool = False) -> int:
         from rq import Worker

@@ -16,11 +16,11 @@ from rq.job import Job
 from rq.registry import ScheduledJobRegistry
 
 from tokencache import Token, TokenStore
+from tokencache.app.core import TokenRecord
 from tokencache.constants import LOOKAHEAD, STOP_AFTER_FAILURES
 from tokencache.core.locks import Lock, acquire_each
 from tokencache.errors import RefreshError, UnknownAccountError
 from tokencache.keys import TokenKey
-from tokencache.store.core import TokenRecord
 from tokencache.testing.emulator import Emulator
 from tokencache.worker.batch import refresh_due
 from tokencache.worker.repair import overdue

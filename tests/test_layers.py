@@ -4,7 +4,7 @@ The layers, lowest first (docs/design.md draws them):
 
     leaves    errors constants validate env token keys outcomes metrics
     core      tokencache.core      (connections, record, locks, scripts, the refresh queue, sources)
-    store     tokencache.store     (the sync app-side store and what its asyncio twin shares)
+    app       tokencache.app       (the sync app-side store and what its asyncio twin shares)
     aio | worker | adapters        (siblings: none imports another)
     testing   tokencache.testing
     cli       tokencache.cli
@@ -26,7 +26,7 @@ LEAVES = ("errors", "constants", "validate", "env", "token", "keys", "outcomes",
 RANKS: dict[str, int] = {
     **{f"tokencache.{leaf}": 0 for leaf in LEAVES},
     "tokencache.core": 1,
-    "tokencache.store": 2,
+    "tokencache.app": 2,
     "tokencache.aio": 3,
     "tokencache.worker": 3,
     "tokencache.adapters": 3,
@@ -67,8 +67,7 @@ def _import_nodes(tree: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
     """Every import statement at any depth, except those in ``if TYPE_CHECKING:`` bodies."""
     for node in ast.iter_child_nodes(tree):
         if isinstance(node, ast.If) and _is_type_checking(node):
-            for other in node.orelse:
-                yield from _import_nodes(other)
+            yield from _import_nodes(ast.Module(body=node.orelse, type_ignores=[]))  # the else runs
             continue
         if isinstance(node, ast.Import | ast.ImportFrom):
             yield node
@@ -93,11 +92,23 @@ def _resolve(module: str, node: ast.Import | ast.ImportFrom) -> Iterator[str]:
             yield base
 
 
+def _named_modules(tree: ast.AST) -> Iterator[str]:
+    """Submodules named by a whole string constant: what ``importlib.import_module`` or a lazy map loads.
+
+    Only dotted names count: ``"tokencache"`` alone is also the command's and the namespace's name.
+    """
+    for node in ast.walk(tree):
+        value = node.value if isinstance(node, ast.Constant) else None
+        if isinstance(value, str) and "." in value and value in MODULES:
+            yield value
+
+
 def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for module, path in MODULES.items():
         tree = ast.parse(path.read_text(), str(path))
         graph[module] = {target for node in _import_nodes(tree) for target in _resolve(module, node)}
+        graph[module] |= set(_named_modules(tree))
         graph[module].discard(module)
     return graph
 
@@ -148,11 +159,30 @@ def test_every_module_is_in_a_layer() -> None:
 def test_the_checks_catch_what_they_guard() -> None:
     """A planted cycle and a planted upward import are reported (the checks can fail)."""
     graph = import_graph()
-    graph["tokencache.keys"] = {*graph["tokencache.keys"], "tokencache.store.tokenstore"}
+    graph["tokencache.keys"] = {*graph["tokencache.keys"], "tokencache.app.tokenstore"}
     assert cycles(graph), "a leaf importing the store closes a cycle"
-    assert "tokencache.keys (tokencache.keys) imports tokencache.store.tokenstore (tokencache.store)" in (
+    assert "tokencache.keys (tokencache.keys) imports tokencache.app.tokenstore (tokencache.app)" in (
         layer_violations(graph)
     )
     graph = import_graph()
     graph["tokencache.worker.pool"] = {*graph["tokencache.worker.pool"], "tokencache.aio"}
     assert any("imports tokencache.aio" in v for v in layer_violations(graph)), "siblings stay apart"
+
+
+def test_no_public_name_shadows_a_submodule() -> None:
+    """``tokencache.store`` the function once hid a subpackage of that name: imports of it then failed."""
+    import tokencache
+
+    public = set(tokencache.__all__)
+    submodules = {name.split(".")[1] for name in MODULES if name.count(".") >= 1}
+    assert public & submodules == set()
+
+
+def test_else_of_type_checking_and_string_imports_count() -> None:
+    tree = ast.parse(
+        "if TYPE_CHECKING:\n    import tokencache.cli\nelse:\n    import tokencache.aio\n"
+        "importlib.import_module('tokencache.worker')\n"
+    )
+    seen = {t for node in _import_nodes(tree) for t in _resolve("tokencache.keys", node)}
+    assert seen == {"tokencache.aio"}
+    assert set(_named_modules(tree)) == {"tokencache.worker"}

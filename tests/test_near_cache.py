@@ -218,7 +218,7 @@ def test_tracking_refused_falls_back_to_redis(
     )
     try:
         url = redis_url.replace("redis://", "redis://nocache:pw@")
-        with caplog.at_level(logging.WARNING, logger="tokencache.store.nearcache"):
+        with caplog.at_level(logging.WARNING, logger="tokencache.app.nearcache"):
             store = TokenStore.from_url(url, namespace=NS, near_cache=True)
             try:
                 assert store.near_cache is not None and not store.near_cache.wait_active(0.5)
@@ -331,7 +331,7 @@ def test_refresh_by_a_worker_is_seen_within_50ms(store: TokenStore, workers: Wor
 
 def test_default_store_from_the_environment(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from tokencache import ConfigurationError
-    from tokencache.store.defaults import default_store, reset_default_store
+    from tokencache.app.defaults import default_store, reset_default_store
 
     monkeypatch.setenv("TOKENCACHE_REDIS_URL", redis_url)
     monkeypatch.setenv("TOKENCACHE_NEAR_CACHE", "1")
@@ -424,7 +424,7 @@ def test_a_store_dropped_without_close_stops_its_reader(redis_url: str) -> None:
 def test_a_paused_process_serves_nothing_until_its_reader_catches_up(
     near: TokenStore, writer: TokenStore
 ) -> None:
-    from tokencache.store import nearcache
+    from tokencache.app import nearcache
 
     cache = near.near_cache
     assert cache is not None

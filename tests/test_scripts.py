@@ -92,11 +92,11 @@ def test_scripts_run_by_sha_and_survive_a_script_flush(
     name: str, real_redis: Redis, redis_server: EmbeddedRedis
 ) -> None:
     run, expected = EXPECTED[name]
-    real_redis.script_flush()  # server started by this test
+    real_redis.script_flush()  # server started by this test session (the fixture's)
     evals, evalshas = calls(real_redis, "eval"), calls(real_redis, "evalsha")
     assert run(real_redis) == expected  # loaded on first use
     assert run(real_redis) == expected  # then by SHA1
-    real_redis.script_flush()  # server started by this test
+    real_redis.script_flush()  # server started by this test session (the fixture's)
     assert run(real_redis) == expected  # reloaded
     script = next(s for s in vars(scripts).values() if isinstance(s, LuaScript) and s.name == name)
     assert real_redis.script_exists(script.sha) == [True]
@@ -117,7 +117,7 @@ def test_the_async_handle_runs_by_sha(real_redis: Redis, redis_server: EmbeddedR
         finally:
             await client.aclose()
 
-    real_redis.script_flush()  # server started by this test
+    real_redis.script_flush()  # server started by this test session (the fixture's)
     evals = calls(real_redis, "eval")
     assert asyncio.run(release_twice()) == [0, 1]
     assert asyncio.run(release_twice()) == [0, 1]
@@ -143,7 +143,7 @@ def test_a_pipeline_whose_script_went_missing_runs_again(
         pipe.incr("tc-scripts:companion")
 
     real_redis.hset("tc-scripts:token", "token", "ya29.x")
-    real_redis.script_flush()  # server started by this test
+    real_redis.script_flush()  # server started by this test session (the fixture's)
     monkeypatch.setattr(Pipeline, "load_scripts", skip_once)
     assert scripts.run_pipeline(real_redis, queue, transaction=True) == [1, 2]
     assert skipped, "the first run went without loading"

@@ -16,10 +16,10 @@ from rq.registry import ScheduledJobRegistry
 
 import tokencache
 from tokencache import RedisUnavailableError, Token, TokenStore, aio
+from tokencache.app import core as store_core
+from tokencache.app.core import TokenRecord
 from tokencache.core.sources import Sources
 from tokencache.keys import parse_job_id
-from tokencache.store import core as store_core
-from tokencache.store.core import TokenRecord
 from tokencache.testing.emulator import Emulator
 
 from .conftest import AsyncFacade, async_client_like, wait_for

@@ -6,8 +6,9 @@ ahead of its expiry. See docs/design.md for the contract and README.md for use.
 
 from __future__ import annotations
 
-from tokencache.adapters.google_auth import Credentials
-from tokencache.adapters.requests_auth import BearerAuth
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from tokencache.errors import (
     ConfigurationError,
     FetchTimeoutError,
@@ -17,17 +18,51 @@ from tokencache.errors import (
     UnknownAccountError,
 )
 from tokencache.keys import TokenKey, normalize_scope
-from tokencache.store.defaults import (
-    default_store,
-    delete,
-    find,
-    for_scope,
-    reset_default_store,
-    store,
-    tokens,
-)
-from tokencache.store.tokenstore import TokenStore
 from tokencache.token import Freshness, Token, mask
+
+if TYPE_CHECKING:
+    from tokencache.adapters.google_auth import Credentials
+    from tokencache.adapters.requests_auth import BearerAuth
+    from tokencache.app.defaults import (
+        default_store,
+        delete,
+        find,
+        for_scope,
+        reset_default_store,
+        store,
+        tokens,
+    )
+    from tokencache.app.tokenstore import TokenStore
+
+_LAZY = {
+    "TokenStore": "tokencache.app.tokenstore",
+    "store": "tokencache.app.defaults",
+    "find": "tokencache.app.defaults",
+    "for_scope": "tokencache.app.defaults",
+    "delete": "tokencache.app.defaults",
+    "tokens": "tokencache.app.defaults",
+    "default_store": "tokencache.app.defaults",
+    "reset_default_store": "tokencache.app.defaults",
+    "Credentials": "tokencache.adapters.google_auth",
+    "BearerAuth": "tokencache.adapters.requests_auth",
+}
+"""Public names loaded on first use (redis, RQ, google-auth and requests come with them), so that
+importing a leaf such as ``tokencache.errors``, or the pytest plugin that pytest loads in every run,
+does not load the whole client."""
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tokencache' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once loaded, a plain module attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [  # noqa: RUF022 - grouped by purpose, as the reader meets them
     # the model

@@ -45,6 +45,13 @@ FLEET_POLL = 0.5
 """Seconds between a waiter's fallback looks at the cache (a bound, not the normal wake-up, which is
 the fetch's published message)."""
 
+SUBSCRIBE_WAIT = 1.0
+"""Longest wait for the confirmation of a waiter's SUBSCRIBE, so it listens before it looks."""
+
+ERROR_MESSAGE_LIMIT = 500
+"""Characters of a fetch error kept in Redis and published to waiters (an endpoint's error page is
+not worth more)."""
+
 ERROR_TTL = 2.0
 """Seconds a failed fetch's error is kept: waiters that subscribed after it was published still see
 it, and callers in that window fail at once instead of stampeding a failing endpoint."""
@@ -76,6 +83,10 @@ BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
 """The longest delay between retries of a failing refresh."""
 
+RETRY_FLOOR = 0.5
+"""The shortest delay before a failed refresh is retried, and how long before the current token's
+last usable second a retry is pulled in to land: the retry itself takes a moment."""
+
 GIVE_UP_AFTER = 5
 """Consecutive failures after which, with no valid token left, the job stops and fails in RQ."""
 
@@ -87,8 +98,10 @@ enough to gather a burst that comes due over a few seconds, short enough to cost
 token nothing that matters."""
 
 EARLY_SHARE = 0.1
-"""A token is batched at most this share of its own refresh interval early too, so short-lived
-tokens are not fetched more often for being batched."""
+"""A token is batched at most this share of its own refresh interval (``refresh_at -
+refreshed_at``) early too, so short-lived tokens are not fetched more often for being batched: one
+refreshed every 3 s may be batched 0.3 s early, one refreshed every hour the whole look-ahead. A
+token no worker has fetched yet (stored by an app: no ``refreshed_at``) is batched only once due."""
 
 BATCH_SECONDS = 20.0
 """A batch claims no new token after this long, so the job ends well inside :data:`JOB_TIMEOUT`."""
@@ -139,6 +152,10 @@ FORGET_POOL = 3600.0
 MAX_CONNECTIONS = 50
 """Connections one client opens at most; more concurrent calls wait for one to come free."""
 
+HEALTH_CHECK_INTERVAL = 30
+"""Seconds a pooled connection may sit idle before redis-py checks it with a PING on its next use
+(a connection cut while idle, by a failover or a firewall, is found before a command is lost on it)."""
+
 SOCKET_TIMEOUT = 5.0
 """Seconds before a Redis call gives up: long enough for a loaded server, short enough for a request."""
 
@@ -148,7 +165,7 @@ INDEX_PAGE = 500
 MEMO_LIMIT = 4096
 """Entries a key or token memo keeps before it starts over (a process reads far fewer distinct tokens)."""
 
-# -- the near cache (tokencache.store.nearcache) ----------------------------------------
+# -- the near cache (tokencache.app.nearcache) ----------------------------------------
 
 NEAR_MAX_ENTRIES = 10_000
 """Tokens one process keeps before it starts over (far more than a process uses)."""
@@ -161,6 +178,9 @@ PING_TIMEOUT = 2.0
 
 LEASE = PING_EVERY + PING_TIMEOUT
 """Seconds since the reader last heard from Redis after which entries are not served."""
+
+RETRY_MIN = 0.05
+"""First wait before re-establishing lost tracking; it doubles up to :data:`RETRY_MAX`."""
 
 RETRY_MAX = 5.0
 """Longest wait between attempts to re-establish tracking."""
@@ -198,7 +218,8 @@ INVARIANTS: dict[str, Callable[[], bool]] = {
         lambda: BATCH_SECONDS + FETCH_TIMEOUT + LOCK_TTL < JOB_TIMEOUT
     ),
     "a claimed lock still outlives the fetch it was claimed for": lambda: FRESH_CLAIM > 0,
-    "backoff starts below its cap": lambda: 0 < BACKOFF_BASE <= BACKOFF_CAP,
+    "backoff starts below its cap": lambda: 0 < RETRY_FLOOR <= BACKOFF_BASE <= BACKOFF_CAP,
+    "tracking is retried soon, then less often": lambda: 0 < RETRY_MIN < RETRY_MAX,
     "nothing reruns in a tight loop": lambda: MIN_DELAY > 0 and BUSY_RETRY > 0,
     "a graceful stop outlasts a running job": lambda: STOP_TIMEOUT > JOB_TIMEOUT,
     "a live pool beats several times per heartbeat lifetime": lambda: POOL_TTL >= 2 * REPAIR_INTERVAL,

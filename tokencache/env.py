@@ -27,7 +27,7 @@ QUEUE = "TOKENCACHE_QUEUE"
 """Name of the RQ queue that carries refresh jobs."""
 
 NEAR_CACHE = "TOKENCACHE_NEAR_CACHE"
-"""``1`` turns on the near cache of the default stores (see :mod:`tokencache.store.nearcache`)."""
+"""``1`` turns on the near cache of the default stores (see :mod:`tokencache.app.nearcache`)."""
 
 CREDENTIALS = "TOKENCACHE_CREDENTIALS"
 """Extra key files or folders of them (``os.pathsep``-separated), one account each."""

@@ -27,10 +27,10 @@ from collections.abc import Sequence
 import google.auth.credentials as ga
 import google.auth.exceptions
 
+from tokencache.app.defaults import default_store
+from tokencache.app.tokenstore import TokenStore
 from tokencache.constants import EXPIRY_SKEW, RECHECK
 from tokencache.errors import FetchTimeoutError, RedisUnavailableError, TokenCacheError
-from tokencache.store.defaults import default_store
-from tokencache.store.tokenstore import TokenStore
 from tokencache.validate import check_name, check_scopes, check_timeout
 
 __all__ = ["Credentials"]

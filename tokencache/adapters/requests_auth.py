@@ -12,9 +12,9 @@ from requests import PreparedRequest
 from requests.auth import AuthBase
 
 from tokencache.adapters.google_auth import check_store
+from tokencache.app.defaults import default_store
+from tokencache.app.tokenstore import TokenStore
 from tokencache.keys import TokenKey
-from tokencache.store.defaults import default_store
-from tokencache.store.tokenstore import TokenStore
 from tokencache.validate import check_timeout
 
 __all__ = ["BearerAuth"]

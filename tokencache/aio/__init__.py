@@ -11,11 +11,11 @@ one fleet share tokens and single-flight fetches::
     token = await aio.find(scope)          # a default store from the environment
     async for token in aio.tokens(): ...   # or: await aio.tokens() for a list
 
-The package mirrors :mod:`tokencache.store` file for file (``tokenstore``,
+The package mirrors :mod:`tokencache.app` file for file (``tokenstore``,
 ``fleet``, ``defaults``), as redis-py's ``redis.asyncio`` mirrors ``redis``: a
 diff of two twins shows little more than ``async`` and ``await``, because the
-decisions live in the I/O-free :mod:`tokencache.store.core` and
-:class:`tokencache.store.fleet.FleetFetchCore`. What has no sync twin has a
+decisions live in the I/O-free :mod:`tokencache.app.core` and
+:class:`tokencache.app.fleet.FleetFetchCore`. What has no sync twin has a
 module of its own that says why (``recorder``, ``listing``, ``locks``).
 tests/test_aio_parity.py fails when the public signatures of the twins drift.
 """

@@ -1,6 +1,6 @@
 """Module-level ``tokencache.aio.store/find/for_scope/delete/tokens``: a default store per event loop.
 
-The twin of :mod:`tokencache.store.defaults`. A ``redis.asyncio`` client belongs
+The twin of :mod:`tokencache.app.defaults`. A ``redis.asyncio`` client belongs
 to the event loop it first ran on, so each loop gets a store of its own, built
 lazily from the environment on first use (importing never connects) and
 dropped with its loop; :func:`aclose_default` closes the running loop's store

@@ -1,6 +1,6 @@
-"""``for_scope`` on asyncio: the twin of :mod:`tokencache.store.fleet`, whose docstring says how a miss works.
+"""``for_scope`` on asyncio: the twin of :mod:`tokencache.app.fleet`, whose docstring says how a miss works.
 
-The decisions are :class:`~tokencache.store.core.FleetFetchCore`'s; this module
+The decisions are :class:`~tokencache.app.core.FleetFetchCore`'s; this module
 only does their I/O on ``redis.asyncio``. A fetch with local credentials runs
 google-auth in a thread.
 """
@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 from tokencache.aio.locks import Lock
 from tokencache.aio.recorder import Recorder, know_server_version
-from tokencache.constants import LOCK_TTL, WANT_TTL
+from tokencache.app.core import REPORTED, FleetFetchCore, Move, account_arg, fetch_failed, message_error
+from tokencache.constants import LOCK_TTL, SUBSCRIBE_WAIT, WANT_TTL
 from tokencache.core.connection import redis_errors
 from tokencache.keys import TokenKey
-from tokencache.store.core import REPORTED, FleetFetchCore, Move, account_arg, fetch_failed, message_error
 from tokencache.token import Token
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ class FleetFetch(FleetFetchCore):
         with redis_errors(redis):
             async with redis.pubsub() as sub:
                 await sub.subscribe(self.store.keys.channel(self.key))
-                await sub.get_message(timeout=min(1.0, self.timeout))  # subscribed before we look
+                await sub.get_message(timeout=min(SUBSCRIBE_WAIT, self.timeout))  # subscribed before we look
                 return await self._until_found(sub)
 
     async def _until_found(self, sub: Any) -> Token:
@@ -112,10 +112,11 @@ class FleetFetch(FleetFetchCore):
 
     async def _ask_workers(self) -> None:
         redis, keys = self.store.redis, self.store.keys
+        # Before the want marker: a marker set without its job would hold other waiters off for WANT_TTL.
+        await know_server_version(self.store.refresh_queue.queue, redis)
         with redis_errors(redis):
             if not await redis.set(keys.want(self.key), self.owner, nx=True, px=int(WANT_TTL * 1000)):
                 return  # asked already; wait for the answer
-            await know_server_version(self.store.refresh_queue.queue, redis)
             with Recorder(redis) as pipe:
                 pipe.multi()  # before any command: RQ's enqueue_job() would start the transaction itself
                 self.store.ask_workers_commands(pipe, self.key)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from redis import ConnectionPool, Redis, ResponseError
+from redis import ConnectionPool, Redis, RedisError
 from redis.asyncio import Redis as AsyncRedis
 from rq import Queue
 
@@ -89,5 +89,5 @@ async def know_server_version(queue: Queue, redis: AsyncRedis) -> None:
         info = await redis.info("server")
         parts = [*str(info["redis_version"]).split("."), "0", "0"][:3]
         queue.redis_server_version = (int(parts[0]), int(parts[1]), int(parts[2]))
-    except (ResponseError, KeyError, ValueError):
+    except (RedisError, KeyError, ValueError):  # refused, or unreachable: the next call says so
         queue.redis_server_version = (5, 0, 9)

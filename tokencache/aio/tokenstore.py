@@ -1,8 +1,8 @@
-"""TokenStore on asyncio: the twin of :mod:`tokencache.store.tokenstore`, on ``redis.asyncio``.
+"""TokenStore on asyncio: the twin of :mod:`tokencache.app.tokenstore`, on ``redis.asyncio``.
 
 Same keys, hash layout, refresh job and wake-up channel as the sync store, so
 async and sync processes of one fleet share tokens and single-flight fetches.
-The decisions are :class:`~tokencache.store.core.StoreCore`'s; this module only
+The decisions are :class:`~tokencache.app.core.StoreCore`'s; this module only
 does their I/O. RQ is synchronous, so writes go into a
 :class:`~tokencache.aio.recorder.Recorder` that replays them in one asyncio
 transaction.
@@ -11,7 +11,6 @@ transaction.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -24,16 +23,14 @@ from tokencache import metrics
 from tokencache.aio.fleet import FleetFetch, Flights
 from tokencache.aio.listing import listing
 from tokencache.aio.recorder import Recorder, offline_client
+from tokencache.app.core import Clock, Raw, StoreCore, TokenRecord
 from tokencache.core.connection import connect, redis_errors, unavailable
 from tokencache.core.sources import Sources
 from tokencache.keys import TokenKey, parse_info
-from tokencache.store.core import Clock, Raw, StoreCore, TokenRecord
 from tokencache.token import Token
 from tokencache.validate import check_timeout
 
 __all__ = ["TokenRecord", "TokenStore"]
-
-log = logging.getLogger(__name__)
 
 
 class TokenStore(StoreCore):
@@ -159,7 +156,7 @@ class TokenStore(StoreCore):
         return token
 
     async def for_scope(self, info: object, sub: str | None = None, timeout: float = 30.0) -> Token:
-        """The cached token, or one fetched once for the whole fleet (see :mod:`tokencache.store.fleet`)."""
+        """The cached token, or one fetched once for the whole fleet (see :mod:`tokencache.app.fleet`)."""
         key, redis_key = self._key_memo.get(info, sub)
         timeout = check_timeout(timeout)
         token = await self._near_read(redis_key)

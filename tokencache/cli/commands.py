@@ -25,11 +25,11 @@ from rich.table import Table
 from rich.text import Text
 
 from tokencache import env
+from tokencache.app.core import TokenRecord
+from tokencache.app.tokenstore import TokenStore
 from tokencache.cli.health import Health, check
 from tokencache.core.connection import describe
 from tokencache.errors import TokenCacheError
-from tokencache.store.core import TokenRecord
-from tokencache.store.tokenstore import TokenStore
 from tokencache.token import mask
 
 __all__ = ["main"]

@@ -29,10 +29,10 @@ from rich.live import Live
 from rich.table import Table
 
 from tokencache import env
+from tokencache.app.tokenstore import TokenStore
 from tokencache.core.connection import mask_url
 from tokencache.core.sources import Sources
 from tokencache.errors import ConfigurationError, TokenCacheError
-from tokencache.store.tokenstore import TokenStore
 from tokencache.testing.emulator import Emulator, EmulatorConfig
 from tokencache.testing.redisserver import EmbeddedRedis
 from tokencache.testing.workers import PoolError, PoolProcess

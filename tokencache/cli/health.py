@@ -20,12 +20,12 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
+from tokencache.app.tokenstore import TokenStore
 from tokencache.constants import FORGET_POOL, POOL_TTL
 from tokencache.core.connection import redis_errors
 from tokencache.core.pipeline import per_entry
 from tokencache.core.queue import job_target
 from tokencache.keys import TokenKey
-from tokencache.store.tokenstore import TokenStore
 from tokencache.worker.repair import overdue
 
 __all__ = ["Health", "check"]

@@ -18,7 +18,7 @@ from redis.asyncio import BlockingConnectionPool as AsyncBlockingPool
 from redis.asyncio import Redis as AsyncRedis
 
 from tokencache import env
-from tokencache.constants import MAX_CONNECTIONS, SOCKET_TIMEOUT
+from tokencache.constants import HEALTH_CHECK_INTERVAL, MAX_CONNECTIONS, SOCKET_TIMEOUT
 from tokencache.errors import ConfigurationError, RedisUnavailableError
 
 __all__ = ["connect", "describe", "mask_url", "redis_errors", "unavailable"]
@@ -48,7 +48,7 @@ def connect(url: str | None = None, *, client_class: type[C] = Redis, **options:
     url = url or env.redis_url()
     options.setdefault("socket_timeout", SOCKET_TIMEOUT)
     options.setdefault("socket_connect_timeout", SOCKET_TIMEOUT)
-    options.setdefault("health_check_interval", 30)
+    options.setdefault("health_check_interval", HEALTH_CHECK_INTERVAL)
     pool_class = AsyncBlockingPool if client_class is AsyncRedis else BlockingConnectionPool
     options.setdefault("max_connections", MAX_CONNECTIONS)
     try:

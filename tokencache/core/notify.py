@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+from tokencache.constants import ERROR_MESSAGE_LIMIT
+
 __all__ = ["error_message", "ok_message", "parse"]
 
 
@@ -16,7 +18,7 @@ def ok_message() -> str:
 
 
 def error_message(error: str) -> str:
-    return json.dumps({"ok": False, "error": error[:500]})
+    return json.dumps({"ok": False, "error": error[:ERROR_MESSAGE_LIMIT]})
 
 
 def parse(data: bytes | str) -> str | None:

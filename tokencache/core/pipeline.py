@@ -2,10 +2,12 @@
 
 The sync store passes a redis-py pipeline; the asyncio store passes a recorder
 that it replays on ``redis.asyncio`` (RQ is synchronous). :class:`Pipeline`
-names the commands they rely on, so that a recorder which misses one fails the
-type check instead of a fleet. It lists what is really called, and nothing more:
+names the commands they rely on: a writer that lacks one fails the type check
+(the asyncio recorder takes any command by ``__getattr__``, so for it the guard is
+``tests/test_pipeline.py``, which records every call and compares it with this
+list). It lists what is really called, and nothing more:
 
-* by :class:`~tokencache.store.core.StoreCore` and :class:`~tokencache.core.queue.RefreshQueue`:
+* by :class:`~tokencache.app.core.StoreCore` and :class:`~tokencache.core.queue.RefreshQueue`:
   ``delete hset expireat zadd zrem lrem set publish``;
 * by :class:`~tokencache.core.queue.RefreshJob` ``.save``: ``hdel hset``;
 * by RQ 3 itself, inside ``Queue.schedule_job`` and ``Queue.enqueue_job`` for our jobs (no

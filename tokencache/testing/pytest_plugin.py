@@ -15,8 +15,9 @@ no test's keys meet another's: each test gets a namespace and queue of its own.
     tokencache_workers     test     start(n=1, ...) -> a ready PoolProcess serving tokencache_store;
                                     every pool it started is stopped after the test
 
-Only pytest and the standard library are imported here at first: pytest imports this module in
-every run, and redis-server, the emulator and RQ load only when a test asks for them.
+Only pytest, the standard library and tokencache's leaf modules are imported here at first (the
+package loads redis, RQ and google-auth on first use): pytest imports this module in every run, and
+redis-server, the emulator and RQ load only when a test asks for them.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from tokencache.store.tokenstore import TokenStore
+    from tokencache.app.tokenstore import TokenStore
     from tokencache.testing.emulator import Emulator
     from tokencache.testing.redisserver import EmbeddedRedis
     from tokencache.testing.workers import PoolProcess
@@ -78,8 +79,8 @@ def tokencache_key_file(tokencache_emulator: Emulator, tmp_path: Path) -> Path:
 @pytest.fixture
 def tokencache_store(tokencache_redis: EmbeddedRedis) -> Iterator[TokenStore]:
     """A TokenStore in a namespace (and queue) of its own that holds no credentials."""
+    from tokencache.app.tokenstore import TokenStore
     from tokencache.core.sources import Sources
-    from tokencache.store.tokenstore import TokenStore
 
     namespace = f"tokencache-test-{secrets.token_hex(4)}"
     with TokenStore.from_url(

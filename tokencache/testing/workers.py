@@ -41,9 +41,10 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from tokencache import env as env_vars
+from tokencache.validate import check_count
 
 if TYPE_CHECKING:
-    from tokencache.store.tokenstore import TokenStore
+    from tokencache.app.tokenstore import TokenStore
 
 __all__ = ["READY_TIMEOUT", "STOP_GRACE", "PoolError", "PoolProcess", "isolated_env", "stop_group"]
 
@@ -121,8 +122,7 @@ class PoolProcess:
         log_level: str | None = None,
         log: Path | None = None,
     ) -> None:
-        if workers < 1:
-            raise ValueError(f"workers must be at least 1, got {workers}")
+        check_count("workers", workers)
         self.redis_url = redis_url
         self.workers = workers
         self.env = self._child_env(env, namespace, queue, refresh_before)
@@ -238,8 +238,8 @@ class PoolProcess:
 
     def _readiness_store(self) -> TokenStore:
         if self._store is None:
+            from tokencache.app.tokenstore import TokenStore
             from tokencache.core.sources import Sources
-            from tokencache.store.tokenstore import TokenStore
 
             self._store = TokenStore.from_url(
                 self.redis_url, namespace=self.namespace, queue=self.queue, sources=Sources(use_adc=False)

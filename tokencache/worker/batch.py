@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from typing import NamedTuple, cast
 
 from tokencache import metrics
+from tokencache.app.core import TokenRecord
+from tokencache.app.tokenstore import TokenStore
 from tokencache.constants import (
     BATCH_MAX_SCAN,
     BATCH_SECONDS,
@@ -58,8 +60,6 @@ from tokencache.core.record import Bookkeeping
 from tokencache.errors import ConfigurationError, RefreshError
 from tokencache.keys import TokenKey
 from tokencache.outcomes import Outcome
-from tokencache.store.core import TokenRecord
-from tokencache.store.tokenstore import TokenStore
 from tokencache.token import Token
 from tokencache.worker.writes import record_failure, replace_if_indexed
 

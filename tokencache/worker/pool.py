@@ -30,12 +30,12 @@ from rq.worker import SimpleWorker, Worker
 from rq.worker_pool import WorkerPool
 
 from tokencache import env, metrics
+from tokencache.app.tokenstore import TokenStore
 from tokencache.constants import REPAIR_INTERVAL, RESEND_STOP_EVERY, STOP_TIMEOUT
 from tokencache.core.connection import redis_errors
 from tokencache.core.queue import RefreshJob
 from tokencache.core.sources import default_sources
 from tokencache.errors import TokenCacheError
-from tokencache.store.tokenstore import TokenStore
 from tokencache.validate import check_count
 from tokencache.worker.repair import repair_if_leader
 from tokencache.worker.scrape import serve_worker_metrics

@@ -23,6 +23,8 @@ from rq import get_current_job
 from rq.job import Job
 
 from tokencache import env, metrics
+from tokencache.app.core import TokenRecord
+from tokencache.app.tokenstore import TokenStore
 from tokencache.constants import (
     BACKOFF_BASE,
     BACKOFF_CAP,
@@ -32,6 +34,7 @@ from tokencache.constants import (
     GIVE_UP_AFTER,
     LOCK_TTL,
     MIN_DELAY,
+    RETRY_FLOOR,
 )
 from tokencache.core.locks import Lock
 from tokencache.core.queue import RefreshJob, job_target, repeat_current_job
@@ -39,8 +42,6 @@ from tokencache.core.sources import Sources, default_sources
 from tokencache.errors import ConfigurationError, RefreshError
 from tokencache.keys import DEFAULT_ACCOUNT, TokenKey
 from tokencache.outcomes import Outcome
-from tokencache.store.core import TokenRecord
-from tokencache.store.tokenstore import TokenStore
 from tokencache.token import Token, mask
 from tokencache.worker.batch import refresh_due
 from tokencache.worker.writes import record_failure, replace_if_indexed
@@ -58,10 +59,10 @@ def backoff(failures: int, time_left: float) -> float:
     """
     ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, failures - 1))
     delay = random.uniform(ceiling / 2, ceiling)
-    latest = time_left - EXPIRY_SKEW - 0.5
+    latest = time_left - EXPIRY_SKEW - RETRY_FLOOR
     if latest > 0:
         delay = min(delay, latest)
-    return max(0.5, delay)
+    return max(RETRY_FLOOR, delay)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from tokencache.app.tokenstore import TokenStore
 from tokencache.constants import DEAD_AFTER, REPAIR_GRACE, REPAIR_SCAN
 from tokencache.core.connection import redis_errors
 from tokencache.core.locks import Lock
@@ -33,7 +34,6 @@ from tokencache.core.pipeline import per_entry
 from tokencache.core.queue import job_refresh_before
 from tokencache.keys import TokenKey
 from tokencache.outcomes import Verdict
-from tokencache.store.tokenstore import TokenStore
 
 __all__ = ["overdue", "repair", "repair_if_leader"]
 

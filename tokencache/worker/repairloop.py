@@ -10,9 +10,9 @@ import logging
 import signal
 import threading
 
+from tokencache.app.tokenstore import TokenStore
 from tokencache.constants import REPAIR_INTERVAL
 from tokencache.errors import TokenCacheError
-from tokencache.store.tokenstore import TokenStore
 from tokencache.worker.repair import repair_if_leader
 
 log = logging.getLogger("tokencache.repair")

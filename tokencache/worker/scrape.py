@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry, multiprocess
 from prometheus_client import start_http_server as serve
 from prometheus_client.core import GaugeMetricFamily
 
+from tokencache.app.tokenstore import TokenStore
 from tokencache.errors import TokenCacheError
-from tokencache.store.tokenstore import TokenStore
 from tokencache.worker.repair import overdue
 
 __all__ = ["serve_worker_metrics"]

@@ -1,7 +1,7 @@
 """The refresh's own writes: a refreshed token that must not undo a delete, and a counted failure.
 
 Only refresh jobs (and their batches) write these; apps write through
-:meth:`tokencache.store.tokenstore.TokenStore.write`. Each is one Lua script
+:meth:`tokencache.app.tokenstore.TokenStore.write`. Each is one Lua script
 (:data:`~tokencache.core.scripts.RECORD_FAILURE`, :data:`~tokencache.core.scripts.REPLACE_IF_INDEXED`),
 so the check and the write happen with nothing in between.
 """
@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from redis.client import Pipeline
 
+from tokencache.app.tokenstore import TokenStore
+from tokencache.constants import ERROR_MESSAGE_LIMIT
 from tokencache.core import scripts
 from tokencache.core.connection import redis_errors
 from tokencache.core.notify import ok_message
 from tokencache.core.record import to_fields
 from tokencache.keys import TokenKey
-from tokencache.store.tokenstore import TokenStore
 from tokencache.token import Token
 
 __all__ = ["record_failure", "replace_if_indexed"]
@@ -26,7 +27,9 @@ def record_failure(store: TokenStore, key: TokenKey, message: str, *, gave_up: b
     now = int(store.clock())
 
     def queue(pipe: Pipeline) -> None:
-        scripts.RECORD_FAILURE(pipe, [store.keys.token(key)], [message[:500], now, int(gave_up)])
+        scripts.RECORD_FAILURE(
+            pipe, [store.keys.token(key)], [message[:ERROR_MESSAGE_LIMIT], now, int(gave_up)]
+        )
         store.failure_commands(pipe, key, message, gave_up=gave_up)  # safe to repeat: a SET, a DEL, a wake-up
 
     with redis_errors(store.redis):

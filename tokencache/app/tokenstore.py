@@ -7,7 +7,6 @@ talks to Google: only the refresh job (see :mod:`tokencache.refresh`) does.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterator
 from typing import Any, cast
@@ -17,17 +16,15 @@ from redis import Redis
 from rq.job import Job
 
 from tokencache import metrics
+from tokencache.app.core import Clock, Raw, StoreCore, TokenRecord
+from tokencache.app.fleet import FleetFetch, Flights
 from tokencache.core.connection import connect, redis_errors, unavailable
 from tokencache.core.sources import Sources
 from tokencache.keys import TokenKey, parse_info
-from tokencache.store.core import Clock, Raw, StoreCore, TokenRecord
-from tokencache.store.fleet import FleetFetch, Flights
 from tokencache.token import Token
 from tokencache.validate import check_timeout
 
 __all__ = ["TokenRecord", "TokenStore"]
-
-log = logging.getLogger(__name__)
 
 
 class TokenStore(StoreCore):
@@ -153,7 +150,7 @@ class TokenStore(StoreCore):
         return token
 
     def for_scope(self, info: object, sub: str | None = None, timeout: float = 30.0) -> Token:
-        """The cached token, or one fetched once for the whole fleet (see :mod:`tokencache.store.fleet`)."""
+        """The cached token, or one fetched once for the whole fleet (see :mod:`tokencache.app.fleet`)."""
         key, redis_key = self._key_memo.get(info, sub)
         timeout = check_timeout(timeout)
         token = self._near_read(redis_key)

@@ -13,7 +13,7 @@ a failed fetch publishes its error so waiters fail at once instead of timing
 out. A fallback poll every ``FLEET_POLL`` seconds covers a lost message and lets
 the next caller take over from a fetcher that died (its lock expires).
 
-:class:`~tokencache.store.core.FleetFetchCore` holds what a miss decides,
+:class:`~tokencache.app.core.FleetFetchCore` holds what a miss decides,
 without I/O: what to do after a look at the cache, how long to wait, which
 errors the fleet is told about. :class:`FleetFetch` here and its asyncio twin in
 :mod:`tokencache.aio.fleet` only do the I/O around it.
@@ -26,15 +26,15 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any, cast
 
-from tokencache.constants import LOCK_TTL, WANT_TTL
+from tokencache.app.core import REPORTED, FleetFetchCore, Move, account_arg, fetch_failed, message_error
+from tokencache.constants import LOCK_TTL, SUBSCRIBE_WAIT, WANT_TTL
 from tokencache.core.connection import redis_errors
 from tokencache.core.locks import Lock
 from tokencache.keys import TokenKey
-from tokencache.store.core import REPORTED, FleetFetchCore, Move, account_arg, fetch_failed, message_error
 from tokencache.token import Token
 
 if TYPE_CHECKING:
-    from tokencache.store.tokenstore import TokenStore
+    from tokencache.app.tokenstore import TokenStore
 
 __all__ = ["FleetFetch", "Flights"]
 
@@ -87,7 +87,7 @@ class FleetFetch(FleetFetchCore):
         redis = self.store.redis
         with redis_errors(redis), redis.pubsub() as sub:  # type: ignore[no-untyped-call]
             sub.subscribe(self.store.keys.channel(self.key))
-            sub.get_message(timeout=min(1.0, self.timeout))  # subscribed before we look
+            sub.get_message(timeout=min(SUBSCRIBE_WAIT, self.timeout))  # subscribed before we look
             return self._until_found(sub)
 
     def _until_found(self, sub: Any) -> Token:

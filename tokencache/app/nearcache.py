@@ -57,6 +57,7 @@ from tokencache.constants import (
     PING_EVERY,
     PING_TIMEOUT,
     RETRY_MAX,
+    RETRY_MIN,
 )
 from tokencache.errors import ConfigurationError
 from tokencache.token import Token
@@ -227,11 +228,11 @@ class _Reader(threading.Thread):
         return cache
 
     def run(self) -> None:
-        delay = 0.05
+        delay = RETRY_MIN
         while not self._closed.is_set():
             try:
                 self._session()
-                delay = 0.05
+                delay = RETRY_MIN
             except _CacheGone:
                 return
             except (redis.RedisError, OSError) as e:

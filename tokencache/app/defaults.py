@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from rq.job import Job
 
 from tokencache import env
-from tokencache.store.tokenstore import TokenStore
+from tokencache.app.tokenstore import TokenStore
 from tokencache.token import Token
 
 __all__ = ["default_store", "delete", "find", "for_scope", "reset_default_store", "store", "tokens"]

@@ -54,7 +54,7 @@ class TokenMemo:
         self._memo: dict[str, tuple[Mapping[bytes, bytes], Token]] = {}
 
     def parse(self, redis_key: str, raw: Mapping[bytes, bytes]) -> Token:
-        """The Token in ``raw``, or MalformedRecord (see :func:`tokencache.record.from_fields`)."""
+        """The Token in ``raw``, or MalformedRecord (see :func:`tokencache.core.record.from_fields`)."""
         hit = self._memo.get(redis_key)
         if hit is not None and hit[0] == raw:
             return hit[1]

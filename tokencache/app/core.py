@@ -3,7 +3,7 @@
 Both stores issue their writes into a pipeline-like writer (a redis-py
 pipeline, or a recorder that the asyncio store replays), so both write exactly
 the same layout; both page through the index the same way and judge what they
-read with the same methods here. The twins (:mod:`tokencache.store.tokenstore`,
+read with the same methods here. The twins (:mod:`tokencache.app.tokenstore`,
 :mod:`tokencache.aio.tokenstore`) only do I/O, so a diff of the two shows little
 more than ``async`` and ``await``.
 """
@@ -25,7 +25,9 @@ from redis.asyncio import Redis as AsyncRedis
 from rq.job import Job
 
 from tokencache import env, metrics
-from tokencache.constants import ERROR_TTL, EXPIRY_SKEW, FLEET_POLL, INDEX_PAGE
+from tokencache.app.nearcache import NearCache
+from tokencache.app.reads import KeyMemo, TokenMemo
+from tokencache.constants import ERROR_MESSAGE_LIMIT, ERROR_TTL, EXPIRY_SKEW, FLEET_POLL, INDEX_PAGE
 from tokencache.core.notify import error_message, ok_message, parse
 from tokencache.core.pipeline import Pipeline
 from tokencache.core.queue import RefreshQueue, utc
@@ -33,8 +35,6 @@ from tokencache.core.record import Bookkeeping, MalformedRecord, from_fields, to
 from tokencache.core.sources import Sources, default_sources
 from tokencache.errors import ConfigurationError, FetchTimeoutError, RefreshError, TokenCacheError
 from tokencache.keys import DEFAULT_ACCOUNT, Keys, TokenKey, parse_info
-from tokencache.store.nearcache import NearCache
-from tokencache.store.reads import KeyMemo, TokenMemo
 from tokencache.token import Freshness, Token
 from tokencache.validate import check_flag, check_refresh_before
 
@@ -158,7 +158,7 @@ class StoreCore:
         The error is kept :data:`ERROR_TTL` seconds. A refresh that gave up also withdraws the apps'
         request to the workers, so the next miss after that window asks again.
         """
-        pipe.set(self.keys.error(key), message[:500], px=int(ERROR_TTL * 1000))
+        pipe.set(self.keys.error(key), message[:ERROR_MESSAGE_LIMIT], px=int(ERROR_TTL * 1000))
         if gave_up:
             pipe.delete(self.keys.want(key))
         pipe.publish(self.keys.channel(key), error_message(message))
@@ -254,7 +254,7 @@ class StoreCore:
             self.near_cache.invalidate([self.keys.token(key)])
 
 
-# -- what a for_scope miss decides (tokencache.store.fleet and tokencache.aio.fleet do its I/O) --
+# -- what a for_scope miss decides (tokencache.app.fleet and tokencache.aio.fleet do its I/O) --
 
 REPORTED = (RefreshError, ConfigurationError)
 """Errors of a local fetch that the fleet is told about, so its waiters fail at once instead of timing out."""
