@@ -22,7 +22,7 @@ import redis
 
 from .common import Result, bench_env
 
-BENCHMARKS = ("find", "store", "memory", "burst", "fleet", "stampede")
+BENCHMARKS = ("find", "store", "memory", "burst", "fleet", "stampede", "recovery")
 """Module names under bench/, in the order they run."""
 
 

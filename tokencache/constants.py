@@ -33,13 +33,30 @@ refresh margin: a hung request would let the token expire and hold the refresh l
 
 # -- locks and fleet-wide fetches --------------------------------------------------
 
-LOCK_TTL = FETCH_TIMEOUT + 1.0
-"""A fetch holds its token's lock this long at most: one bounded fetch plus a write. Kept well below
-the default margin so that a refresh killed mid-fetch is retried (by repair, once the lock is gone)
-before the token expires."""
+LOCK_TTL = 0.5
+"""A token's lock is a lease: it lapses this long after its holder's last renewal. The holder renews
+it every :data:`LOCK_RENEW_EVERY` for as long as its fetch and write run (however long the endpoint
+takes), so only a dead holder's lock lapses, and it lapses within this: the start of the recovery
+budget (:data:`RECOVERY_BUDGET`)."""
 
-WANT_TTL = 2 * LOCK_TTL
-"""How long one request to the workers stands before a waiter may repeat it (a lost job, a dead pool)."""
+LOCK_RENEW_EVERY = 0.125
+"""How often a holder renews its leases (one thread per process renews them all). A quarter of
+:data:`LOCK_TTL`: a lease survives renewals lost to a short stall; one that lapses anyway (a
+process stalled longer than the lease) costs a second fetch of the token, never a wrong token."""
+
+JOB_DISPATCH = 0.1
+"""Allowance for an enqueued refresh to reach its fetch: an idle worker's blocking pop returns at
+once, then RQ prepares the job and the job reads the token and takes its lock (milliseconds each)."""
+
+RECOVERY_BUDGET = 2.0
+"""Seconds from the death of the process fetching a token (a SIGKILL mid-fetch) to another worker's
+fetch of it: its lease lapses (:data:`LOCK_TTL`), the next repair pass (:data:`REPAIR_INTERVAL`)
+sees a started job with a free lock and re-enqueues it, and an idle worker takes it
+(:data:`JOB_DISPATCH`)."""
+
+WANT_TTL = 2 * (FETCH_TIMEOUT + 1.0)
+"""How long one request to the workers stands before a waiter may repeat it (a lost job, a dead pool):
+two bounded fetches and their writes, so a slow fetch is not asked for again while it runs."""
 
 FLEET_POLL = 0.5
 """Seconds between a waiter's fallback looks at the cache (a bound, not the normal wake-up, which is
@@ -112,10 +129,6 @@ BATCH_MAX_SCAN = 2000
 STOP_AFTER_FAILURES = 3
 """Member fetches failing in a row after which a batch stops: the members' own jobs back off."""
 
-FRESH_CLAIM = LOCK_TTL - FETCH_TIMEOUT - 0.5
-"""A claimed token whose fetch starts later than this after the claim first renews its lock, so the
-lock outlives the fetch and the write."""
-
 # -- repair (tokencache.worker.repair) --------------------------------------------------
 
 REPAIR_INTERVAL = 1.0
@@ -125,9 +138,10 @@ REPAIR_GRACE = 3.0
 """Seconds a refresh may be late before repair steps in: the scheduler polls every second with
 whole-second scores, so anything later than this is not normal jitter."""
 
-DEAD_AFTER = 2.0
-"""A job "started" this long ago whose token lock is free has lost its worker: a live refresh holds
-the lock from its first milliseconds to its end."""
+DEAD_AFTER = 0.5
+"""A job "started" this long ago whose token lock is free has lost its worker: a live refresh takes
+the lock in its first milliseconds and renews it to its end. (Judging a live job dead costs a
+second run, which finds the token fresh or the lock busy.)"""
 
 REPAIR_SCAN = 1000
 """Due index entries one repair pass looks at, at most."""
@@ -200,11 +214,17 @@ RECHECK = 1.0
 # -- the ties between them ------------------------------------------------------------------
 
 INVARIANTS: dict[str, Callable[[], bool]] = {
-    "a lock outlives the fetch it guards": lambda: LOCK_TTL > FETCH_TIMEOUT,
-    "a refresh killed mid-fetch frees its lock inside the default margin": (
-        lambda: LOCK_TTL + REPAIR_INTERVAL < DEFAULT_REFRESH_BEFORE - EXPIRY_SKEW
+    "a lease survives two lost renewals": lambda: LOCK_TTL >= 3 * LOCK_RENEW_EVERY,
+    "a refresh killed mid-fetch is fetched again within the recovery budget": (
+        lambda: LOCK_TTL + REPAIR_INTERVAL + JOB_DISPATCH <= RECOVERY_BUDGET
     ),
-    "a request to the workers outlives one fetch under the lock": lambda: WANT_TTL >= LOCK_TTL,
+    "two kills early in their fetches and a fetch at the budget fit the default margin": (
+        lambda: (
+            RQ_SCHEDULER_POLL + 2 * (LOCK_TTL + REPAIR_INTERVAL + JOB_DISPATCH) + FETCH_TIMEOUT
+            < DEFAULT_REFRESH_BEFORE - EXPIRY_SKEW
+        )
+    ),
+    "a request to the workers outlives a fetch at the budget": lambda: WANT_TTL > FETCH_TIMEOUT,
     "a kept error is seen by a waiter's fallback poll": lambda: ERROR_TTL > FLEET_POLL,
     "a job may run early by one scheduler poll and still count as due": lambda: EARLY_RUN > RQ_SCHEDULER_POLL,
     "repair waits out the scheduler's normal jitter": lambda: (
@@ -217,7 +237,6 @@ INVARIANTS: dict[str, Callable[[], bool]] = {
     "a batch stops claiming with time left for its last fetch": (
         lambda: BATCH_SECONDS + FETCH_TIMEOUT + LOCK_TTL < JOB_TIMEOUT
     ),
-    "a claimed lock still outlives the fetch it was claimed for": lambda: FRESH_CLAIM > 0,
     "backoff starts below its cap": lambda: 0 < RETRY_FLOOR <= BACKOFF_BASE <= BACKOFF_CAP,
     "tracking is retried soon, then less often": lambda: 0 < RETRY_MIN < RETRY_MAX,
     "nothing reruns in a tight loop": lambda: MIN_DELAY > 0 and BUSY_RETRY > 0,

@@ -93,6 +93,7 @@ class FleetFetch(FleetFetchCore):
         with redis_errors(self.store.redis):
             if not await lock.acquire():
                 return None
+        lock.keep()  # renewed while this process fetches; lapses soon if it dies
         try:
             return await self.store.find_key(self.key) or await self._fetch()
         finally:

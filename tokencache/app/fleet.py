@@ -121,6 +121,7 @@ class FleetFetch(FleetFetchCore):
         with redis_errors(self.store.redis):
             if not lock.acquire():
                 return None
+        lock.keep()  # renewed while this process fetches; lapses soon if it dies
         try:
             return self.store.find_key(self.key) or self._fetch()
         finally:

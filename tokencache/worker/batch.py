@@ -50,7 +50,6 @@ from tokencache.constants import (
     BATCH_MAX_SCAN,
     BATCH_SECONDS,
     EARLY_SHARE,
-    FRESH_CLAIM,
     LOCK_TTL,
     LOOKAHEAD,
     STOP_AFTER_FAILURES,
@@ -100,7 +99,6 @@ def batchable(book: Bookkeeping, expires: int, refresh_before: int, now: float) 
 class _Claim:
     key: TokenKey
     lock: Lock
-    at: float
 
 
 class _Candidates:
@@ -171,10 +169,10 @@ class _Candidates:
                 return
             candidates = self._batchable(unseen)
             locks = [Lock(self.store.redis, self.store.keys.lock(key), LOCK_TTL) for key in candidates]
-            taken, now = acquire_each(self.store.redis, locks), time.monotonic()
+            taken = acquire_each(self.store.redis, locks)
             for key, lock, ok in zip(candidates, locks, taken, strict=True):
                 if ok:
-                    self._claims.append(_Claim(key, lock, now))
+                    self._claims.append(_Claim(key, lock.keep()))
                 else:
                     self.held_elsewhere += 1  # mostly in flight in a concurrent batch
 
@@ -245,8 +243,8 @@ class _Batch:
     def refresh_claimed(self, claim: _Claim) -> Outcome:
         """Refresh the claimed token if it is due within the look-ahead; the outcome. Releases the claim."""
         try:
-            if time.monotonic() - claim.at > FRESH_CLAIM and not claim.lock.extend():
-                return Outcome.BUSY  # the claim lapsed, and someone else may hold the lock now
+            if claim.lock.lost or not claim.lock.extend():
+                return Outcome.BUSY  # the claim lapsed (a stalled process), and someone else may hold it
             current = self.store.record(claim.key)
             if current is None or not batchable(
                 current.bookkeeping, current.token.expires, self.store.refresh_before, self.store.clock()

@@ -84,6 +84,7 @@ class Refresher:
         lock = Lock(self.store.redis, self.store.keys.lock(self.key), LOCK_TTL, owner=self.owner)
         if not lock.acquire():
             return Outcome.BUSY, BUSY_RETRY
+        lock.keep()  # a lease: renewed while this run lives, lapsed soon after it dies
         try:
             return self._locked()
         finally:

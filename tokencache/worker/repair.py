@@ -27,7 +27,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from tokencache.app.tokenstore import TokenStore
-from tokencache.constants import DEAD_AFTER, REPAIR_GRACE, REPAIR_SCAN
+from tokencache.constants import DEAD_AFTER, EARLY_RUN, REPAIR_GRACE, REPAIR_SCAN
 from tokencache.core.connection import redis_errors
 from tokencache.core.locks import Lock
 from tokencache.core.pipeline import per_entry
@@ -49,7 +49,9 @@ class _Entry:
     wanted: bool  # an app asked the workers for this token (the index entry may be a placeholder)
     lock_held: bool
     scheduled_at: float | None
-    job: Job | None
+    job: Job | None  # read only where a verdict needs it: overdue, or started with its lock free
+    overdue: bool  # due longer than REPAIR_GRACE ago: past the scheduler's normal jitter
+    started: bool  # RQ says a worker runs its job now
 
 
 def _fetch_jobs(store: TokenStore, ids: list[str]) -> list[Job | None]:
@@ -94,6 +96,7 @@ class _Lookups(NamedTuple):
     wanted: int
     lock_held: int
     scheduled_at: float | None
+    job_status: bytes | None
 
     @staticmethod
     def queue(pipe: Pipeline, store: TokenStore, key: TokenKey) -> None:
@@ -101,11 +104,24 @@ class _Lookups(NamedTuple):
         pipe.exists(store.keys.want(key))
         pipe.exists(store.keys.lock(key))
         pipe.zscore(store.refresh_queue.scheduled.key, store.keys.job_id(key))
+        pipe.hget(Job.key_for(store.keys.job_id(key)), "status")
+
+    @property
+    def dead_suspect(self) -> bool:
+        """A started job whose token lock is free: its worker may have died mid-refresh."""
+        return self.job_status == JobStatus.STARTED.encode() and not self.lock_held
 
 
 def _due_entries(store: TokenStore, now: float) -> tuple[list[_Entry], list[bytes]]:
-    """The due index entries with what repair needs to judge them, and the junk members found."""
-    horizon = now + store.refresh_before - REPAIR_GRACE
+    """The due index entries with what repair needs to judge them, and the junk members found.
+
+    Due means the token's refresh may have started (RQ starts a job up to ``EARLY_RUN`` early): a
+    refresh whose worker died is seen at once, without waiting out the scheduler's jitter
+    (``REPAIR_GRACE``), which only the other verdicts need. Job hashes are read only where a
+    verdict needs them, so the entries merely due cost four small reads each.
+    """
+    horizon = now + store.refresh_before + EARLY_RUN
+    overdue_until = now + store.refresh_before - REPAIR_GRACE
     with redis_errors(store.redis):
         members = cast(
             list[tuple[bytes, float]],
@@ -116,15 +132,20 @@ def _due_entries(store: TokenStore, now: float) -> tuple[list[_Entry], list[byte
             for key, _ in entries:
                 _Lookups.queue(pipe, store, key)
             lookups = per_entry(_Lookups, pipe.execute())
-        jobs = _fetch_jobs(store, [store.keys.job_id(key) for key, _ in entries])
+        needed = [
+            store.keys.job_id(key)
+            for (key, expires), found in zip(entries, lookups, strict=True)
+            if expires <= overdue_until or found.dead_suspect
+        ]
+        jobs = dict(zip(needed, _fetch_jobs(store, needed), strict=True))
     due = [
-        _entry(key, expires, found, job)
-        for (key, expires), found, job in zip(entries, lookups, jobs, strict=True)
+        _entry(key, expires, found, jobs.get(store.keys.job_id(key)), overdue=expires <= overdue_until)
+        for (key, expires), found in zip(entries, lookups, strict=True)
     ]
     return due, junk
 
 
-def _entry(key: TokenKey, expires: float, found: _Lookups, job: Job | None) -> _Entry:
+def _entry(key: TokenKey, expires: float, found: _Lookups, job: Job | None, *, overdue: bool) -> _Entry:
     fields = _Fields(*found.fields)
     return _Entry(
         key,
@@ -135,6 +156,8 @@ def _entry(key: TokenKey, expires: float, found: _Lookups, job: Job | None) -> _
         lock_held=bool(found.lock_held),
         scheduled_at=found.scheduled_at,
         job=job,
+        overdue=overdue,
+        started=found.job_status == JobStatus.STARTED.encode(),
     )
 
 
@@ -162,7 +185,22 @@ def _scheduled_verdict(entry: _Entry, now: float) -> Verdict:
 
 
 def _verdict(entry: _Entry, now: float) -> Verdict:
-    """What to do with one overdue token."""
+    """What to do with one due token: a dead refresh at once, anything else once it is overdue."""
+    if entry.started:
+        return _started_verdict(entry, now)
+    return _overdue_verdict(entry, now) if entry.overdue else Verdict.OK
+
+
+def _started_verdict(entry: _Entry, now: float) -> Verdict:
+    """A started job whose lease lapsed has lost its worker (a live refresh renews the lease)."""
+    if entry.lock_held or entry.job is None:
+        return Verdict.OK
+    dead = _started_ago(entry.job, now) > DEAD_AFTER
+    return Verdict.ENQUEUE if dead else Verdict.OK
+
+
+def _overdue_verdict(entry: _Entry, now: float) -> Verdict:
+    """What to do with a token whose refresh is overdue and not running."""
     job = entry.job
     token_exists = entry.refresh_at is not None
     if job is None:
@@ -177,11 +215,8 @@ def _verdict(entry: _Entry, now: float) -> Verdict:
         return Verdict.OK if entry.gave_up else Verdict.ENQUEUE
     if status == JobStatus.SCHEDULED:
         return _scheduled_verdict(entry, now)
-    if status == JobStatus.QUEUED:
-        return Verdict.OK
-    if status == JobStatus.STARTED:
-        dead = not entry.lock_held and _started_ago(job, now) > DEAD_AFTER
-        return Verdict.ENQUEUE if dead else Verdict.OK
+    if status in (JobStatus.QUEUED, JobStatus.STARTED):
+        return Verdict.OK  # waiting for a worker, or (started since our read) running
     return Verdict.ENQUEUE  # finished without a repeat, stopped, canceled
 
 
