@@ -19,6 +19,7 @@ import google.auth.exceptions
 import pytest
 import requests
 from google.auth.transport.requests import AuthorizedSession, Request
+from google.cloud import storage
 from google.oauth2 import service_account
 from redis import Redis
 
@@ -52,6 +53,7 @@ class _ApiHandler(BaseHTTPRequestHandler):
     server: _ApiServer
 
     def do_GET(self) -> None:
+        self.server.seen.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
         scheme, _, token = self.headers.get("Authorization", "").partition(" ")
         info = self.server.emulator.validate(token) if scheme == "Bearer" and token else None
         body = json.dumps(info or {"error": "invalid_token"}).encode()
@@ -70,22 +72,32 @@ class _ApiServer(ThreadingHTTPServer):
 
     def __init__(self, emulator: Emulator) -> None:
         self.emulator = emulator
+        self.seen: list[tuple[str, dict[str, str]]] = []  # (path, lower-cased headers) of each request
         super().__init__(("127.0.0.1", 0), _ApiHandler)
 
     @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1/thing"
+        return f"{self.base}/v1/thing"
 
 
 @pytest.fixture
-def api(emulator: Emulator) -> Iterator[str]:
+def api_server(emulator: Emulator) -> Iterator[_ApiServer]:
     server = _ApiServer(emulator)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    yield server.url
+    yield server
     server.shutdown()
     thread.join()
     server.server_close()
+
+
+@pytest.fixture
+def api(api_server: _ApiServer) -> str:
+    return api_server.url
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -326,6 +338,85 @@ def test_inside_our_margin_rereads_at_most_once_per_recheck(store: TokenStore) -
     assert creds.expired and creds.token_state is ga.TokenState.INVALID
 
 
+# -- what client libraries ask of credentials --------------------------------------------------
+
+BILLING = "billing-project"
+
+
+def test_a_storage_client_bills_the_quota_project(
+    store: TokenStore, emulator: Emulator, api_server: _ApiServer
+) -> None:
+    """google-cloud-storage turns client_options' quota project into with_quota_project() and sends it."""
+    token = cached(emulator, 600)
+    store.store(token)
+    creds = Credentials([SCOPE], store=app_store(store))
+    client = storage.Client(
+        credentials=creds,
+        project="p",
+        client_options={"quota_project_id": BILLING, "api_endpoint": api_server.base},
+    )
+    try:
+        client.get_bucket("quota-test")
+    finally:
+        client.close()
+    ((path, headers),) = api_server.seen
+    assert path.startswith("/storage/v1/b/quota-test")
+    assert headers["authorization"] == f"Bearer {token.token}"
+    assert headers["x-goog-user-project"] == BILLING
+    assert creds.quota_project_id is None  # the client billed a copy; the caller's credentials are unchanged
+    assert emulator.stats()["token_requests"] == 0
+
+
+def test_the_quota_project_survives_every_copy(
+    store: TokenStore, emulator: Emulator, api_server: _ApiServer
+) -> None:
+    """Each copy reads its own token and still bills the quota project; BearerAuth sends no quota header."""
+    tokens = {
+        "scopes": cached(emulator, 600, scope=OTHER),
+        "subject": cached(emulator, 600, sub=USER),
+        "account": Token(token=issue(emulator), scope=SCOPE, expires=int(time.time()) + 600, account=NAMED),
+    }
+    for token in tokens.values():
+        store.store(token)
+    billed = Credentials([SCOPE], store=app_store(store)).with_quota_project(BILLING)
+    copies = {
+        "scopes": billed.with_scopes([OTHER]),
+        "subject": billed.with_subject(USER),
+        "account": billed.with_account(NAMED),
+    }
+    for name, creds in copies.items():
+        assert creds.quota_project_id == BILLING, name
+        with AuthorizedSession(creds) as session:
+            assert session.get(api_server.url, timeout=5).status_code == 200, name
+        headers = api_server.seen[-1][1]
+        assert headers["authorization"] == f"Bearer {tokens[name].token}", name
+        assert headers["x-goog-user-project"] == BILLING, name
+    auth = BearerAuth(SCOPE, NAMED, store=app_store(store))
+    assert requests.get(api_server.url, auth=auth, timeout=5).status_code == 200
+    assert "x-goog-user-project" not in api_server.seen[-1][1]
+    assert emulator.stats()["token_requests"] == 0
+
+
+def test_quota_project_id_and_the_rest_client_libraries_read(
+    store: TokenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    creds = Credentials([SCOPE], NAMED, store=store, quota_project_id=BILLING, project_id="p")
+    assert isinstance(creds, ga.CredentialsWithQuotaProject) and creds.universe_domain == "googleapis.com"
+    headers: dict[str, str] = {}
+    creds.apply(headers, token="ya29.some-token-value")
+    assert headers == {"authorization": "Bearer ya29.some-token-value", "x-goog-user-project": BILLING}
+    assert creds.with_quota_project(None).quota_project_id is None and creds.quota_project_id == BILLING
+    monkeypatch.setenv("GOOGLE_CLOUD_QUOTA_PROJECT", "from-env")
+    assert creds.with_quota_project_from_environment().quota_project_id == "from-env"
+    clone = pickle.loads(pickle.dumps(Credentials([SCOPE], quota_project_id=BILLING)))  # the default store
+    assert clone.with_subject(USER).quota_project_id == BILLING
+    assert BILLING in repr(creds)
+    assert creds.get_cred_info()["principal"] == NAMED
+    client = storage.Client(credentials=creds)  # no project passed: the credentials' own, not ADC
+    assert client.project == "p" and client._credentials.quota_project_id == BILLING
+    client.close()
+
+
 # -- errors ------------------------------------------------------------------------------------
 
 
@@ -380,6 +471,9 @@ def test_no_scopes_is_a_google_refresh_error(store: TokenStore) -> None:
         ({"scopes": [SCOPE], "store": "redis://localhost"}, TypeError, "store"),
         ({"scopes": [SCOPE], "timeout": 0}, ValueError, "timeout"),
         ({"scopes": [SCOPE], "timeout": "3"}, TypeError, "timeout"),
+        ({"scopes": [SCOPE], "quota_project_id": 5}, TypeError, "quota_project_id"),
+        ({"scopes": [SCOPE], "quota_project_id": ""}, ValueError, "quota_project_id"),
+        ({"scopes": [SCOPE], "project_id": b"p"}, TypeError, "project_id"),
     ],
 )
 def test_credentials_arguments_are_checked(kwargs: dict[str, Any], error: type[Exception], name: str) -> None:
@@ -397,6 +491,8 @@ def test_copies_check_their_arguments() -> None:
         creds.with_subject("")
     with pytest.raises(TypeError, match="account"):
         creds.with_account(5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="quota_project_id"):
+        creds.with_quota_project(" ")
 
 
 def test_repr_never_shows_the_token(store: TokenStore) -> None:

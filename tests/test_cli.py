@@ -228,3 +228,31 @@ def test_piped_ls_prints_full_values_and_survives_markup(store: TokenStore, work
     assert header.split("\t")[0] == "ACCOUNT" and cells[1] == store.key_for(token).scope
     assert cells[2] == "someone.with.a.long.name@example.com" and "[/oops]" in cells[5]
     assert "piped-secret" not in out.stdout and cells[6] == "ya29.a0…f3k"
+
+
+def test_status_sees_a_sigkilled_scheduler_within_5_s(store: TokenStore, workers: Workers) -> None:
+    """Bound: after a SIGKILL of the pool whose worker runs RQ's scheduler, `tokencache status` reports
+    no scheduler and exits 1 within 5 s (measured to the end of the status run that says so), though
+    RQ's scheduler lock still names the dead scheduler for up to 61 s."""
+    from rq.scheduler import RQScheduler
+
+    pool = workers.start(2)
+
+    def healthy() -> bool:
+        out = run("status", "--json", env=workers.env())
+        return out.returncode == 0 and json.loads(out.stdout)["scheduler"]
+
+    wait_for(healthy, 30, interval=0.2, what="status healthy with a scheduler")
+    killed = time.monotonic()
+    pool.kill()  # SIGKILL to the pool's whole process group: parent, workers and the scheduler
+
+    def flagged() -> float | None:
+        out = run("status", "--json", env=workers.env())
+        report = json.loads(out.stdout)
+        return time.monotonic() - killed if out.returncode == 1 and not report["scheduler"] else None
+
+    seen_after = wait_for(flagged, 15, interval=0.05, what="the dead scheduler reported")
+    print(f"status reported the dead scheduler {seen_after:.2f} s after the SIGKILL")  # shown by -rP
+    assert seen_after <= 5.0, f"status reported the dead scheduler {seen_after:.2f} s after the SIGKILL"
+    lock = RQScheduler.get_locking_key(store.refresh_queue.name)
+    assert store.redis.exists(lock)  # RQ's lock alone would still say "running"

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import datetime
 import time
 
 from rq.registry import FailedJobRegistry
+from rq.scheduler import RQScheduler
+from rq.utils import utcformat
 
 from tokencache import Token, TokenStore
 from tokencache.cli.health import check
+from tokencache.constants import SCHEDULER_TTL
 
 from .conftest import SCOPE
 
@@ -45,3 +49,21 @@ def test_failed_refreshes_count_only_for_tokens_still_cached_in_this_namespace(s
     ]
     store.redis.zadd(FailedJobRegistry(queue=queue).key, dict.fromkeys(failed, time.time() + 3600))
     assert check(store, "redis://test").failed == 2
+
+
+def test_the_scheduler_runs_only_while_its_lock_holder_beats(store: TokenStore) -> None:
+    """RQ's lock outlives a dead scheduler by up to 61 s; its own last_heartbeat stops at once."""
+    assert not check(store, "redis://test").scheduler  # nobody holds the lock
+    scheduler = RQScheduler([store.refresh_queue.name], connection=store.redis)
+    assert scheduler.acquire_locks() == {store.refresh_queue.name}
+    assert not check(store, "redis://test").scheduler  # a lock and no scheduler hash: as before
+    scheduler.register_birth()  # what RQ's scheduler process writes first, then once a second
+    assert check(store, "redis://test").scheduler
+    silent = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=SCHEDULER_TTL + 0.5)
+    store.redis.hset(scheduler.key, "last_heartbeat", utcformat(silent))
+    assert not check(store, "redis://test").scheduler  # the lock is still held: RQ would say running
+    store.redis.hset(scheduler.key, "last_heartbeat", "not a time")
+    assert check(store, "redis://test").scheduler  # a beat we cannot read: the lock decides
+    store.redis.hdel(scheduler.key, "last_heartbeat")
+    assert check(store, "redis://test").scheduler  # an RQ that writes no beats: the lock decides
+    scheduler.release_locks()

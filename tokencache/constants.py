@@ -161,6 +161,21 @@ POOL_TTL = 5.0
 FORGET_POOL = 3600.0
 """A dead pool's entry is dropped after this long, so ``status`` stops reporting it."""
 
+SCHEDULER_SEEN_DEAD = 5.0
+"""``tokencache status`` reports a dead RQ scheduler at most this long after it died."""
+
+STATUS_RUN = 2.0
+"""Seconds one ``tokencache status`` may take from its start to its answer on a loaded host (about
+0.5 s measured: Python start-up, imports and a dozen reads)."""
+
+SCHEDULER_TTL = 3.0
+"""``status`` counts RQ's scheduler as running only while its lock's holder beat this recently.
+
+RQ's scheduler writes ``last_heartbeat`` into its own hash every :data:`RQ_SCHEDULER_POLL`, so
+3 s is two missed beats; its lock, by contrast, outlives a SIGKILL by up to 61 s. The last beat
+comes before the death, so a status run reading after 3 s says "not running", and that answer is
+out by 3 + :data:`STATUS_RUN` = 5 s (:data:`SCHEDULER_SEEN_DEAD`)."""
+
 # -- Redis clients --------------------------------------------------------------------
 
 MAX_CONNECTIONS = 50
@@ -243,6 +258,12 @@ INVARIANTS: dict[str, Callable[[], bool]] = {
     "a graceful stop outlasts a running job": lambda: STOP_TIMEOUT > JOB_TIMEOUT,
     "a live pool beats several times per heartbeat lifetime": lambda: POOL_TTL >= 2 * REPAIR_INTERVAL,
     "a dead pool is reported before it is forgotten": lambda: FORGET_POOL > POOL_TTL,
+    "a live scheduler beats at least twice per heartbeat lifetime": (
+        lambda: SCHEDULER_TTL >= 2 * RQ_SCHEDULER_POLL
+    ),
+    "a dead scheduler is reported in time, status's own run included": (
+        lambda: SCHEDULER_TTL + STATUS_RUN <= SCHEDULER_SEEN_DEAD
+    ),
     "the near cache's lease covers one ping and its answer": lambda: LEASE >= PING_EVERY + PING_TIMEOUT,
     "the near cache's reader looks up between pings": lambda: NEAR_POLL < PING_EVERY,
 }

@@ -16,6 +16,15 @@ most once per :data:`RECHECK` seconds (the worker's new token lands about a
 second after the margin opens; if the workers are down, we do not hammer
 Redis), and always one :data:`~tokencache.token.EXPIRY_SKEW` before expiry,
 where the store itself stops handing the token out.
+
+What client libraries ask of credentials besides ``refresh()``: google-cloud-core
+turns ``client_options={"quota_project_id": ...}`` into ``with_quota_project()``
+(google-auth's ``apply()`` then sends ``x-goog-user-project``), reads
+``project_id`` when no project is passed (without it, it falls back to ADC, which
+an app without credentials does not have), compares ``universe_domain`` with the
+client's (google-auth's default, ``googleapis.com``, is right: the fleet's tokens
+come from Google's token endpoint) and adds ``get_cred_info()`` to 401/403 errors.
+Every copy keeps the quota project and project id.
 """
 
 from __future__ import annotations
@@ -60,7 +69,7 @@ def _translate(error: TokenCacheError) -> google.auth.exceptions.RefreshError:
     return google.auth.exceptions.RefreshError(str(error), retryable=retryable)
 
 
-class Credentials(ga.Scoped, ga.Credentials):
+class Credentials(ga.Scoped, ga.CredentialsWithQuotaProject):
     """google-auth credentials whose token is the fleet's shared one, read from tokencache's Redis."""
 
     def __init__(
@@ -71,6 +80,8 @@ class Credentials(ga.Scoped, ga.Credentials):
         *,
         store: TokenStore | None = None,
         timeout: float = 30.0,
+        quota_project_id: str | None = None,
+        project_id: str | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # google-auth is not annotated
         self._scopes = check_scopes(scopes)
@@ -79,6 +90,8 @@ class Credentials(ga.Scoped, ga.Credentials):
         self._subject = check_name("subject", subject)
         self._store = check_store(store)
         self._timeout = check_timeout(timeout)
+        self._quota_project_id = check_name("quota_project_id", quota_project_id)
+        self._project_id = check_name("project_id", project_id)
         self._margin = 0  # the refresh_before of the store read last (plain data, so pickling works)
         self._read_at: float | None = None
 
@@ -86,7 +99,7 @@ class Credentials(ga.Scoped, ga.Credentials):
         store = "default" if self._store is None else repr(self._store)
         return (
             f"tokencache.Credentials(scopes={self._scopes!r}, account={self._account!r}, "
-            f"subject={self._subject!r}, store={store})"
+            f"subject={self._subject!r}, quota_project_id={self._quota_project_id!r}, store={store})"
         )
 
     # -- what it reads -------------------------------------------------------
@@ -112,6 +125,11 @@ class Credentials(ga.Scoped, ga.Credentials):
         return self._default_scopes
 
     @property
+    def project_id(self) -> str | None:
+        """The project client libraries use when none is passed to them (None: they look it up)."""
+        return self._project_id
+
+    @property
     def requires_scopes(self) -> bool:
         """True until scopes are given, so client libraries' ``with_scopes_if_required`` fills them in."""
         return not self._scopes
@@ -122,6 +140,7 @@ class Credentials(ga.Scoped, ga.Credentials):
         self, scopes: Scopes, account: str | None, subject: str | None, default_scopes: Scopes
     ) -> Credentials:
         copy = type(self)(scopes, account, subject, store=self._store, timeout=self._timeout)
+        copy._quota_project_id, copy._project_id = self._quota_project_id, self._project_id
         copy._default_scopes = check_scopes(default_scopes, "default_scopes")
         return copy
 
@@ -136,6 +155,20 @@ class Credentials(ga.Scoped, ga.Credentials):
     def with_account(self, account: str | None) -> Credentials:
         """A copy reading the tokens of another account (None is ``default``)."""
         return self._copy(self._scopes, account, self._subject, self._default_scopes)
+
+    def with_quota_project(self, quota_project_id: str | None) -> Credentials:
+        """A copy that bills API calls to ``quota_project_id`` (the ``x-goog-user-project`` header)."""
+        copy = self._copy(self._scopes, self._account, self._subject, self._default_scopes)
+        copy._quota_project_id = check_name("quota_project_id", quota_project_id)
+        return copy
+
+    def get_cred_info(self) -> dict[str, str]:
+        """What client libraries add to a 401/403 error: these are tokencache's, for this account."""
+        return {
+            "credential_source": "tokencache",
+            "credential_type": "tokencache shared access token",
+            "principal": self._account or "default",
+        }
 
     # -- reading the token ---------------------------------------------------
 

@@ -4,6 +4,12 @@ Built from Redis alone, so any host with Redis access can ask: the worker
 pools' heartbeats (``{ns}:pools``, written every second by ``tokencache
 worker``), RQ's worker registrations (for fleets running plain ``rq worker``),
 the scheduler, the refresh registries and our index.
+
+The scheduler counts as running only while the holder of RQ's scheduler lock
+keeps beating: RQ's scheduler writes ``last_heartbeat`` into its own hash every
+second, whereas its lock outlives a SIGKILL by up to 61 s. That is the
+scheduler process's own word, so it holds for plain ``rq worker`` fleets too,
+and for a scheduler whose pool died around it but which still runs.
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ from rq import Worker
 from rq.exceptions import DeserializationError
 from rq.job import Job
 from rq.registry import FailedJobRegistry
+from rq.scheduler import SCHEDULER_KEY_TEMPLATE, RQScheduler
 from rq.serializers import JSONSerializer
+from rq.utils import utcparse
 
 from tokencache.app.tokenstore import TokenStore
-from tokencache.constants import FORGET_POOL, POOL_TTL
+from tokencache.constants import FORGET_POOL, POOL_TTL, SCHEDULER_TTL
 from tokencache.core.connection import redis_errors
 from tokencache.core.pipeline import per_entry
 from tokencache.core.queue import job_target
@@ -62,7 +70,10 @@ def _problems(h: Health) -> list[str]:
     if h.workers == 0:
         found.append(f"no worker is serving queue {h.queue!r}: start 'tokencache worker'")
     elif not h.scheduler:
-        found.append("no RQ scheduler holds the lock: scheduled refreshes will not run on time")
+        found.append(
+            f"no RQ scheduler is running (none holds the lock, or its holder has not beaten for "
+            f"{SCHEDULER_TTL:g} s): scheduled refreshes will not run on time"
+        )
     if h.overdue:
         found.append(f"{len(h.overdue)} refresh(es) overdue")
     if h.failed:
@@ -87,6 +98,23 @@ def _pools(store: TokenStore, now: float) -> tuple[dict[str, int], list[str]]:
         else:
             dead.append(f"{name.decode()} on {beat.get('host', '?')}")
     return live, dead
+
+
+def _scheduler_running(store: TokenStore, now: float) -> bool:
+    """Whether the scheduler holding RQ's lock for the refresh queue beat in the last SCHEDULER_TTL s."""
+    holder = cast(bytes | None, store.redis.get(RQScheduler.get_locking_key(store.refresh_queue.name)))
+    if holder is None:
+        return False
+    pid, beat = cast(
+        list[bytes | None],
+        store.redis.hmget(SCHEDULER_KEY_TEMPLATE % holder.decode(), ["pid", "last_heartbeat"]),
+    )
+    if beat is None:
+        return pid is not None  # an RQ that writes no beats: trust its lock, as before
+    try:
+        return now - utcparse(beat.decode()).timestamp() <= SCHEDULER_TTL
+    except ValueError:
+        return True  # a beat we cannot read: the lock is all we have
 
 
 def _target(store: TokenStore, job: Job | None) -> TokenKey | None:
@@ -147,7 +175,7 @@ def check(store: TokenStore, redis_url: str) -> Health:
             # so they count only where no tokencache pool ever ran (plain 'rq worker').
             workers=sum(live.values()) if live or dead else registrations,
             rq_registrations=registrations,
-            scheduler=rq.queue.scheduler_pid is not None,
+            scheduler=_scheduler_running(store, now),
             tokens=int(store.redis.zcard(store.keys.index)),
             scheduled=rq.scheduled.count,
             queued=rq.queue.count,
