@@ -7,6 +7,7 @@ against the emulator, with a burst of tokens all due in the same second.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -349,3 +350,50 @@ def test_a_batch_member_deleted_during_the_batch_is_not_resurrected(
     assert store.redis.zscore(store.keys.index, store.keys.token(doomed)) is None
     assert scheduled_at(store, doomed) is None
     assert all(store.find(SCOPE, sub=k.sub) for k in keys if k != doomed)
+
+
+# -- fault isolation: one bad key never stops a batch ----------------------------------------------
+
+
+def test_a_malformed_or_wrong_type_member_does_not_stop_the_batch(
+    store: TokenStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bound: a due token whose ``expires`` is not a number, and a due token key overwritten by a string,
+    are skipped (each logged once, by name); the other 10 due tokens are all refreshed by the batch."""
+    soon = int(time.time()) + store.refresh_before + 2
+    then = an_hour_ago(store)
+    for sub in ["malformed", "overwritten", *(f"ok{i}" for i in range(10))]:
+        then.store(original(sub, soon))
+    malformed, overwritten = store.keys.token(key("malformed")), store.keys.token(key("overwritten"))
+    store.redis.hset(malformed, "expires", "soon")
+    store.redis.set(overwritten, "someone else's string")
+    fetch = FakeFetch()
+
+    with caplog.at_level(logging.WARNING, logger="tokencache"):
+        outcomes = refresh_due(store, fetch, exclude=LEADER, threads=2)
+        assert refresh_due(store, fetch, exclude=LEADER, threads=2) == Counter()  # met again, not logged
+
+    assert outcomes == Counter({"refreshed": 10})
+    assert set(fetch.calls) == {key(f"ok{i}") for i in range(10)}
+    assert store.redis.get(overwritten) == b"someone else's string"
+    assert store.redis.hget(malformed, "expires") == b"soon"
+    for name in (malformed, overwritten):
+        assert sum(name in message for message in caplog.messages) == 1, caplog.messages
+
+
+@pytest.mark.timeout(60)
+def test_a_burst_beside_a_malformed_token_is_still_replaced_before_expiry(
+    store: TokenStore, workers: Workers, emulator: Emulator
+) -> None:
+    """Bound: as the sixty-token burst above (one worker, 0.2 s per fetch: only batching fits it in the
+    10 s margin), with a due token whose ``expires`` is not a number: all sixty are replaced before
+    they expire, and the malformed one's own job replaces it with a good token."""
+    emulator.config.latency = 0.2
+    workers.start(1)
+    expires, tokens = burst(store, 60, due_in=2)
+    bad = original("malformed@example.com", expires)
+    store.store(bad)
+    store.redis.hset(store.keys.token(store.key_for(bad)), "expires", "soon")
+    wait_for(lambda: all_replaced(store, tokens), timeout=expires - time.time(), what="all 60 replaced")
+    assert time.time() < expires
+    wait_for(lambda: store.find(SCOPE, sub=bad.sub), 20, what="the malformed token replaced by its own job")
