@@ -382,18 +382,24 @@ def test_a_malformed_or_wrong_type_member_does_not_stop_the_batch(
 
 
 @pytest.mark.timeout(60)
-def test_a_burst_beside_a_malformed_token_is_still_replaced_before_expiry(
-    store: TokenStore, workers: Workers, emulator: Emulator
+@pytest.mark.parametrize("bad", ["malformed", "wrong type"])
+def test_a_burst_is_replaced_before_expiry_beside_a_bad_key_at_the_head_of_the_range(
+    store: TokenStore, workers: Workers, emulator: Emulator, bad: str
 ) -> None:
-    """Bound: as the sixty-token burst above (one worker, 0.2 s per fetch: only batching fits it in the
-    10 s margin), with a due token whose ``expires`` is not a number: all sixty are replaced before
-    they expire, and the malformed one's own job replaces it with a good token."""
+    """Bound: the sixty-token burst above (one worker, 0.2 s per fetch: only batching fits it in the 10 s
+    margin) is replaced before it expires, beside a bad key due with it that nothing repairs and that
+    sorts first in the index, so every batch meets it: a hash whose ``expires`` is not a number, of an
+    account no worker holds (its own job gives up), or a token key overwritten by a string."""
     emulator.config.latency = 0.2
     workers.start(1)
     expires, tokens = burst(store, 60, due_in=2)
-    bad = original("malformed@example.com", expires)
-    store.store(bad)
-    store.redis.hset(store.keys.token(store.key_for(bad)), "expires", "soon")
+    head = original("bad@example.com", expires, account="absent@example.com")  # sorts before "default"
+    store.store(head)
+    redis_key = store.keys.token(store.key_for(head))
+    assert store.redis.zrange(store.keys.index, 0, 0) == [redis_key.encode()]
+    if bad == "malformed":
+        store.redis.hset(redis_key, "expires", "soon")
+    else:
+        store.redis.set(redis_key, "someone else's string")
     wait_for(lambda: all_replaced(store, tokens), timeout=expires - time.time(), what="all 60 replaced")
     assert time.time() < expires
-    wait_for(lambda: store.find(SCOPE, sub=bad.sub), 20, what="the malformed token replaced by its own job")
