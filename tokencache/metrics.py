@@ -5,7 +5,8 @@ Worker side (``tokencache worker --metrics-port 9108`` serves them, with the scr
 
 - ``tokencache_refreshes_total{outcome}`` (counter): refresh-job runs by outcome (the
   :attr:`~tokencache.outcomes.Outcome.label` of each): ``refreshed``, ``not_due``, ``busy``,
-  ``failed``, ``gave_up``, ``deleted``, ``crashed``; and ``batched``: tokens refreshed by another
+  ``failed``, ``gave_up``, ``deleted``, ``crashed``, ``skipped`` (the token's key holds another
+  Redis type); and ``batched``: tokens refreshed by another
   token's job (see :mod:`tokencache.worker.batch`);
 - ``tokencache_refresh_lateness_seconds`` (histogram): when a refresh ran minus when it was due;
 - ``tokencache_endpoint_latency_seconds{result}`` (histogram): token requests to Google, ok/error;
