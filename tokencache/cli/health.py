@@ -90,12 +90,12 @@ def _pools(store: TokenStore, now: float) -> tuple[dict[str, int], list[str]]:
     for name, value in raw.items():
         try:
             beat = json.loads(value)
-            age = now - float(beat["at"])
+            age, workers = now - float(beat["at"]), int(beat["workers"])
         except (ValueError, TypeError, KeyError) as e:
             bad_keys.skip(f"{store.keys.pools} {name!r}", f"unreadable pool heartbeat: {e!r}", "status")
             continue
         if age <= POOL_TTL:
-            live[name.decode()] = int(beat["workers"])
+            live[name.decode()] = workers
         elif age > FORGET_POOL:
             store.redis.hdel(store.keys.pools, name)
         else:
