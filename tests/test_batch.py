@@ -7,6 +7,7 @@ against the emulator, with a burst of tokens all due in the same second.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -347,3 +348,56 @@ def test_a_batch_member_deleted_during_the_batch_is_not_resurrected(
     assert store.redis.zscore(store.keys.index, store.keys.token(doomed)) is None
     assert scheduled_at(store, doomed) is None
     assert all(store.find(SCOPE, sub=k.sub) for k in keys if k != doomed)
+
+
+# -- fault isolation: one bad key never stops a batch ----------------------------------------------
+
+
+def test_a_malformed_or_wrong_type_member_does_not_stop_the_batch(
+    store: TokenStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bound: a due token whose ``expires`` is not a number, and a due token key overwritten by a string,
+    are skipped (each logged once, by name); the other 10 due tokens are all refreshed by the batch."""
+    soon = int(time.time()) + store.refresh_before + 2
+    then = an_hour_ago(store)
+    for sub in ["malformed", "overwritten", *(f"ok{i}" for i in range(10))]:
+        then.store(original(sub, soon))
+    malformed, overwritten = store.keys.token(key("malformed")), store.keys.token(key("overwritten"))
+    store.redis.hset(malformed, "expires", "soon")
+    store.redis.set(overwritten, "someone else's string")
+    fetch = FakeFetch()
+
+    with caplog.at_level(logging.WARNING, logger="tokencache"):
+        outcomes = refresh_due(store, fetch, exclude=LEADER, threads=2)
+        assert refresh_due(store, fetch, exclude=LEADER, threads=2) == Counter()  # met again, not logged
+
+    assert outcomes == Counter({"refreshed": 10})
+    assert set(fetch.calls) == {key(f"ok{i}") for i in range(10)}
+    assert store.redis.get(overwritten) == b"someone else's string"
+    assert store.redis.hget(malformed, "expires") == b"soon"
+    for name in (malformed, overwritten):
+        assert sum(name in message for message in caplog.messages) == 1, caplog.messages
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("bad", ["malformed", "wrong type"])
+def test_a_burst_is_replaced_before_expiry_beside_a_bad_key_at_the_head_of_the_range(
+    store: TokenStore, workers: Workers, emulator: Emulator, bad: str
+) -> None:
+    """Bound: the sixty-token burst above (one worker, 0.2 s per fetch: only batching fits it in the 10 s
+    margin) is replaced before it expires, beside a bad key due with it that nothing repairs and that
+    sorts first in the index, so every batch meets it: a hash whose ``expires`` is not a number, of an
+    account no worker holds (its own job gives up), or a token key overwritten by a string."""
+    emulator.config.latency = 0.2
+    workers.start(1)
+    expires, tokens = burst(store, 60, due_in=2)
+    head = original("bad@example.com", expires, account="absent@example.com")  # sorts before "default"
+    store.store(head)
+    redis_key = store.keys.token(store.key_for(head))
+    assert store.redis.zrange(store.keys.index, 0, 0) == [redis_key.encode()]
+    if bad == "malformed":
+        store.redis.hset(redis_key, "expires", "soon")
+    else:
+        store.redis.set(redis_key, "someone else's string")
+    wait_for(lambda: all_replaced(store, tokens), timeout=expires - time.time(), what="all 60 replaced")
+    assert time.time() < expires

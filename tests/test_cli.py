@@ -256,3 +256,33 @@ def test_status_sees_a_sigkilled_scheduler_within_5_s(store: TokenStore, workers
     assert seen_after <= 5.0, f"status reported the dead scheduler {seen_after:.2f} s after the SIGKILL"
     lock = RQScheduler.get_locking_key(store.refresh_queue.name)
     assert store.redis.exists(lock)  # RQ's lock alone would still say "running"
+
+
+def test_ls_and_status_skip_and_name_bad_keys(store: TokenStore, workers: Workers) -> None:
+    """Bound: with a token key overwritten by a string, a malformed hash and a junk index member (all
+    due), ``ls`` lists the good token and exits 0, and ``status`` reports (exit 1: attention), each
+    naming the three skipped keys; neither fails."""
+    now = int(time.time())
+    store.store(Token(token="ya29.a0-good-one-f3k", scope=SCOPE, expires=now + 600, sub="good@example.com"))
+    for sub in ("overwritten@example.com", "malformed@example.com"):
+        store.store(Token(token="ya29.a0-bad-one-f3k", scope=SCOPE, expires=now + 5, sub=sub))
+    overwritten = store.keys.token(store.key_for_info(SCOPE, "overwritten@example.com"))
+    malformed = store.keys.token(store.key_for_info(SCOPE, "malformed@example.com"))
+    store.redis.set(overwritten, "someone else's string")
+    store.redis.hset(malformed, "expires", "soon")
+    store.redis.zadd(store.keys.index, {"junk-member": 1})
+    bad = (overwritten, malformed, "junk-member")
+
+    ls = run("ls", "--json", env=workers.env())
+    assert ls.returncode == 0, ls.stderr
+    assert [row["sub"] for row in json.loads(ls.stdout)] == ["good@example.com"]
+    assert all(f"skipping {name} " in ls.stderr for name in bad), ls.stderr
+
+    status = run("status", "--json", env=workers.env())
+    assert status.returncode == 1 and "error" not in status.stderr, status.stderr
+    report = json.loads(status.stdout)
+    assert set(report["skipped"]) == set(bad) and "WRONGTYPE" in report["skipped"][overwritten]
+    assert any(all(name in problem for name in bad) for problem in report["problems"]), report["problems"]
+    assert report["tokens"] == 4
+    table = run("status", env=workers.env())
+    assert table.returncode == 1 and "bad keys skipped" in table.stdout and overwritten in table.stdout

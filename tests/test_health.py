@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import time
 
+from rq.job import Job
 from rq.registry import FailedJobRegistry
 from rq.scheduler import RQScheduler
 from rq.utils import utcformat
@@ -67,3 +68,26 @@ def test_the_scheduler_runs_only_while_its_lock_holder_beats(store: TokenStore) 
     store.redis.hdel(scheduler.key, "last_heartbeat")
     assert check(store, "redis://test").scheduler  # an RQ that writes no beats: the lock decides
     scheduler.release_locks()
+
+
+def test_bad_keys_are_listed_not_fatal(store: TokenStore) -> None:
+    """Bound: a token key overwritten by a string, a failed job whose key is a string and an unreadable
+    pool heartbeat do not stop the report: each is listed as skipped, with a problem naming them."""
+    good = Token(token="ya29.health-good", scope=SCOPE, expires=int(time.time()) + 600)
+    store.store(good)
+    over = Token(token="ya29.health-over", scope="overwritten", expires=int(time.time()) + 5)
+    store.store(over)
+    overwritten = store.keys.token(store.key_for(over))
+    store.redis.set(overwritten, "someone else's string")
+    failed_job = Job.key_for(store.keys.job_id(store.key_for(good)))
+    store.redis.set(failed_job, "not a job")
+    failed_registry = FailedJobRegistry(queue=store.refresh_queue.queue)
+    store.redis.zadd(failed_registry.key, {store.keys.job_id(store.key_for(good)): time.time() + 3600})
+    store.redis.hset(store.keys.pools, "garbled-pool", "{not json")
+
+    health = check(store, "redis://test")
+
+    pool_entry = f"{store.keys.pools} {b'garbled-pool'!r}"
+    assert set(health.skipped) == {overwritten, failed_job, pool_entry}
+    assert health.failed == 0 and health.tokens == 2 and health.pools == 0
+    assert any(all(name in problem for name in health.skipped) for problem in health.problems)

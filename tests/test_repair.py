@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
+import pytest
+import requests
+from prometheus_client import REGISTRY
 from rq.job import Job, JobStatus
 
 from tokencache import Token, TokenStore
 from tokencache.constants import LOCK_TTL
 from tokencache.core.locks import Lock
 from tokencache.keys import parse_job_id
+from tokencache.testing.emulator import Emulator
+from tokencache.testing.redisserver import free_port
 from tokencache.worker.repair import repair, repair_if_leader
 
-from .conftest import SCOPE
+from .conftest import SCOPE, Workers, wait_for
 
 
 def stored(store: TokenStore, expires_in: int = 100) -> tuple[Token, str]:
@@ -140,3 +146,96 @@ def test_a_placeholder_the_apps_wait_for_is_enqueued_not_dropped(store: TokenSto
     store.redis.hset(Job.key_for(job_id), "status", "failed")
     assert repair(store)["drop"] == 1
     assert store.redis.zcard(store.keys.index) == 0
+
+
+# -- fault isolation: one bad key never stops a pass ------------------------------------------------
+
+
+def bad_keys_counted(where: str) -> float:
+    return REGISTRY.get_sample_value("tokencache_bad_keys_total", {"where": where}) or 0.0
+
+
+def with_a_lost_job(store: TokenStore, sub: str, expires_in: int) -> Token:
+    """A token whose refresh job was lost (its RQ hash and its schedule entry gone)."""
+    token = Token(token=f"ya29.lost-{sub}", scope=SCOPE, expires=int(time.time()) + expires_in, sub=sub)
+    job = store.store(token)
+    assert job is not None
+    store.redis.delete(job.key)
+    store.redis.zrem(store.refresh_queue.scheduled.key, job.id)
+    return token
+
+
+def wrong_type(store: TokenStore, sub: str, expires_in: int) -> str:
+    """A token key of the namespace overwritten by ``redis-cli SET`` (still indexed, job still scheduled)."""
+    store.store(Token(token="ya29.overwritten", scope=SCOPE, expires=int(time.time()) + expires_in, sub=sub))
+    key = store.keys.token(store.key_for_info(SCOPE, sub))
+    store.redis.set(key, "someone else's string")
+    return key
+
+
+def test_a_wrong_type_token_key_does_not_stop_repair(
+    store: TokenStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bound: every pass re-enqueues (then keeps) the lost job of the good token beside a token key that
+    holds a string; the string is never deleted, is logged once over three passes, and counted each pass."""
+    good = with_a_lost_job(store, "good-beside-a-string@example.com", 100)
+    bad = wrong_type(store, "overwritten-by-set@example.com", 100)
+    counted = bad_keys_counted("repair")
+    with caplog.at_level(logging.WARNING, logger="tokencache"):
+        passes = [repair(later(store, 95)) for _ in range(3)]
+    assert [p["enqueue"] for p in passes] == [1, 0, 0] and [p["ok"] for p in passes] == [0, 1, 1]
+    assert queued(store) == [store.keys.job_id(store.key_for(good))]
+    assert store.redis.get(bad) == b"someone else's string" and store.redis.zscore(store.keys.index, bad)
+    assert sum(bad in message for message in caplog.messages) == 1
+    assert bad_keys_counted("repair") == counted + 3
+
+
+def test_a_job_key_of_another_type_does_not_stop_repair(
+    store: TokenStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bound: a refresh job key that holds a string is skipped (left as it is), the lost job of another
+    token is still re-enqueued in the same pass."""
+    good = with_a_lost_job(store, "good-beside-a-bad-job@example.com", 100)
+    other = with_a_lost_job(store, "its-job-is-a-string@example.com", 100)
+    job_key = Job.key_for(store.keys.job_id(store.key_for(other)))
+    store.redis.set(job_key, "not a job")
+    with caplog.at_level(logging.WARNING, logger="tokencache"):
+        assert repair(later(store, 95)) == {"enqueue": 1}
+    assert queued(store) == [store.keys.job_id(store.key_for(good))]
+    assert store.redis.get(job_key) == b"not a job"
+    assert sum(job_key in message for message in caplog.messages) == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_pool_refreshes_a_lost_token_in_time_beside_a_wrong_type_key(
+    store: TokenStore, workers: Workers, emulator: Emulator
+) -> None:
+    """Bound: with a token key overwritten by a string in the index, the pool's repair still re-enqueues
+    a token whose job was lost, and it is replaced before it expires (due in 4 s, 10 s margin); the
+    pool logs the bad key once over three or more repair reads, and its metric counts them."""
+    port = free_port()
+    pool = workers.start(1, args=("--metrics-port", str(port)))
+    bad = wrong_type(store, "overwritten-in-a-pool@example.com", 5)  # due: every pass reads it
+    lost = with_a_lost_job(store, "lost-in-a-pool@example.com", store.refresh_before + 4)
+
+    def replaced() -> bool:
+        found = store.find(SCOPE, sub=lost.sub)
+        return found is not None and found.token != lost.token
+
+    wait_for(replaced, timeout=lost.expires - time.time(), interval=0.1, what="the lost token refreshed")
+    assert time.time() < lost.expires
+    counted = 'tokencache_bad_keys_total{where="repair"}'
+    wait_for(lambda: scrape_value(port, counted) >= 3, 10, interval=0.2, what="three repair reads")
+    assert pool.log is not None
+    log_text = pool.log.read_text()
+    assert log_text.count(f"skipping {bad} (read by repair)") == 1, pool.log_tail()
+    assert "repair pass skipped" not in log_text
+    # The bad key's own refresh job met it too, and ended (skipped) rather than retrying against it.
+    assert f"skipping {bad} (read by record)" in log_text and "crashed" not in log_text
+    assert store.redis.get(bad) == b"someone else's string"
+
+
+def scrape_value(port: int, sample: str) -> float:
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample + " ")]
+    return values[0] if values else 0.0

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -383,3 +386,39 @@ def test_rq_gets_an_offline_client_on_asyncio(any_redis: Redis) -> None:
             assert job is not None and any_redis.exists(job.key)
 
     asyncio.run(scenario())
+
+
+def test_listings_skip_bad_keys_and_find_names_a_wrong_type_key(
+    ts: TokenStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bound: with a token key overwritten by a string, a malformed hash and a junk index member, records()
+    and tokens() return every other token (each bad key logged once over both listings, by name);
+    find() of the overwritten key raises an error naming it, and every other find() is unaffected."""
+    good = {token(scope=f"good{i}") for i in range(5)}
+    for t in good | {token(scope="overwritten"), token(scope="malformed")}:
+        ts.store(t)
+    overwritten, malformed = (
+        ts.keys.token(ts.key_for_info("overwritten")),
+        ts.keys.token(ts.key_for_info("malformed")),
+    )
+    ts.redis.set(overwritten, "someone else's string")
+    ts.redis.hset(malformed, "expires", "soon")
+    junk = f"junk-{uuid.uuid4().hex}"  # never good again: logged once per process, so once per test here
+    ts.redis.zadd(ts.keys.index, {junk: 1})
+
+    with caplog.at_level(logging.WARNING, logger="tokencache"):
+        assert {found.token for found in ts.records()} == good
+        assert set(ts.tokens()) == good
+    for name in (overwritten, malformed, junk):
+        assert sum(name in message for message in caplog.messages) == 1, caplog.messages
+    with pytest.raises(RedisUnavailableError, match=re.escape(repr(overwritten))) as raised:
+        ts.find("overwritten")
+    assert isinstance(raised.value, tokencache.WrongTypeError)
+    with pytest.raises(tokencache.WrongTypeError, match=re.escape(repr(overwritten))):
+        ts.record(ts.key_for_info("overwritten"))
+    assert ts.find("malformed") is None
+    assert all(ts.find(t.scope) == t for t in good)
+    assert ts.redis.get(overwritten) == b"someone else's string"
+    ts.delete("overwritten")  # the way to give the key back to tokencache
+    ts.store(token(scope="overwritten"))
+    assert ts.find("overwritten") is not None

@@ -16,6 +16,7 @@ from tokencache.errors import (
     RefreshError,
     TokenCacheError,
     UnknownAccountError,
+    WrongTypeError,
 )
 from tokencache.keys import TokenKey, normalize_scope
 from tokencache.token import Freshness, Token, mask
@@ -91,6 +92,7 @@ __all__ = [  # noqa: RUF022 - grouped by purpose, as the reader meets them
     "FetchTimeoutError",
     "ConfigurationError",
     "UnknownAccountError",
+    "WrongTypeError",
 ]
 
 __version__ = "0.1.0"

@@ -13,6 +13,7 @@ __all__ = [
     "RefreshError",
     "TokenCacheError",
     "UnknownAccountError",
+    "WrongTypeError",
 ]
 
 
@@ -22,6 +23,10 @@ class TokenCacheError(Exception):
 
 class RedisUnavailableError(TokenCacheError, ConnectionError):
     """Redis could not be reached or answered with an error."""
+
+
+class WrongTypeError(RedisUnavailableError):
+    """A token's key holds another Redis type than tokencache's hash: someone else's data, left alone."""
 
 
 class RefreshError(TokenCacheError):

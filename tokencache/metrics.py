@@ -5,7 +5,8 @@ Worker side (``tokencache worker --metrics-port 9108`` serves them, with the scr
 
 - ``tokencache_refreshes_total{outcome}`` (counter): refresh-job runs by outcome (the
   :attr:`~tokencache.outcomes.Outcome.label` of each): ``refreshed``, ``not_due``, ``busy``,
-  ``failed``, ``gave_up``, ``deleted``, ``crashed``; and ``batched``: tokens refreshed by another
+  ``failed``, ``gave_up``, ``deleted``, ``crashed``, ``skipped`` (the token's key holds another
+  Redis type); and ``batched``: tokens refreshed by another
   token's job (see :mod:`tokencache.worker.batch`);
 - ``tokencache_refresh_lateness_seconds`` (histogram): when a refresh ran minus when it was due;
 - ``tokencache_endpoint_latency_seconds{result}`` (histogram): token requests to Google, ok/error;
@@ -23,6 +24,15 @@ App side (any process; expose them with your own Prometheus endpoint, or
 - ``tokencache_cache_misses_total`` (counter): reads that did not;
 - ``tokencache_fetch_wait_seconds{result}`` (histogram): how long ``for_scope`` waited on a miss.
 
+Both sides:
+
+- ``tokencache_bad_keys_total{where}`` (counter): reads that met a malformed or wrong-type key and
+  skipped it (each key is also logged once per process, by name), by the read that met it:
+  ``find`` (``find``/``for_scope``), ``record`` (a refresh job's or a batch's re-read), ``listing``
+  (``tokens``/``records``, so ``ls`` and ``status``), ``repair``, ``batch``, ``status`` (failed
+  jobs). A repair pass meets a bad key every second until it is fixed, so a rate above zero means
+  one is still there.
+
 The metric objects are created on first use, not at import, so a process can
 choose prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``)
 before anything is counted; the worker pool does that for its workers.
@@ -37,7 +47,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from tokencache.outcomes import Outcome
 
@@ -46,13 +56,18 @@ if TYPE_CHECKING:
 
 
 __all__ = [
+    "Where",
     "enable_multiprocess",
     "observe_endpoint",
     "observe_fetch_wait",
+    "record_bad_key",
     "record_read",
     "record_refresh",
     "start_http_server",
 ]
+
+Where = Literal["find", "record", "listing", "repair", "batch", "status"]
+"""The values of the ``where`` label of ``tokencache_bad_keys_total``: which read met the bad key."""
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LATENESS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
@@ -66,6 +81,7 @@ class _Metrics:
     hits: Counter
     misses: Counter
     fetch_wait: Histogram
+    bad_keys: Counter
 
 
 _metrics: _Metrics | None = None
@@ -105,6 +121,7 @@ def _create() -> _Metrics:
             ["result"],
             buckets=LATENCY_BUCKETS,
         ),
+        bad_keys=Counter("tokencache_bad_keys", "Reads that skipped a bad key", ["where"]),
     )
 
 
@@ -127,6 +144,11 @@ def record_read(hit: bool) -> None:
 
 def observe_fetch_wait(seconds: float, ok: bool) -> None:
     _get().fetch_wait.labels("ok" if ok else "error").observe(seconds)
+
+
+def record_bad_key(where: Where) -> None:
+    """Count one read that skipped a malformed or wrong-type key."""
+    _get().bad_keys.labels(where).inc()
 
 
 def enable_multiprocess() -> str:

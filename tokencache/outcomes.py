@@ -35,7 +35,8 @@ class Outcome(enum.StrEnum):
     BATCHED = "batched"
     """A token refreshed by another token's job (the metric's count of batch members refreshed)."""
     SKIPPED = "skipped"
-    """A batch left the token to its own job (not plainly due and healthy, or no credentials here)."""
+    """A batch left the token to its own job (not plainly due and healthy, or no credentials here); or a
+    refresh job found another Redis type at its token's key: left alone, no repeat (repair resumes it)."""
     HELD_ELSEWHERE = "held elsewhere"
     """A batch found the token's lock taken (mostly in flight in a concurrent batch)."""
     HANDED_OVER = "handed over"

@@ -20,20 +20,28 @@ from enum import Enum
 from functools import cached_property
 from typing import Any
 
-from redis import Redis
+from redis import Redis, RedisError
 from redis.asyncio import Redis as AsyncRedis
 from rq.job import Job
 
 from tokencache import env, metrics
 from tokencache.app.nearcache import NearCache
-from tokencache.app.reads import KeyMemo, TokenMemo
+from tokencache.app.reads import WRONG_TYPE, KeyMemo, TokenMemo, bad_keys
 from tokencache.constants import ERROR_MESSAGE_LIMIT, ERROR_TTL, EXPIRY_SKEW, FLEET_POLL, INDEX_PAGE
+from tokencache.core.connection import is_wrong_type, unavailable
 from tokencache.core.notify import error_message, ok_message, parse
 from tokencache.core.pipeline import Pipeline
 from tokencache.core.queue import RefreshQueue, utc
 from tokencache.core.record import Bookkeeping, MalformedRecord, from_fields, to_fields
 from tokencache.core.sources import Sources, default_sources
-from tokencache.errors import ConfigurationError, FetchTimeoutError, RefreshError, TokenCacheError
+from tokencache.errors import (
+    ConfigurationError,
+    FetchTimeoutError,
+    RedisUnavailableError,
+    RefreshError,
+    TokenCacheError,
+    WrongTypeError,
+)
 from tokencache.keys import DEFAULT_ACCOUNT, Keys, TokenKey, parse_info
 from tokencache.token import Freshness, Token
 from tokencache.validate import check_flag, check_refresh_before
@@ -187,21 +195,36 @@ class StoreCore:
         try:
             token = self._token_memo.parse(redis_key, raw)
         except MalformedRecord as e:
-            log.warning("ignoring malformed token hash %s: %s", redis_key, e)
+            bad_keys.skip(redis_key, f"malformed token hash: {e}", "find")
             return None
         if token.expires - self.clock() <= EXPIRY_SKEW:
             return None
         return token
 
-    def parse_record(self, key: TokenKey, raw: dict[bytes, bytes]) -> TokenRecord | None:
+    def parse_record(
+        self, key: TokenKey, raw: dict[bytes, bytes], where: metrics.Where = "record"
+    ) -> TokenRecord | None:
         """The record in an HGETALL reply, valid or not (None if the hash is gone or malformed)."""
         if not raw:
             return None
+        redis_key = self.keys.token(key)
         try:
-            return TokenRecord(key, from_fields(raw), Bookkeeping.of(raw))
+            found = TokenRecord(key, from_fields(raw), Bookkeeping.of(raw))
         except MalformedRecord as e:
-            log.warning("ignoring malformed token hash %s: %s", self.keys.token(key), e)
+            bad_keys.skip(redis_key, f"malformed token hash: {e}", where)
             return None
+        bad_keys.good(redis_key)
+        return found
+
+    def read_error(
+        self, client: Redis | AsyncRedis, redis_key: str, error: RedisError, where: metrics.Where
+    ) -> RedisUnavailableError:
+        """The error to raise for a failed read of one token key: WrongTypeError naming the key (logged
+        once, counted) if it holds another type, else the server's error."""
+        if is_wrong_type(error):
+            bad_keys.skip(redis_key, WRONG_TYPE, where)
+            return WrongTypeError(f"{redis_key!r}: {WRONG_TYPE}")
+        return unavailable(client, error)
 
     # -- listing: what a page of the index becomes ----------------------------
 
@@ -214,15 +237,36 @@ class StoreCore:
         for start in range(0, size, INDEX_PAGE):
             yield start, start + INDEX_PAGE - 1
 
-    def page_records(self, members: list[bytes], replies: list[Raw]) -> Iterator[TokenRecord]:
-        """The records of one page of index members and their HGETALL replies.
+    def page_records(self, members: list[bytes], replies: list[Raw | RedisError]) -> Iterator[TokenRecord]:
+        """The records of one page of index members and their HGETALL replies (errors as replies).
 
-        A member whose hash is gone (expired since it was indexed) or malformed is skipped.
+        A member whose hash is gone (expired since it was indexed) is skipped. So is one that is not a
+        token key, one whose hash is malformed and one that holds another type (WRONGTYPE): those are
+        reported (:data:`~tokencache.app.reads.bad_keys`), and the listing goes on with the others.
         """
         for member, raw in zip(members, replies, strict=True):
-            found = self.parse_record(self.keys.parse_token(member.decode()), raw)
+            key = self._listed_key(member)
+            if key is None:
+                continue
+            if isinstance(raw, RedisError):  # only WRONGTYPE: the twins raised any other error
+                bad_keys.skip(self.keys.token(key), WRONG_TYPE, "listing")
+                continue
+            found = self.parse_record(key, raw, "listing")
             if found is not None:
                 yield found
+
+    def _listed_key(self, member: bytes) -> TokenKey | None:
+        """The TokenKey of an index member, or None (reported) if it is not one: repair drops it."""
+        try:
+            return self.keys.parse_token(member.decode())
+        except (UnicodeDecodeError, ValueError):
+            bad_keys.skip(member.decode(errors="backslashreplace"), self.junk_reason, "listing")
+            return None
+
+    @property
+    def junk_reason(self) -> str:
+        """Why an index member that is not a token key of this namespace is skipped."""
+        return f"not a token key of namespace {self.keys.namespace!r}, in its index (repair drops it)"
 
     def listable(self, found: TokenRecord, now: float) -> bool:
         """Whether ``tokens()`` lists a record: only a token that may still be handed out."""
@@ -250,8 +294,10 @@ class StoreCore:
 
     def _forget(self, key: TokenKey) -> None:
         """Drop ``key`` from the near cache at once: this process reads its own writes."""
+        redis_key = self.keys.token(key)
+        bad_keys.good(redis_key)  # rewritten or deleted by this process: report it again if it goes bad
         if self.near_cache is not None:
-            self.near_cache.invalidate([self.keys.token(key)])
+            self.near_cache.invalidate([redis_key])
 
 
 # -- what a for_scope miss decides (tokencache.app.fleet and tokencache.aio.fleet do its I/O) --

@@ -18,7 +18,7 @@ from rq.job import Job
 from tokencache import metrics
 from tokencache.app.core import Clock, Raw, StoreCore, TokenRecord
 from tokencache.app.fleet import FleetFetch, Flights
-from tokencache.core.connection import connect, redis_errors, unavailable
+from tokencache.core.connection import connect, raise_other_errors, redis_errors
 from tokencache.core.sources import Sources
 from tokencache.keys import TokenKey, parse_info
 from tokencache.token import Token
@@ -133,7 +133,7 @@ class TokenStore(StoreCore):
         try:
             raw = cast(Raw, self.redis.hgetall(redis_key))
         except redis_py.RedisError as e:  # no context manager: this is the hot path
-            raise unavailable(self.redis, e) from e
+            raise self.read_error(self.redis, redis_key, e, "find") from e
         return self.usable_token(redis_key, raw)
 
     def _near_read(self, redis_key: str) -> Token | None:
@@ -161,9 +161,15 @@ class TokenStore(StoreCore):
             return self._flights.run(FleetFetch(self, key, timeout))
 
     def record(self, key: TokenKey) -> TokenRecord | None:
-        """The token stored under ``key`` with its bookkeeping, valid or not (None if absent/malformed)."""
-        with redis_errors(self.redis):
-            raw = cast(Raw, self.redis.hgetall(self.keys.token(key)))
+        """The token stored under ``key`` with its bookkeeping, valid or not (None if absent/malformed).
+
+        A key that holds another Redis type raises WrongTypeError naming it (it is not ours to overwrite).
+        """
+        redis_key = self.keys.token(key)
+        try:
+            raw = cast(Raw, self.redis.hgetall(redis_key))
+        except redis_py.RedisError as e:
+            raise self.read_error(self.redis, redis_key, e, "record") from e
         return self.parse_record(key, raw)
 
     def indexed(self, key: TokenKey) -> bool:
@@ -184,14 +190,17 @@ class TokenStore(StoreCore):
         with redis_errors(self.redis):
             return int(self.redis.zcard(self.keys.index))
 
-    def _page(self, start: int, stop: int) -> tuple[list[bytes], list[Raw]]:
-        """The index members from ``start`` to ``stop`` and their hashes, in two round trips."""
+    def _page(self, start: int, stop: int) -> tuple[list[bytes], list[Raw | redis_py.RedisError]]:
+        """The index members from ``start`` to ``stop`` and their hashes, in two round trips.
+
+        A key of the wrong type comes back as its WRONGTYPE error (see :meth:`page_records`).
+        """
         with redis_errors(self.redis):
             members = cast(list[bytes], self.redis.zrange(self.keys.index, start, stop))
             with self.redis.pipeline(transaction=False) as pipe:
                 for member in members:
                     pipe.hgetall(member)
-                return members, pipe.execute()
+                return members, raise_other_errors(pipe.execute(raise_on_error=False))
 
     def tokens(self) -> Iterator[Token]:
         """Every cached token that may still be handed out, read a page of the index at a time."""

@@ -26,6 +26,7 @@ from rich.text import Text
 
 from tokencache import env
 from tokencache.app.core import TokenRecord
+from tokencache.app.reads import bad_keys
 from tokencache.app.tokenstore import TokenStore
 from tokencache.cli.health import Health, check
 from tokencache.core.connection import describe
@@ -99,7 +100,8 @@ def _ls_row(record: TokenRecord, now: float) -> dict[str, Any]:
 def cmd_ls(args: argparse.Namespace) -> int:
     """List cached tokens, masked."""
     now = time.time()
-    rows = [_ls_row(record, now) for record in _store(args).records()]
+    with bad_keys.collect() as skipped:  # each is also logged on stderr, with why
+        rows = [_ls_row(record, now) for record in _store(args).records()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -119,7 +121,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     ]
     _print_table(columns, cells, console)
     if console.is_terminal:
-        console.print(f"{len(rows)} token(s)")
+        console.print(f"{len(rows)} token(s)" + (f", {len(skipped)} bad key(s) skipped" if skipped else ""))
     return 0
 
 
@@ -135,6 +137,7 @@ def _status_rows(h: Health) -> list[tuple[str, str]]:
         ("refreshes overdue", str(len(h.overdue))),
         ("refreshes failed (gave up)", str(h.failed)),
         ("tokens failing to refresh", str(len(h.failing))),
+        ("bad keys skipped", str(len(h.skipped))),
     ]
 
 

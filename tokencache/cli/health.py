@@ -10,31 +10,36 @@ keeps beating: RQ's scheduler writes ``last_heartbeat`` into its own hash every
 second, whereas its lock outlives a SIGKILL by up to 61 s. That is the
 scheduler process's own word, so it holds for plain ``rq worker`` fleets too,
 and for a scheduler whose pool died around it but which still runs.
+
+A key that a read has to skip (a malformed token hash, a key of another Redis
+type, a junk index member or heartbeat) does not stop the report: it is
+listed under ``skipped`` and is a problem until someone fixes it.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, NamedTuple, cast
 
+from redis import RedisError
 from redis.client import Pipeline
 from rq import Worker
 from rq.exceptions import DeserializationError
 from rq.job import Job
 from rq.registry import FailedJobRegistry
 from rq.scheduler import SCHEDULER_KEY_TEMPLATE, RQScheduler
-from rq.serializers import JSONSerializer
 from rq.utils import utcparse
 
+from tokencache.app.reads import WRONG_TYPE, bad_keys
 from tokencache.app.tokenstore import TokenStore
 from tokencache.constants import FORGET_POOL, POOL_TTL, SCHEDULER_TTL
 from tokencache.core.connection import redis_errors
 from tokencache.core.pipeline import per_entry
 from tokencache.core.queue import job_target
 from tokencache.keys import TokenKey
-from tokencache.worker.repair import overdue
+from tokencache.worker.repair import fetch_jobs, overdue
 
 __all__ = ["Health", "check"]
 
@@ -59,6 +64,8 @@ class Health:
     overdue: list[str]
     failed: int
     failing: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Keys a read skipped (malformed, or of another Redis type) -> why."""
     problems: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -80,6 +87,9 @@ def _problems(h: Health) -> list[str]:
         found.append(f"{h.failed} cached or wanted token(s) whose refresh gave up (see RQ's failed registry)")
     if h.failing:
         found.append(f"{len(h.failing)} token(s) failing to refresh")
+    if h.skipped:
+        names = ", ".join(sorted(h.skipped))
+        found.append(f"{len(h.skipped)} malformed or wrong-type key(s) skipped: {names}")
     return found
 
 
@@ -89,10 +99,14 @@ def _pools(store: TokenStore, now: float) -> tuple[dict[str, int], list[str]]:
     dead: list[str] = []
     raw = cast(dict[bytes, bytes], store.redis.hgetall(store.keys.pools))
     for name, value in raw.items():
-        beat = json.loads(value)
-        age = now - float(beat["at"])
+        try:
+            beat = json.loads(value)
+            age, workers = now - float(beat["at"]), int(beat["workers"])
+        except (ValueError, TypeError, KeyError) as e:
+            bad_keys.skip(f"{store.keys.pools} {name!r}", f"unreadable pool heartbeat: {e!r}", "status")
+            continue
         if age <= POOL_TTL:
-            live[name.decode()] = int(beat["workers"])
+            live[name.decode()] = workers
         elif age > FORGET_POOL:
             store.redis.hdel(store.keys.pools, name)
         else:
@@ -128,6 +142,14 @@ def _target(store: TokenStore, job: Job | None) -> TokenKey | None:
     return key if namespace == store.keys.namespace else None
 
 
+def _readable_jobs(ids: list[str], jobs: list[Job | RedisError | None]) -> list[Job | None]:
+    """The jobs, a job key of another Redis type reported and left out."""
+    for job_id, job in zip(ids, jobs, strict=True):
+        if isinstance(job, RedisError):
+            bad_keys.skip(Job.key_for(job_id), WRONG_TYPE, "status")
+    return [job for job in jobs if not isinstance(job, RedisError)]
+
+
 class _Still(NamedTuple):
     """Whether a failed job's token still matters: one reply per command of :meth:`queue`, in its order."""
 
@@ -143,8 +165,9 @@ class _Still(NamedTuple):
 def _failed_that_matter(store: TokenStore) -> int:
     """Failed refresh jobs of tokens still cached or wanted (an old typo's job does not count)."""
     registry = FailedJobRegistry(queue=store.refresh_queue.queue)
-    jobs = Job.fetch_many(registry.get_job_ids(0, 999), store.redis, serializer=JSONSerializer)
-    keys = [key for key in (_target(store, job) for job in jobs) if key is not None]
+    ids = registry.get_job_ids(0, 999)
+    targets = (_target(store, job) for job in _readable_jobs(ids, fetch_jobs(store, ids)))
+    keys = [key for key in targets if key is not None]
     with store.redis.pipeline(transaction=False) as pipe:
         for key in keys:
             _Still.queue(pipe, store, key)
@@ -156,7 +179,7 @@ def check(store: TokenStore, redis_url: str) -> Health:
     """Look at Redis, the workers, the scheduler and the refresh registries of ``store``'s namespace."""
     rq = store.refresh_queue
     now = time.time()
-    with redis_errors(store.redis):
+    with redis_errors(store.redis), bad_keys.collect() as skipped:
         info = store.redis.info()
         live, dead = _pools(store, now)
         registrations = len(Worker.all(queue=rq.queue))
@@ -183,4 +206,5 @@ def check(store: TokenStore, redis_url: str) -> Health:
             failed=_failed_that_matter(store),
             failing=failing,
         )
+    health = replace(health, skipped=dict(skipped))  # complete now that every read is done
     return Health(**{**health.as_dict(), "problems": _problems(health)})

@@ -3,6 +3,13 @@
 Every Redis call of the library runs inside :func:`redis_errors`, so a caller
 sees :class:`RedisUnavailableError` with the URL (password masked) and a hint,
 never a raw ``redis.exceptions`` class.
+
+One error is not the server's but one key's: WRONGTYPE, a key holding another
+type than the command reads (a ``redis-cli SET`` over a token hash). Reads of
+many keys send their pipeline with ``execute(raise_on_error=False)`` and pass
+the replies through :func:`raise_other_errors`, so such a key comes back as
+its own reply (:func:`is_wrong_type`) for the caller to skip, while any other
+error still fails the whole read.
 """
 
 from __future__ import annotations
@@ -21,7 +28,15 @@ from tokencache import env
 from tokencache.constants import HEALTH_CHECK_INTERVAL, MAX_CONNECTIONS, SOCKET_TIMEOUT
 from tokencache.errors import ConfigurationError, RedisUnavailableError
 
-__all__ = ["connect", "describe", "mask_url", "redis_errors", "unavailable"]
+__all__ = [
+    "connect",
+    "describe",
+    "is_wrong_type",
+    "mask_url",
+    "raise_other_errors",
+    "redis_errors",
+    "unavailable",
+]
 
 C = TypeVar("C", Redis, AsyncRedis)
 
@@ -86,3 +101,23 @@ def redis_errors(client: Redis | AsyncRedis) -> Iterator[None]:
         yield
     except redis.RedisError as e:
         raise unavailable(client, e) from e
+
+
+def is_wrong_type(reply: object) -> bool:
+    """Whether a reply (or a raised error) is WRONGTYPE: its key holds another type than the command reads."""
+    return isinstance(reply, redis.ResponseError) and str(reply).startswith("WRONGTYPE")
+
+
+R = TypeVar("R", bound=list[Any])
+
+
+def raise_other_errors(replies: R) -> R:
+    """The replies of ``execute(raise_on_error=False)``, once none is an error other than WRONGTYPE.
+
+    Call it inside :func:`redis_errors`: any other error (a refused command, a server still loading)
+    is the server's, so it is raised, as ``execute()`` would have.
+    """
+    for reply in replies:
+        if isinstance(reply, redis.RedisError) and not is_wrong_type(reply):
+            raise reply
+    return replies

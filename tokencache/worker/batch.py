@@ -25,7 +25,9 @@ repair keep seeing one job per token, due when its token is.
 What the batch leaves to a token's own job: anything that is not plainly due
 and healthy. A token in backoff (``failures`` > 0), one without a hash (an
 app's request to the workers), one whose lock is held, one of an account this
-worker has no key for: skipped. A member whose fetch fails gets the failure
+worker has no key for: skipped. A malformed hash or a key of another Redis
+type is skipped too, and reported (logged once, counted), so that one bad key
+never stops the batch for the others. A member whose fetch fails gets the failure
 recorded (its own job retries with backoff, as always), and after
 :data:`STOP_AFTER_FAILURES` failures in a row the batch stops claiming more, so
 a failing endpoint is not hammered. The batch stops claiming after
@@ -43,8 +45,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple, cast
 
+from redis import RedisError
+
 from tokencache import metrics
 from tokencache.app.core import TokenRecord
+from tokencache.app.reads import WRONG_TYPE, bad_keys
 from tokencache.app.tokenstore import TokenStore
 from tokencache.constants import (
     BATCH_MAX_SCAN,
@@ -54,9 +59,10 @@ from tokencache.constants import (
     LOOKAHEAD,
     STOP_AFTER_FAILURES,
 )
+from tokencache.core.connection import raise_other_errors, redis_errors
 from tokencache.core.locks import Lock, acquire_each
 from tokencache.core.record import Bookkeeping
-from tokencache.errors import ConfigurationError, RefreshError
+from tokencache.errors import ConfigurationError, RefreshError, WrongTypeError
 from tokencache.keys import TokenKey
 from tokencache.outcomes import Outcome
 from tokencache.token import Token
@@ -93,6 +99,23 @@ def batchable(book: Bookkeeping, expires: int, refresh_before: int, now: float) 
     interval = due - book.refreshed_at if book.refreshed_at is not None else 0.0
     early = min(LOOKAHEAD, EARLY_SHARE * max(0.0, interval))
     return book.failures == 0 and now >= due - early
+
+
+def _expires(store: TokenStore, key: TokenKey, reply: list[bytes | None] | RedisError) -> int | None:
+    """The ``expires`` of an HMGET reply of :class:`_Fields`; None, reported, for a bad key."""
+    redis_key = store.keys.token(key)
+    if isinstance(reply, RedisError):
+        bad_keys.skip(redis_key, WRONG_TYPE, "batch")
+        return None
+    expires = _Fields(*reply).expires
+    if expires is None:
+        return None  # no hash: an app's request to the workers, or gone
+    try:
+        return int(expires)
+    except ValueError:
+        why = f"field 'expires' is not whole seconds: {expires.decode(errors='replace')!r}"
+        bad_keys.skip(redis_key, f"malformed token hash: {why}", "batch")
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,16 +202,17 @@ class _Candidates:
     def _batchable(self, keys: list[TokenKey]) -> list[TokenKey]:
         """The keys whose hash says they may be batched now: read without their locks, so that tokens
         that are not due are not locked (their own jobs would find them busy); re-checked once locked."""
-        with self.store.redis.pipeline(transaction=False) as pipe:
+        store = self.store
+        with redis_errors(store.redis), store.redis.pipeline(transaction=False) as pipe:
             for key in keys:
-                pipe.hmget(self.store.keys.token(key), *_Fields._fields)
-            books = [_Fields(*values) for values in pipe.execute()]
-        now = self.store.clock()
+                pipe.hmget(store.keys.token(key), *_Fields._fields)
+            replies = raise_other_errors(pipe.execute(raise_on_error=False))
+        now = store.clock()
         return [
             key
-            for key, book in zip(keys, books, strict=True)
-            if book.expires is not None  # no hash: an app's request to the workers, or gone
-            and batchable(book.parsed(), int(book.expires), self.store.refresh_before, now)
+            for key, reply in zip(keys, replies, strict=True)
+            if (expires := _expires(store, key, reply)) is not None
+            and batchable(_Fields(*reply).parsed(), expires, store.refresh_before, now)
         ]
 
     def _unseen(self, want: int) -> list[TokenKey]:
@@ -206,6 +230,7 @@ class _Candidates:
                 keys.append(store.keys.parse_token(member.decode()))
             except (UnicodeDecodeError, ValueError):
                 self._gone += 1  # junk in the index: repair drops it
+                bad_keys.skip(member.decode(errors="backslashreplace"), store.junk_reason, "batch")
                 continue
             if len(keys) == want:
                 break
@@ -245,7 +270,10 @@ class _Batch:
         try:
             if claim.lock.lost or not claim.lock.extend():
                 return Outcome.BUSY  # the claim lapsed (a stalled process), and someone else may hold it
-            current = self.store.record(claim.key)
+            try:
+                current = self.store.record(claim.key)
+            except WrongTypeError:
+                return Outcome.SKIPPED  # turned into another type since it was read: reported, left alone
             if current is None or not batchable(
                 current.bookkeeping, current.token.expires, self.store.refresh_before, self.store.clock()
             ):

@@ -39,7 +39,7 @@ from tokencache.constants import (
 from tokencache.core.locks import Lock
 from tokencache.core.queue import RefreshJob, job_target, repeat_current_job
 from tokencache.core.sources import Sources, default_sources
-from tokencache.errors import ConfigurationError, RefreshError
+from tokencache.errors import ConfigurationError, RefreshError, WrongTypeError
 from tokencache.keys import DEFAULT_ACCOUNT, TokenKey
 from tokencache.outcomes import Outcome
 from tokencache.token import Token, mask
@@ -177,6 +177,10 @@ def refresh(refresh_before: int, **old_format: object) -> str:
         outcome, delay = refresher.run()
     except (RefreshError, ConfigurationError):
         raise  # a deliberate give-up: RQ's failed registry records it
+    except WrongTypeError:
+        # Someone else's data at the token's key (reported by the read): never overwrite it, and do not
+        # retry against it: repair judges the token again once the key is fixed.
+        outcome, delay = Outcome.SKIPPED, None
     except Exception:
         # Anything else (Redis failing over mid-write, a bug) must not end the refresh chain.
         refresher.failures += 1

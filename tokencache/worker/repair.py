@@ -11,31 +11,41 @@ runs :func:`repair` every second (one worker of the fleet at a time, under
 
 It reads only the index entries that are due (a range query on the sorted
 set), never ``KEYS`` or a full ``SCAN``.
+
+One bad key must not stop the pass for the others: an index member that is
+not a token key is dropped from the index (the index is ours); a token key or
+a job key that holds another Redis type (a ``redis-cli SET`` over it) is
+skipped and reported (logged once, counted in ``tokencache_bad_keys_total``),
+never deleted: it is someone else's data. Its index entry stays, so the pass
+judges the token again once the key is fixed.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import NamedTuple, cast
 
+from redis import RedisError
 from redis.client import Pipeline
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import DeserializationError, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from tokencache.app.reads import WRONG_TYPE, bad_keys
 from tokencache.app.tokenstore import TokenStore
 from tokencache.constants import DEAD_AFTER, EARLY_RUN, REPAIR_GRACE, REPAIR_SCAN
-from tokencache.core.connection import redis_errors
+from tokencache.core.connection import raise_other_errors, redis_errors
 from tokencache.core.locks import Lock
 from tokencache.core.pipeline import per_entry
 from tokencache.core.queue import job_refresh_before
 from tokencache.keys import TokenKey
 from tokencache.outcomes import Verdict
 
-__all__ = ["overdue", "repair", "repair_if_leader"]
+__all__ = ["fetch_jobs", "overdue", "repair", "repair_if_leader"]
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +64,26 @@ class _Entry:
     started: bool  # RQ says a worker runs its job now
 
 
-def _fetch_jobs(store: TokenStore, ids: list[str]) -> list[Job | None]:
-    """The jobs by id; an unreadable job hash (a partial one left by RQ's heartbeat) counts as missing."""
-    try:
-        return Job.fetch_many(ids, store.redis, serializer=JSONSerializer)
-    except (NoSuchJobError, ValueError, TypeError):
-        return [_fetch_one(store, job_id) for job_id in ids]
+def fetch_jobs(store: TokenStore, ids: list[str]) -> list[Job | RedisError | None]:
+    """The jobs by id, in one round trip: None for a missing job or an unreadable hash (a partial one
+    left by RQ's heartbeat), the WRONGTYPE error for a job key that holds another type (call it inside
+    :func:`redis_errors`)."""
+    with store.redis.pipeline(transaction=False) as pipe:
+        for job_id in ids:
+            pipe.hgetall(Job.key_for(job_id))
+        replies = raise_other_errors(pipe.execute(raise_on_error=False))
+    return [_job(store, job_id, raw) for job_id, raw in zip(ids, replies, strict=True)]
 
 
-def _fetch_one(store: TokenStore, job_id: str) -> Job | None:
+def _job(store: TokenStore, job_id: str, raw: dict[bytes, bytes] | RedisError) -> Job | RedisError | None:
+    if isinstance(raw, RedisError) or not raw:
+        return raw if isinstance(raw, RedisError) else None
+    job = Job(job_id, connection=store.redis, serializer=JSONSerializer)
     try:
-        return Job.fetch(job_id, store.redis, serializer=JSONSerializer)
+        job.restore(raw)
     except (NoSuchJobError, ValueError, TypeError):
         return None
+    return job
 
 
 def _parse_members(
@@ -92,7 +109,7 @@ class _Fields(NamedTuple):
 class _Lookups(NamedTuple):
     """What repair reads about one due entry: one reply per command of :meth:`queue`, in its order."""
 
-    fields: list[bytes | None]
+    fields: list[bytes | None] | RedisError  # WRONGTYPE if the token key holds another type
     wanted: int
     lock_held: int
     scheduled_at: float | None
@@ -118,7 +135,8 @@ def _due_entries(store: TokenStore, now: float) -> tuple[list[_Entry], list[byte
     Due means the token's refresh may have started (RQ starts a job up to ``EARLY_RUN`` early): a
     refresh whose worker died is seen at once, without waiting out the scheduler's jitter
     (``REPAIR_GRACE``), which only the other verdicts need. Job hashes are read only where a
-    verdict needs them, so the entries merely due cost four small reads each.
+    verdict needs them, so the entries merely due cost five small reads each. An entry whose token
+    key or job key holds another type is left out, reported.
     """
     horizon = now + store.refresh_before + EARLY_RUN
     overdue_until = now + store.refresh_before - REPAIR_GRACE
@@ -131,21 +149,38 @@ def _due_entries(store: TokenStore, now: float) -> tuple[list[_Entry], list[byte
         with store.redis.pipeline(transaction=False) as pipe:
             for key, _ in entries:
                 _Lookups.queue(pipe, store, key)
-            lookups = per_entry(_Lookups, pipe.execute())
+            lookups = per_entry(_Lookups, raise_other_errors(pipe.execute(raise_on_error=False)))
         needed = [
             store.keys.job_id(key)
             for (key, expires), found in zip(entries, lookups, strict=True)
             if expires <= overdue_until or found.dead_suspect
         ]
-        jobs = dict(zip(needed, _fetch_jobs(store, needed), strict=True))
+        jobs = dict(zip(needed, fetch_jobs(store, needed), strict=True))
     due = [
-        _entry(key, expires, found, jobs.get(store.keys.job_id(key)), overdue=expires <= overdue_until)
+        _entry(store, key, expires, found, jobs.get(store.keys.job_id(key)), overdue=expires <= overdue_until)
         for (key, expires), found in zip(entries, lookups, strict=True)
     ]
-    return due, junk
+    return [entry for entry in due if entry is not None], junk
 
 
-def _entry(key: TokenKey, expires: float, found: _Lookups, job: Job | None, *, overdue: bool) -> _Entry:
+def _entry(
+    store: TokenStore,
+    key: TokenKey,
+    expires: float,
+    found: _Lookups,
+    job: Job | RedisError | None,
+    *,
+    overdue: bool,
+) -> _Entry | None:
+    """One due entry as repair judges it; None, reported, if its token key or job key holds another type."""
+    if isinstance(found.fields, RedisError):
+        bad_keys.skip(store.keys.token(key), WRONG_TYPE, "repair")
+        return None
+    if isinstance(job, RedisError):
+        why = f"the job of token {key.encode()} (not refreshed meanwhile): {WRONG_TYPE}"
+        bad_keys.skip(Job.key_for(store.keys.job_id(key)), why, "repair")
+        return None
+    bad_keys.good(store.keys.token(key))
     fields = _Fields(*found.fields)
     return _Entry(
         key,
@@ -225,7 +260,8 @@ def _enqueue(store: TokenStore, entry: _Entry) -> None:
     log.warning("refresh of %s is overdue (job %s); re-enqueueing it", entry.key.encode(), status)
     refresh_before = store.refresh_before
     if entry.job is not None:
-        refresh_before = job_refresh_before(entry.job, refresh_before)
+        with suppress(DeserializationError):  # unreadable arguments: this store's margin
+            refresh_before = job_refresh_before(entry.job, refresh_before)
     with redis_errors(store.redis):
         store.refresh_queue.enqueue(entry.key, refresh_before)
 
@@ -243,7 +279,7 @@ def repair(store: TokenStore) -> Counter[Verdict]:
     done: Counter[Verdict] = Counter()
     due, junk = _due_entries(store, now)
     for member in junk:
-        log.warning("dropping %r from %s: not a token key", member, store.keys.index)
+        bad_keys.skip(member.decode(errors="backslashreplace"), store.junk_reason, "repair")
         with redis_errors(store.redis):
             store.redis.zrem(store.keys.index, member)
     for entry in due:
