@@ -21,7 +21,10 @@ App side (any process; expose them with your own Prometheus endpoint, or
 
 - ``tokencache_cache_hits_total`` (counter): ``find``/``for_scope`` reads that found a token;
 - ``tokencache_cache_misses_total`` (counter): reads that did not;
-- ``tokencache_fetch_wait_seconds{result}`` (histogram): how long ``for_scope`` waited on a miss.
+- ``tokencache_fetch_wait_seconds{result}`` (histogram): how long ``for_scope`` waited on a miss;
+- ``tokencache_invalidations_total{result}`` (counter): reports of a token an API rejected, by what
+  they did (the :attr:`~tokencache.outcomes.Invalidation.label` of each): ``evicted``,
+  ``not_stored``, ``pending``, ``rate_limited`` (a steady count of it: an API rejects every token).
 
 The metric objects are created on first use, not at import, so a process can
 choose prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``)
@@ -39,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tokencache.outcomes import Outcome
+from tokencache.outcomes import Invalidation, Outcome
 
 if TYPE_CHECKING:
     from prometheus_client import Counter, Histogram
@@ -49,6 +52,7 @@ __all__ = [
     "enable_multiprocess",
     "observe_endpoint",
     "observe_fetch_wait",
+    "record_invalidation",
     "record_read",
     "record_refresh",
     "start_http_server",
@@ -66,6 +70,7 @@ class _Metrics:
     hits: Counter
     misses: Counter
     fetch_wait: Histogram
+    invalidations: Counter
 
 
 _metrics: _Metrics | None = None
@@ -105,6 +110,9 @@ def _create() -> _Metrics:
             ["result"],
             buckets=LATENCY_BUCKETS,
         ),
+        invalidations=Counter(
+            "tokencache_invalidations", "Reports of a token an API rejected, by what they did", ["result"]
+        ),
     )
 
 
@@ -127,6 +135,10 @@ def record_read(hit: bool) -> None:
 
 def observe_fetch_wait(seconds: float, ok: bool) -> None:
     _get().fetch_wait.labels("ok" if ok else "error").observe(seconds)
+
+
+def record_invalidation(result: Invalidation) -> None:
+    _get().invalidations.labels(result.label).inc()
 
 
 def enable_multiprocess() -> str:
