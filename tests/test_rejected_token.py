@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import subprocess
 import sys
 import threading
@@ -71,11 +72,11 @@ class Gate:
             return [code for _, code, _ in self.answers]
 
     def recovered(self, child: str, since: float) -> float:
-        """When the API first answered ``child`` 200 after the last 401 it gave it since ``since``."""
+        """When the API first answered ``child`` 200 after its last 401 since ``since`` (inf: never)."""
         with self._lock:
             mine = [(at, code) for at, code, who in self.answers if who == child and at >= since]
         last_401 = max((at for at, code in mine if code == 401), default=since)
-        return min(at for at, code in mine if code == 200 and at >= last_401)
+        return min((at for at, code in mine if code == 200 and at >= last_401), default=math.inf)
 
 
 class _Handler(_ApiHandler):
