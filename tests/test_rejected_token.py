@@ -81,6 +81,12 @@ class Gate:
 
 class _Handler(_ApiHandler):
     def do_GET(self) -> None:
+        if self.path == "/elsewhere":  # a redirect to another host name: requests drops the token
+            self.send_response(302)
+            self.send_header("Location", f"http://localhost:{self.server.server_address[1]}/v1/thing")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         _caller.child = self.headers.get("X-Child")
         super().do_GET()
 
@@ -235,6 +241,19 @@ def test_bearer_auth_retries_a_401_once_with_the_new_token(
         assert {session.get(api, timeout=10).status_code for _ in range(5)} == {200}
     assert gate.statuses() == [401] + [200] * 6
     assert emulator.stats()["token_requests"] == 1
+
+
+def test_bearer_auth_reports_only_a_401_to_its_own_token(
+    store: TokenStore, emulator: Emulator, api_server: _Server
+) -> None:
+    """A redirect to another host goes without our header; that host's 401 is not about our token."""
+    token = cached(emulator, 600)
+    store.store(token)
+    elsewhere = api_server.url.replace("/v1/thing", "/elsewhere")
+    reply = requests.get(elsewhere, auth=BearerAuth(SCOPE, store=app_store(store), timeout=2), timeout=10)
+    assert reply.status_code == 401 and [r.status_code for r in reply.history] == [302]
+    assert "Authorization" not in reply.request.headers
+    assert store.find(SCOPE) == token  # not evicted
 
 
 def test_bearer_auth_returns_the_401_when_no_other_token_is_to_be_had(

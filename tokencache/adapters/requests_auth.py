@@ -88,8 +88,9 @@ class _RetryOnce:
         self.auth, self.store, self.sent, self.position = auth, store, sent, position
 
     def __call__(self, response: Response, **send_options: Any) -> Response:
-        if response.status_code != UNAUTHORIZED:
-            return response
+        sent = response.request.headers.get("Authorization") == f"Bearer {self.sent}"
+        if response.status_code != UNAUTHORIZED or not sent:
+            return response  # a redirect to another host drops our header: its 401 says nothing of ours
         auth = self.auth
         info = (auth.account, auth.scope)
         self.store.invalidate(info, self.sent, auth.sub)
