@@ -208,14 +208,17 @@ def test_an_api_that_rejects_every_token_gets_a_clear_error(
     assert emulator.stats()["token_requests"] == 1
 
 
-def test_a_plain_read_does_not_report_anything(store: TokenStore, emulator: Emulator) -> None:
-    """refresh() with no token yet, or with a re-read due, only reads: nothing is evicted."""
+def test_a_plain_read_does_not_report_anything(store: TokenStore, emulator: Emulator, api: str) -> None:
+    """refresh() with no token yet, in a thread that sent nothing (``creds.refresh(Request())`` to read
+    ``creds.token``), or with a re-read due, only reads: nothing is evicted."""
     token = cached(emulator, 600)
     store.store(token)
     app = app_store(store)
-    creds = Credentials([SCOPE], store=app)
-    creds.refresh(None)  # the first read
+    creds = Credentials([SCOPE], store=app, timeout=1)  # a wrong eviction would fail, not wait 30 s
+    for _ in range(3):
+        creds.refresh(Request())  # the first read, then the idiom: the token is fresh, nothing was sent
     assert creds.token == token.token
+    creds.before_request(Request(), "GET", api, {})
     creds.expiry = creds.expiry.replace(year=2000)  # a re-read is due (as google-auth would see it)
     creds.refresh(None)
     assert creds.token == token.token and store.find(SCOPE) == token

@@ -18,17 +18,20 @@ Redis), and always one :data:`~tokencache.token.EXPIRY_SKEW` before expiry,
 where the store itself stops handing the token out.
 
 When a token is rejected: google-auth answers an API's 401 by calling
-``refresh()`` and retrying, up to twice. A ``refresh()`` while no re-read is
-due (the token is fresh by the rule above) is that answer, so it reports the
-token the calling thread last sent with :meth:`TokenStore.invalidate` (evicted
-for the whole fleet if it is still the stored one, once per key per
-``INVALIDATE_EVERY`` seconds) and then waits, up to ``timeout``, for the new
-token. The thread's own last token, not the one held now: a thread whose 401
-arrives after another thread already brought the new token reports its old
-one, which compare-and-evict leaves alone. If no other token is to be had (the
-key evicted one less than ``INVALIDATE_EVERY`` seconds ago: an API that rejects
-every token), ``refresh()`` raises a ``RefreshError`` that says so rather than
-handing back the rejected token.
+``refresh()`` and retrying, up to twice. A ``refresh()`` that comes after this
+thread sent the token (``before_request``) while no re-read is due (the token
+is fresh by the rule above) is that answer, so it reports the token the thread
+sent with :meth:`TokenStore.invalidate` (evicted for the whole fleet if it is
+still the stored one, once per key per ``INVALIDATE_EVERY`` seconds) and then
+waits, up to ``timeout``, for the new token. The thread's own token, not the
+one held now: a thread whose 401 arrives after another thread already brought
+the new token reports its old one, which compare-and-evict leaves alone. A
+token is reported once per sending, and a ``refresh()`` in a thread that sent
+nothing only reads, so code that calls ``refresh()`` to get ``token`` (the
+``creds.refresh(Request())`` idiom) never evicts anything. If no other token
+is to be had (the key evicted one less than ``INVALIDATE_EVERY`` seconds ago:
+an API that rejects every token), ``refresh()`` raises a ``RefreshError`` that
+says so rather than handing back the rejected token.
 """
 
 from __future__ import annotations
@@ -191,9 +194,10 @@ class Credentials(ga.Scoped, ga.Credentials):
 
     def _rejected(self) -> str | None:
         """The token a ``refresh()`` reports as rejected (see the module docstring); None: a plain read."""
-        if self.token is None or self.expired:
+        sent, self._sent.token = self._sent.token, None  # reported once per sending
+        if sent is None or self.token is None or self.expired:
             return None
-        return self._sent.token or self.token
+        return sent
 
     def refresh(self, request: object) -> None:
         """Read the fleet's token (fetched once for the whole fleet on a miss); ``request`` is not used.
