@@ -300,15 +300,22 @@ def test_inside_google_auths_threshold_but_fresh_for_us_reads_once(
     assert emulator.stats()["token_requests"] == 0
 
 
-def test_a_rejected_token_is_reread_not_refetched(
+def test_a_rejected_token_is_reported_not_reread(
     store: TokenStore, emulator: Emulator, api: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """google-auth's refresh after a 401 evicts the token for the fleet and waits for the workers'
+    new one (tests/test_rejected_token.py has them); with none running, the wait times out."""
     store.store(Token(token="ya29.revoked-token-value", scope=SCOPE, expires=int(time.time()) + 600))
     app = app_store(store)
     reads = count_reads(monkeypatch, app)
-    with AuthorizedSession(Credentials([SCOPE], store=app)) as session:
-        assert session.get(api, timeout=5).status_code == 401
-    assert reads["for_scope"] == 3  # google-auth refreshes on 401, twice: each is a cache read
+    creds = Credentials([SCOPE], store=app, timeout=0.5)
+    with (
+        AuthorizedSession(creds) as session,
+        pytest.raises(google.auth.exceptions.RefreshError, match="tokencache worker") as info,
+    ):
+        session.get(api, timeout=5)
+    assert info.value.retryable and reads["for_scope"] == 2  # the first read, then the wait
+    assert store.find(SCOPE) is None and store.redis.llen(store.refresh_queue.queue.key) == 1
     assert emulator.stats()["token_requests"] == 0
 
 

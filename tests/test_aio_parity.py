@@ -32,7 +32,16 @@ RENAMED = {
     "reset_default_store": "aclose_default",  # asyncio keeps a default store per event loop, closed with it
 }
 
-MODULE_CALLS = ("store", "find", "for_scope", "delete", "tokens", "default_store", "reset_default_store")
+MODULE_CALLS = (
+    "store",
+    "find",
+    "for_scope",
+    "delete",
+    "invalidate",
+    "tokens",
+    "default_store",
+    "reset_default_store",
+)
 """The module-level calls both packages offer (``tokencache`` exports more: the model, errors, adapters)."""
 
 DUNDERS = {"__init__", "__enter__", "__exit__", "__aenter__", "__aexit__"}

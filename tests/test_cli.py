@@ -115,6 +115,9 @@ def test_ls_masks_tokens(store: TokenStore, workers: Workers) -> None:
     assert row["token"] == "ya29.a0…f3k" and row["scope"] == SCOPE
     plain = run("ls", env=workers.env())
     assert "very-secret" not in plain.stdout and "ya29.a0…f3k" in plain.stdout
+    assert store.invalidate(SCOPE, "ya29.a0-very-secret-f3k")  # an API rejected it; no worker runs
+    (row,) = json.loads(run("ls", "--json", env=workers.env()).stdout)
+    assert row["last_refresh"].startswith("rejected by an API") and row["token"] == "ya29.a0…f3k"
 
 
 def test_worker_stops_gracefully_on_sigterm(store: TokenStore, workers: Workers) -> None:

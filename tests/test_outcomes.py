@@ -8,7 +8,7 @@ from collections import Counter
 from rq.serializers import JSONSerializer
 
 from tokencache import metrics
-from tokencache.outcomes import Outcome, Verdict
+from tokencache.outcomes import Invalidation, Outcome, Verdict
 
 
 def test_metric_labels_never_change() -> None:
@@ -44,6 +44,20 @@ def test_the_metrics_docstring_names_labels_that_exist() -> None:
         "skipped",
     }
     assert named <= {o.label for o in Outcome}
+
+
+def test_invalidation_labels_never_change_and_the_docstring_names_them() -> None:
+    labels = {i.label for i in Invalidation}
+    assert labels == {"evicted", "not_stored", "pending", "rate_limited"}
+    doc = metrics.__doc__ or ""
+    line = doc[doc.index("tokencache_invalidations_total") :]
+    assert set(re.findall(r"``([a-z_]+)``", line)) - {"tokencache_invalidations_total"} == labels
+    assert [Invalidation.of_reply(n) for n in (0, 1, 2, 3)] == [
+        Invalidation.NOT_STORED,
+        Invalidation.EVICTED,
+        Invalidation.PENDING,
+        Invalidation.RATE_LIMITED,
+    ]
 
 
 def test_members_are_their_strings() -> None:

@@ -69,11 +69,27 @@ def replace_if_indexed(client: Redis) -> list[Any]:
     return [unindexed, written, client.hget("tc-scripts:token", "token"), client.exists("tc-scripts:want")]
 
 
+def invalidate(client: Redis) -> list[Any]:
+    keys = ["tc-scripts:token", "tc-scripts:index", "tc-scripts:invalidated"]
+    client.delete(*keys)
+    client.hset("tc-scripts:token", mapping={"token": "ya29.old", "refresh_at": 900})
+    client.zadd("tc-scripts:index", {"tc-scripts:token": 1000})
+    other = scripts.INVALIDATE(client, keys, ["ya29.other", 100, 60_000])
+    evicted = scripts.INVALIDATE(client, keys, ["ya29.old", 100, 60_000])
+    again = scripts.INVALIDATE(client, keys, ["ya29.old", 101, 60_000])
+    marked = [*client.hmget("tc-scripts:token", "rejected_at", "refresh_at"), client.zscore(keys[1], keys[0])]
+    client.hset("tc-scripts:token", "token", "ya29.new")  # the refetch (which drops rejected_at)
+    client.hdel("tc-scripts:token", "rejected_at")
+    limited = scripts.INVALIDATE(client, keys, ["ya29.new", 102, 60_000])
+    return [other, evicted, again, marked, limited, client.hexists("tc-scripts:token", "rejected_at")]
+
+
 EXPECTED: dict[str, tuple[Callable[[Redis], list[Any]], list[Any]]] = {
     "release": (release, [0, 1, 0]),
     "extend": (extend, [0, 1, True]),
     "record_failure": (record_failure, [0, 1, 2, [b"bang", b"200"]]),
     "replace_if_indexed": (replace_if_indexed, [0, 1, b"ya29.new", 0]),
+    "invalidate": (invalidate, [0, 1, 2, [b"100", b"100", 100.0], 3, False]),
 }
 
 

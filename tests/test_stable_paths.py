@@ -26,12 +26,13 @@ ROOT = Path(__file__).resolve().parent.parent
 PUBLIC = {
     "tokencache": {
         "Token", "TokenKey", "Freshness", "mask", "normalize_scope", "TokenStore", "store", "find",
-        "for_scope", "delete", "tokens", "default_store", "reset_default_store", "Credentials",
+        "for_scope", "delete", "invalidate", "tokens", "default_store", "reset_default_store", "Credentials",
         "BearerAuth", "TokenCacheError", "RedisUnavailableError", "RefreshError", "FetchTimeoutError",
         "ConfigurationError", "UnknownAccountError",
     },
     "tokencache.aio": {
-        "TokenStore", "aclose_default", "default_store", "delete", "find", "for_scope", "store", "tokens",
+        "TokenStore", "aclose_default", "default_store", "delete", "find", "for_scope", "invalidate", "store",
+        "tokens",
     },
     "tokencache.testing": {
         "Emulator", "EmulatorConfig", "EmbeddedRedis", "free_port", "PoolProcess", "PoolError",

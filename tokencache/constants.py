@@ -73,6 +73,13 @@ ERROR_TTL = 2.0
 """Seconds a failed fetch's error is kept: waiters that subscribed after it was published still see
 it, and callers in that window fail at once instead of stampeding a failing endpoint."""
 
+INVALIDATE_EVERY = 30.0
+"""Seconds during which a token key, once an API's rejection (401) has evicted its token, refuses another
+eviction (``{ns}:invalidated:…``, ``SET NX PX``). A genuine revocation is replaced at once; an API that
+rejects *every* token (a wrong audience, scope or project) then costs Google at most one token request
+per key per window (120 an hour) instead of one per rejected call of every process, and the fleet a
+miss of one fetch's length per window."""
+
 # -- the refresh job ---------------------------------------------------------------
 
 RQ_SCHEDULER_POLL = 1.0

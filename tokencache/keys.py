@@ -6,12 +6,17 @@ Schema (``{ns}`` is the namespace, ``tokencache`` by default)::
                                                 fields: token type scope sub account expires
                                                         refresh_at, + refreshed_at once fetched,
                                                         + failures last_error last_error_at
-                                                        gave_up_at while refreshes fail
+                                                        gave_up_at while refreshes fail,
+                                                        + rejected_at once an API's 401 evicted it
+                                                        (until replaced, nobody is handed it)
     {ns}:index                           zset   member: the token's hash key, score: expires
     {ns}:lock:{account}:{scope}:{sub}    string single-flight lock (SET NX PX, value = owner)
     {ns}:want:{account}:{scope}:{sub}    string marks that an app asked the workers for this token (SET NX PX)
     {ns}:fetched:{account}:{scope}:{sub} pubsub "a fetch of this token ended" (JSON ok/error, no token)
     {ns}:error:{account}:{scope}:{sub}   string the last fetch's error, for waiters that subscribed late (PX)
+    {ns}:invalidated:{account}:{scope}:{sub}
+                                         string an API's rejection evicted this token: no other eviction
+                                                until it expires (SET NX PX, value = when; the rate limit)
     {ns}:repair                          string lock that lets one worker of the fleet run a repair pass
     {ns}:pools                           hash   pool heartbeats: pool name -> JSON {workers, at, host, pid}
     rq:job:tc-{name}                     hash   (RQ) the token's one refresh job; {name} names the
@@ -192,6 +197,9 @@ class Keys:
 
     def error(self, key: TokenKey) -> str:
         return f"{self.namespace}:error:{key.encode()}"
+
+    def invalidated(self, key: TokenKey) -> str:
+        return f"{self.namespace}:invalidated:{key.encode()}"
 
     def channel(self, key: TokenKey) -> str:
         return f"{self.namespace}:fetched:{key.encode()}"

@@ -22,7 +22,10 @@ App side (any process; expose them with your own Prometheus endpoint, or
 
 - ``tokencache_cache_hits_total`` (counter): ``find``/``for_scope`` reads that found a token;
 - ``tokencache_cache_misses_total`` (counter): reads that did not;
-- ``tokencache_fetch_wait_seconds{result}`` (histogram): how long ``for_scope`` waited on a miss.
+- ``tokencache_fetch_wait_seconds{result}`` (histogram): how long ``for_scope`` waited on a miss;
+- ``tokencache_invalidations_total{result}`` (counter): reports of a token an API rejected, by what
+  they did (the :attr:`~tokencache.outcomes.Invalidation.label` of each): ``evicted``,
+  ``not_stored``, ``pending``, ``rate_limited`` (a steady count of it: an API rejects every token).
 
 Both sides:
 
@@ -49,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from tokencache.outcomes import Outcome
+from tokencache.outcomes import Invalidation, Outcome
 
 if TYPE_CHECKING:
     from prometheus_client import Counter, Histogram
@@ -61,6 +64,7 @@ __all__ = [
     "observe_endpoint",
     "observe_fetch_wait",
     "record_bad_key",
+    "record_invalidation",
     "record_read",
     "record_refresh",
     "start_http_server",
@@ -82,6 +86,7 @@ class _Metrics:
     misses: Counter
     fetch_wait: Histogram
     bad_keys: Counter
+    invalidations: Counter
 
 
 _metrics: _Metrics | None = None
@@ -122,6 +127,9 @@ def _create() -> _Metrics:
             buckets=LATENCY_BUCKETS,
         ),
         bad_keys=Counter("tokencache_bad_keys", "Reads that skipped a bad key", ["where"]),
+        invalidations=Counter(
+            "tokencache_invalidations", "Reports of a token an API rejected, by what they did", ["result"]
+        ),
     )
 
 
@@ -149,6 +157,10 @@ def observe_fetch_wait(seconds: float, ok: bool) -> None:
 def record_bad_key(where: Where) -> None:
     """Count one read that skipped a malformed or wrong-type key."""
     _get().bad_keys.labels(where).inc()
+
+
+def record_invalidation(result: Invalidation) -> None:
+    _get().invalidations.labels(result.label).inc()
 
 
 def enable_multiprocess() -> str:

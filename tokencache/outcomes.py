@@ -1,4 +1,5 @@
-"""What a refresh run ended with (:class:`Outcome`) and what repair decided (:class:`Verdict`).
+"""What a refresh run ended with (:class:`Outcome`), what repair decided (:class:`Verdict`), and what a
+report of a rejected token did (:class:`Invalidation`).
 
 Both are ``StrEnum``: a member *is* its string, so the values that leave the process stay what they
 were as bare strings (RQ's JSON serializer stores the refresh job's return value as a plain
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["Outcome", "Verdict"]
+__all__ = ["Invalidation", "Outcome", "Verdict"]
 
 
 class Outcome(enum.StrEnum):
@@ -57,3 +58,29 @@ class Verdict(enum.StrEnum):
     """Its refresh is lost or overdue: re-enqueue the token's job now."""
     DROP = "drop"
     """Nothing is cached or wanted any more: remove the index entry."""
+
+
+class Invalidation(enum.StrEnum):
+    """What ``invalidate()`` did with a token an API rejected (the label of its metric)."""
+
+    EVICTED = "evicted"
+    """It was the stored token: evicted, and refetched once for the fleet."""
+    NOT_STORED = "not stored"
+    """Another token is stored (already replaced), or none: nothing changed."""
+    PENDING = "pending"
+    """Another report evicted it already; its refetch is on its way."""
+    RATE_LIMITED = "rate limited"
+    """The key evicted a token less than ``INVALIDATE_EVERY`` seconds ago: the token stays."""
+
+    @property
+    def label(self) -> str:
+        """The value of the metric label ``result`` (``not_stored``, ``rate_limited``): never changes."""
+        return self.value.replace(" ", "_")
+
+    @classmethod
+    def of_reply(cls, reply: object) -> Invalidation:
+        """The result a reply of the invalidate script stands for (``tokencache.core.scripts.INVALIDATE``)."""
+        return _BY_REPLY[int(reply)]  # type: ignore[call-overload]
+
+
+_BY_REPLY = (Invalidation.NOT_STORED, Invalidation.EVICTED, Invalidation.PENDING, Invalidation.RATE_LIMITED)

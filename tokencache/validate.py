@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["check_count", "check_flag", "check_name", "check_refresh_before", "check_scopes", "check_timeout"]
+__all__ = [
+    "check_access_token",
+    "check_count",
+    "check_flag",
+    "check_name",
+    "check_refresh_before",
+    "check_scopes",
+    "check_timeout",
+]
 
 
 def check_refresh_before(value: object) -> int:
@@ -53,6 +61,17 @@ def check_name(name: str, value: object) -> str | None:
         raise TypeError(f"{name} must be a string or None, not {type(value).__name__}")
     if not value.strip():
         raise ValueError(f"{name} must be a non-empty string or None")
+    return value
+
+
+def check_access_token(value: object) -> str:
+    """The ``token`` an API rejected: the access-token string (a ``Token`` is unwrapped by the caller)."""
+    if not isinstance(value, str):
+        raise TypeError(
+            f"token must be a tokencache.Token or an access-token string, not {type(value).__name__}"
+        )
+    if not value.strip():
+        raise ValueError("token must be a non-empty access token")
     return value
 
 

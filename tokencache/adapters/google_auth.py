@@ -25,21 +25,39 @@ an app without credentials does not have), compares ``universe_domain`` with the
 client's (google-auth's default, ``googleapis.com``, is right: the fleet's tokens
 come from Google's token endpoint) and adds ``get_cred_info()`` to 401/403 errors.
 Every copy keeps the quota project and project id.
+
+When a token is rejected: google-auth answers an API's 401 by calling
+``refresh()`` and retrying, up to twice. A ``refresh()`` that comes after this
+thread sent the token (``before_request``) while no re-read is due (the token
+is fresh by the rule above) is that answer, so it reports the token the thread
+sent with :meth:`TokenStore.invalidate` (evicted for the whole fleet if it is
+still the stored one, once per key per ``INVALIDATE_EVERY`` seconds) and then
+waits, up to ``timeout``, for the new token. The thread's own token, not the
+one held now: a thread whose 401 arrives after another thread already brought
+the new token reports its old one, which compare-and-evict leaves alone. A
+token is reported once per sending, and a ``refresh()`` in a thread that sent
+nothing only reads, so code that calls ``refresh()`` to get ``token`` (the
+``creds.refresh(Request())`` idiom) never evicts anything. If no other token
+is to be had (the key evicted one less than ``INVALIDATE_EVERY`` seconds ago:
+an API that rejects every token), ``refresh()`` raises a ``RefreshError`` that
+says so rather than handing back the rejected token.
 """
 
 from __future__ import annotations
 
 import datetime
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import google.auth.credentials as ga
 import google.auth.exceptions
 
 from tokencache.app.defaults import default_store
 from tokencache.app.tokenstore import TokenStore
-from tokencache.constants import EXPIRY_SKEW, RECHECK
+from tokencache.constants import EXPIRY_SKEW, INVALIDATE_EVERY, RECHECK
 from tokencache.errors import FetchTimeoutError, RedisUnavailableError, TokenCacheError
+from tokencache.token import Token, mask
 from tokencache.validate import check_name, check_scopes, check_timeout
 
 __all__ = ["Credentials"]
@@ -69,6 +87,35 @@ def _translate(error: TokenCacheError) -> google.auth.exceptions.RefreshError:
     return google.auth.exceptions.RefreshError(str(error), retryable=retryable)
 
 
+def _still_rejected(
+    store: TokenStore, info: tuple[str | None, str], sub: str | None, token: Token
+) -> Exception:
+    """The error of a ``refresh()`` after a rejection that got no other token (the rate limit held)."""
+    key = store.keys.token(store.key_for_info(info, sub))
+    return google.auth.exceptions.RefreshError(
+        f"the API rejected token {mask(token.token)} of {key!r} and no other token is available: "
+        f"tokencache refetches a rejected token once per key per {INVALIDATE_EVERY:g} s, and it did so "
+        "less than that ago. An API that rejects every new token is refusing these credentials "
+        "(check the account, scopes and project it expects).",
+        retryable=False,
+    )
+
+
+class _SentTokens(threading.local):
+    """The access token each thread last sent (``before_request``); a fresh one for each copy or unpickle."""
+
+    token: str | None = None
+
+    def __reduce__(self) -> tuple[type[_SentTokens], tuple[()]]:
+        return type(self), ()
+
+
+def _bearer(headers: Mapping[str, str]) -> str | None:
+    """The access token in the ``authorization`` header google-auth's ``apply()`` wrote."""
+    scheme, _, token = (headers.get("authorization") or "").partition(" ")
+    return (token or None) if scheme.lower() == "bearer" else None
+
+
 class Credentials(ga.Scoped, ga.CredentialsWithQuotaProject):
     """google-auth credentials whose token is the fleet's shared one, read from tokencache's Redis."""
 
@@ -94,6 +141,7 @@ class Credentials(ga.Scoped, ga.CredentialsWithQuotaProject):
         self._project_id = check_name("project_id", project_id)
         self._margin = 0  # the refresh_before of the store read last (plain data, so pickling works)
         self._read_at: float | None = None
+        self._sent = _SentTokens()
 
     def __repr__(self) -> str:
         store = "default" if self._store is None else repr(self._store)
@@ -172,19 +220,40 @@ class Credentials(ga.Scoped, ga.CredentialsWithQuotaProject):
 
     # -- reading the token ---------------------------------------------------
 
+    def before_request(self, request: object, method: str, url: str, headers: Mapping[str, str]) -> None:
+        """google-auth's: refresh if due and set the header; also remember the token this thread sent."""
+        super().before_request(request, method, url, headers)  # type: ignore[no-untyped-call]
+        self._sent.token = _bearer(headers)
+
+    def _rejected(self) -> str | None:
+        """The token a ``refresh()`` reports as rejected (see the module docstring); None: a plain read."""
+        sent, self._sent.token = self._sent.token, None  # reported once per sending
+        if sent is None or self.token is None or self.expired:
+            return None
+        return sent
+
     def refresh(self, request: object) -> None:
-        """Read the fleet's token (fetched once for the whole fleet on a miss); ``request`` is not used."""
+        """Read the fleet's token (fetched once for the whole fleet on a miss); ``request`` is not used.
+
+        Called while the token is fresh (google-auth's retry after a 401), it first reports the token as
+        rejected and waits for another one (see the module docstring).
+        """
         del request  # Google is asked by the token's fetcher, never through the caller's transport
         scopes = self._scopes or self._default_scopes
         if not scopes:
             raise google.auth.exceptions.RefreshError(
                 "tokencache.Credentials has no scopes: pass scopes=... or use with_scopes()"
             )
+        info, rejected = (self._account, " ".join(scopes)), self._rejected()
         try:
             store = self._store or default_store()
-            token = store.for_scope((self._account, " ".join(scopes)), self._subject, self._timeout)
+            if rejected is not None:
+                store.invalidate(info, rejected, self._subject)
+            token = store.for_scope(info, self._subject, self._timeout)
         except TokenCacheError as e:
             raise _translate(e) from e
+        if token.token == rejected:
+            raise _still_rejected(store, info, self._subject, token)
         self._margin = store.refresh_before
         self._read_at = store.clock()
         self.token = token.token

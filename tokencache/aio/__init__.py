@@ -22,7 +22,16 @@ tests/test_aio_parity.py fails when the public signatures of the twins drift.
 
 from __future__ import annotations
 
-from tokencache.aio.defaults import aclose_default, default_store, delete, find, for_scope, store, tokens
+from tokencache.aio.defaults import (
+    aclose_default,
+    default_store,
+    delete,
+    find,
+    for_scope,
+    invalidate,
+    store,
+    tokens,
+)
 from tokencache.aio.tokenstore import TokenStore
 
 __all__ = [  # noqa: RUF022 - in the order of tokencache.__all__
@@ -33,6 +42,7 @@ __all__ = [  # noqa: RUF022 - in the order of tokencache.__all__
     "find",
     "for_scope",
     "delete",
+    "invalidate",
     "tokens",
     "default_store",
     "aclose_default",

@@ -1,4 +1,4 @@
-"""Module-level ``tokencache.aio.store/find/for_scope/delete/tokens``: a default store per event loop.
+"""Module-level ``tokencache.aio.store/find/for_scope/delete/invalidate/tokens``: a store per event loop.
 
 The twin of :mod:`tokencache.app.defaults`. A ``redis.asyncio`` client belongs
 to the event loop it first ran on, so each loop gets a store of its own, built
@@ -19,7 +19,16 @@ from tokencache.aio.listing import Listing
 from tokencache.aio.tokenstore import TokenStore
 from tokencache.token import Token
 
-__all__ = ["aclose_default", "default_store", "delete", "find", "for_scope", "store", "tokens"]
+__all__ = [
+    "aclose_default",
+    "default_store",
+    "delete",
+    "find",
+    "for_scope",
+    "invalidate",
+    "store",
+    "tokens",
+]
 
 _stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TokenStore] = weakref.WeakKeyDictionary()
 
@@ -57,6 +66,11 @@ async def for_scope(info: object, sub: str | None = None, timeout: float = 30.0)
 async def delete(info: object, sub: str | None = None) -> bool:
     """:meth:`TokenStore.delete` on the default store."""
     return await default_store().delete(info, sub)
+
+
+async def invalidate(info: object, token: Token | str, sub: str | None = None) -> bool:
+    """:meth:`TokenStore.invalidate` on the default store."""
+    return await default_store().invalidate(info, token, sub)
 
 
 def tokens() -> Listing[Token]:

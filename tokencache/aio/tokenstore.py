@@ -22,11 +22,13 @@ from rq.job import Job
 from tokencache import metrics
 from tokencache.aio.fleet import FleetFetch, Flights
 from tokencache.aio.listing import listing
-from tokencache.aio.recorder import Recorder, offline_client
+from tokencache.aio.recorder import Recorder, know_server_version, offline_client
 from tokencache.app.core import Clock, Raw, StoreCore, TokenRecord
+from tokencache.core import scripts
 from tokencache.core.connection import connect, raise_other_errors, redis_errors
 from tokencache.core.sources import Sources
 from tokencache.keys import TokenKey, parse_info
+from tokencache.outcomes import Invalidation
 from tokencache.token import Token
 from tokencache.validate import check_timeout
 
@@ -121,6 +123,26 @@ class TokenStore(StoreCore):
             deleted, unindexed, *_ = await pipe.execute()
         self._forget(key)
         return bool(deleted or unindexed)
+
+    async def invalidate(self, info: object, token: Token | str, sub: str | None = None) -> bool:
+        """Report ``token`` (a Token or its access-token string) as rejected by an API (a 401).
+
+        If it is still the stored token it is evicted (nobody is handed it any more, near caches drop
+        it) and refetched once for the whole fleet; a token already replaced is left alone, and a key
+        evicts at most once per ``INVALIDATE_EVERY`` seconds. True if this call evicted it.
+        """
+        key = parse_info(info, sub)
+        keys, args = self.invalidate_call(key, token)
+        with redis_errors(self.redis):
+            reply = await scripts.INVALIDATE.on_async(self.redis)(keys=keys, args=args)
+            result = self.invalidated(key, token, reply)
+            if result is Invalidation.EVICTED:
+                await know_server_version(self.refresh_queue.queue, self.redis)
+                with Recorder(self.redis) as pipe:
+                    pipe.multi()  # before any command: RQ's enqueue_job() would start the transaction itself
+                    self.refetch_commands(pipe, key)
+                    await pipe.execute()
+        return result is Invalidation.EVICTED
 
     # -- reading -------------------------------------------------------------
 

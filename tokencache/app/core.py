@@ -22,17 +22,26 @@ from typing import Any
 
 from redis import Redis, RedisError
 from redis.asyncio import Redis as AsyncRedis
+from redis.typing import EncodableT
 from rq.job import Job
 
 from tokencache import env, metrics
 from tokencache.app.nearcache import NearCache
 from tokencache.app.reads import WRONG_TYPE, KeyMemo, TokenMemo, bad_keys
-from tokencache.constants import ERROR_MESSAGE_LIMIT, ERROR_TTL, EXPIRY_SKEW, FLEET_POLL, INDEX_PAGE
+from tokencache.constants import (
+    ERROR_MESSAGE_LIMIT,
+    ERROR_TTL,
+    EXPIRY_SKEW,
+    FLEET_POLL,
+    INDEX_PAGE,
+    INVALIDATE_EVERY,
+    WANT_TTL,
+)
 from tokencache.core.connection import is_wrong_type, unavailable
 from tokencache.core.notify import error_message, ok_message, parse
 from tokencache.core.pipeline import Pipeline
 from tokencache.core.queue import RefreshQueue, utc
-from tokencache.core.record import Bookkeeping, MalformedRecord, from_fields, to_fields
+from tokencache.core.record import REJECTED, Bookkeeping, MalformedRecord, from_fields, to_fields
 from tokencache.core.sources import Sources, default_sources
 from tokencache.errors import (
     ConfigurationError,
@@ -43,8 +52,9 @@ from tokencache.errors import (
     WrongTypeError,
 )
 from tokencache.keys import DEFAULT_ACCOUNT, Keys, TokenKey, parse_info
-from tokencache.token import Freshness, Token
-from tokencache.validate import check_flag, check_refresh_before
+from tokencache.outcomes import Invalidation
+from tokencache.token import Freshness, Token, mask
+from tokencache.validate import check_access_token, check_flag, check_refresh_before
 
 __all__ = [
     "REPORTED",
@@ -57,6 +67,7 @@ __all__ = [
     "account_arg",
     "fetch_failed",
     "message_error",
+    "rejected_token",
     "timeout_error",
 ]
 
@@ -188,9 +199,41 @@ class StoreCore:
         pipe.delete(self.keys.want(key))
         self.refresh_queue.cancel(pipe, key)
 
+    # -- invalidate: a token an API rejected (the twins run the script, then ask the workers) ------
+
+    def invalidate_call(self, key: TokenKey, token: object) -> tuple[list[str], list[EncodableT]]:
+        """KEYS and ARGV of :data:`~tokencache.core.scripts.INVALIDATE` for ``token`` (Token or string)."""
+        keys = [self.keys.token(key), self.keys.index, self.keys.invalidated(key)]
+        return keys, [rejected_token(token), int(self.clock()), int(INVALIDATE_EVERY * 1000)]
+
+    def invalidated(self, key: TokenKey, token: object, reply: object) -> Invalidation:
+        """What the script did, counted and logged (the token masked); this process's near cache forgets
+        the key whatever it did, since a report says its copy may be stale."""
+        result = Invalidation.of_reply(reply)
+        metrics.record_invalidation(result)
+        self._forget(key)
+        shown = mask(rejected_token(token))
+        if result is Invalidation.EVICTED:
+            log.warning("an API rejected %s of %s: evicted, refetching it for the fleet", shown, key.encode())
+        else:
+            log.debug("an API rejected %s of %s: %s", shown, key.encode(), result)
+        return result
+
+    def refetch_commands(self, pipe: Pipeline, key: TokenKey) -> None:
+        """After an eviction: ask the workers for the token now (inside a MULTI), as a miss would.
+
+        The want marker tells the fleet's ``for_scope`` misses that the workers were asked already. No
+        index placeholder: a ``delete()`` that landed since the eviction stands (the job finds the token
+        unindexed and ends).
+        """
+        pipe.set(self.keys.want(key), "invalidated", px=int(WANT_TTL * 1000))
+        self.refresh_queue.enqueue_into(pipe, key, self.refresh_before)
+
     def usable_token(self, redis_key: str, raw: dict[bytes, bytes]) -> Token | None:
-        """The token in an HGETALL reply if it may be handed out (Freshness.INVALID inlined: hot path)."""
-        if not raw:
+        """The token in an HGETALL reply if it may be handed out (Freshness.INVALID inlined: hot path).
+
+        Neither an expired token nor one an API rejected (evicted, its refetch on the way)."""
+        if not raw or REJECTED in raw:
             return None
         try:
             token = self._token_memo.parse(redis_key, raw)
@@ -270,6 +313,8 @@ class StoreCore:
 
     def listable(self, found: TokenRecord, now: float) -> bool:
         """Whether ``tokens()`` lists a record: only a token that may still be handed out."""
+        if found.bookkeeping.rejected_at is not None:
+            return False
         return found.token.freshness(self.refresh_before, now) is not Freshness.INVALID
 
     @contextmanager
@@ -298,6 +343,11 @@ class StoreCore:
         bad_keys.good(redis_key)  # rewritten or deleted by this process: report it again if it goes bad
         if self.near_cache is not None:
             self.near_cache.invalidate([redis_key])
+
+
+def rejected_token(token: object) -> str:
+    """The access token an ``invalidate()`` reports: a Token's, or the string itself (checked)."""
+    return check_access_token(token.token if isinstance(token, Token) else token)
 
 
 # -- what a for_scope miss decides (tokencache.app.fleet and tokencache.aio.fleet do its I/O) --

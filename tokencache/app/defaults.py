@@ -1,4 +1,4 @@
-"""Module-level ``tokencache.store/find/delete/tokens``: a default TokenStore from the environment.
+"""Module-level ``tokencache.store/find/for_scope/delete/invalidate/tokens`` on a store from the environment.
 
 Built lazily on first use (so importing tokencache never connects anywhere)
 and shared by every thread of the process.
@@ -15,7 +15,16 @@ from tokencache import env
 from tokencache.app.tokenstore import TokenStore
 from tokencache.token import Token
 
-__all__ = ["default_store", "delete", "find", "for_scope", "reset_default_store", "store", "tokens"]
+__all__ = [
+    "default_store",
+    "delete",
+    "find",
+    "for_scope",
+    "invalidate",
+    "reset_default_store",
+    "store",
+    "tokens",
+]
 
 _store: TokenStore | None = None
 _lock = threading.Lock()
@@ -57,6 +66,11 @@ def for_scope(info: object, sub: str | None = None, timeout: float = 30.0) -> To
 def delete(info: object, sub: str | None = None) -> bool:
     """:meth:`TokenStore.delete` on the default store."""
     return default_store().delete(info, sub)
+
+
+def invalidate(info: object, token: Token | str, sub: str | None = None) -> bool:
+    """:meth:`TokenStore.invalidate` on the default store."""
+    return default_store().invalidate(info, token, sub)
 
 
 def tokens() -> Iterator[Token]:

@@ -18,9 +18,11 @@ from rq.job import Job
 from tokencache import metrics
 from tokencache.app.core import Clock, Raw, StoreCore, TokenRecord
 from tokencache.app.fleet import FleetFetch, Flights
+from tokencache.core import scripts
 from tokencache.core.connection import connect, raise_other_errors, redis_errors
 from tokencache.core.sources import Sources
 from tokencache.keys import TokenKey, parse_info
+from tokencache.outcomes import Invalidation
 from tokencache.token import Token
 from tokencache.validate import check_timeout
 
@@ -115,6 +117,24 @@ class TokenStore(StoreCore):
             deleted, unindexed, *_ = pipe.execute()
         self._forget(key)
         return bool(deleted or unindexed)
+
+    def invalidate(self, info: object, token: Token | str, sub: str | None = None) -> bool:
+        """Report ``token`` (a Token or its access-token string) as rejected by an API (a 401).
+
+        If it is still the stored token it is evicted (nobody is handed it any more, near caches drop
+        it) and refetched once for the whole fleet; a token already replaced is left alone, and a key
+        evicts at most once per ``INVALIDATE_EVERY`` seconds. True if this call evicted it.
+        """
+        key = parse_info(info, sub)
+        keys, args = self.invalidate_call(key, token)
+        with redis_errors(self.redis):
+            result = self.invalidated(key, token, scripts.INVALIDATE(self.redis, keys, args))
+            if result is Invalidation.EVICTED:
+                with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.multi()  # before any command: RQ's enqueue_job() would start the transaction itself
+                    self.refetch_commands(pipe, key)
+                    pipe.execute()
+        return result is Invalidation.EVICTED
 
     # -- reading -------------------------------------------------------------
 

@@ -75,6 +75,8 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 def _last_refresh(record: TokenRecord, now: float) -> str:
     book = record.bookkeeping
+    if book.rejected_at is not None:
+        return f"rejected by an API {_seconds(now - book.rejected_at)} ago: refetching"
     if book.failures:
         return f"failing x{book.failures}: {(book.last_error or '')[:60]}"
     if book.refreshed_at:

@@ -8,7 +8,10 @@ Bookkeeping is kept to what someone reads, because every field of a hash that
 holds a ~200-byte token costs about 60 bytes per token: ``refresh_at``, and
 ``refreshed_at`` once the token was fetched. ``failures``, ``last_error``,
 ``last_error_at`` and ``gave_up_at`` appear while refreshes fail (no
-``failures`` field means none); a successful write drops them. The refresh
+``failures`` field means none); ``rejected_at`` once an API rejected the token
+and the fleet evicted it (``invalidate()``): the hash stays, so that repair and
+the refresh job still see the token, but nobody is handed it. A successful
+write drops them all. The refresh
 job's id is not stored: it is derived from the key (:meth:`Keys.job_id`).
 """
 
@@ -19,9 +22,11 @@ from dataclasses import dataclass
 
 from tokencache.token import Token
 
-__all__ = ["Bookkeeping", "MalformedRecord", "from_fields", "to_fields"]
+__all__ = ["REJECTED", "Bookkeeping", "MalformedRecord", "from_fields", "to_fields"]
 
 TOKEN_FIELDS = ("token", "type", "scope", "sub", "account", "expires")
+REJECTED = b"rejected_at"
+"""The field that marks an evicted token (see the module docstring); readers test for it on the hot path."""
 
 
 class MalformedRecord(ValueError):
@@ -82,6 +87,8 @@ class Bookkeeping:
     refreshed_at: int | None
     failures: int
     last_error: str | None
+    rejected_at: int | None = None
+    """When an API's rejection evicted the token (``invalidate()``); None while it may be handed out."""
 
     @classmethod
     def of(cls, raw: Mapping[bytes, bytes]) -> Bookkeeping:
@@ -98,4 +105,5 @@ class Bookkeeping:
             refreshed_at=number("refreshed_at"),
             failures=number("failures") or 0,
             last_error=error.decode(errors="replace") if error else None,
+            rejected_at=number("rejected_at"),
         )

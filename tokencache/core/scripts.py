@@ -30,7 +30,15 @@ from redis.commands.core import AsyncScript, Script
 from redis.exceptions import NoScriptError
 from redis.typing import EncodableT
 
-__all__ = ["EXTEND", "RECORD_FAILURE", "RELEASE", "REPLACE_IF_INDEXED", "LuaScript", "run_pipeline"]
+__all__ = [
+    "EXTEND",
+    "INVALIDATE",
+    "RECORD_FAILURE",
+    "RELEASE",
+    "REPLACE_IF_INDEXED",
+    "LuaScript",
+    "run_pipeline",
+]
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,35 @@ redis.call('EXPIREAT', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[1], KEYS[1])
 redis.call('DEL', KEYS[3], KEYS[4])
 redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+""",
+)
+
+INVALIDATE = LuaScript(
+    "invalidate",
+    """
+-- Evict a token an API rejected: only if it is still the stored one, not evicted yet, and the key
+-- has not evicted a token within the rate-limit window. The hash stays (repair and the refresh job
+-- see the token as due now) but is marked, so readers skip it until the refetch replaces it.
+-- KEYS[1]  the token hash
+-- KEYS[2]  the index (sorted set: token hash -> expires; an evicted token's entry is due now)
+-- KEYS[3]  the key's rate limit (the invalidated marker)
+-- ARGV[1]  the rejected access token
+-- ARGV[2]  now, Unix seconds (rejected_at, refresh_at, the index score and the marker's value)
+-- ARGV[3]  the rate-limit window, in milliseconds
+-- returns  1 evicted; 0 not the stored token (replaced, deleted, never cached): nothing changed;
+--          2 evicted already (its refetch is on its way); 3 rate-limited: the token stays
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then
+    return 0
+end
+if redis.call('HEXISTS', KEYS[1], 'rejected_at') == 1 then
+    return 2
+end
+if not redis.call('SET', KEYS[3], ARGV[2], 'NX', 'PX', ARGV[3]) then
+    return 3
+end
+redis.call('HSET', KEYS[1], 'rejected_at', ARGV[2], 'refresh_at', ARGV[2])
+redis.call('ZADD', KEYS[2], 'XX', ARGV[2], KEYS[1])
 return 1
 """,
 )
