@@ -12,6 +12,8 @@ Schema (``{ns}`` is the namespace, ``tokencache`` by default)::
     {ns}:want:{account}:{scope}:{sub}    string marks that an app asked the workers for this token (SET NX PX)
     {ns}:fetched:{account}:{scope}:{sub} pubsub "a fetch of this token ended" (JSON ok/error, no token)
     {ns}:error:{account}:{scope}:{sub}   string the last fetch's error, for waiters that subscribed late (PX)
+    {ns}:backoff:{account}               string the account's token requests are on hold until it expires
+                                                (PX: a rate-limited answer's Retry-After); value: why
     {ns}:repair                          string lock that lets one worker of the fleet run a repair pass
     {ns}:pools                           hash   pool heartbeats: pool name -> JSON {workers, at, host, pid}
     rq:job:tc-{name}                     hash   (RQ) the token's one refresh job; {name} names the
@@ -192,6 +194,10 @@ class Keys:
 
     def error(self, key: TokenKey) -> str:
         return f"{self.namespace}:error:{key.encode()}"
+
+    def backoff(self, account: str) -> str:
+        """The hold every fetcher of ``account`` honours after a rate-limited answer."""
+        return f"{self.namespace}:backoff:{_escape(account)}"
 
     def channel(self, key: TokenKey) -> str:
         return f"{self.namespace}:fetched:{key.encode()}"

@@ -135,6 +135,7 @@ def _status_rows(h: Health) -> list[tuple[str, str]]:
         ("refreshes overdue", str(len(h.overdue))),
         ("refreshes failed (gave up)", str(h.failed)),
         ("tokens failing to refresh", str(len(h.failing))),
+        ("tokens expired, not replaced", str(len(h.expired))),
     ]
 
 
