@@ -446,6 +446,23 @@ def test_stats_endpoint_and_reset(emu: Emulator, http: requests.Session) -> None
     assert emu.validate(token) is not None  # resetting counters does not revoke tokens
 
 
+@pytest.mark.parametrize("status", [429, 403])
+def test_rate_limited_failures_with_retry_after(emu: Emulator, http: requests.Session, status: int) -> None:
+    """Google's two rate-limited answers, as a token endpoint client sees them, and when they came."""
+    emu.config.update({"fail_next": 1, "failure_status": status, "retry_after": 7})
+    before = time.time()
+    response = http.post(emu.url + "/token", data={"grant_type": JWT_BEARER, "assertion": "x"}, timeout=10)
+    assert response.status_code == status
+    assert response.headers["Retry-After"] == "7"
+    assert response.json() == {"error": "rate_limit_exceeded", "error_description": "Rate Limit Exceeded"}
+    (at,) = emu.stats()["request_times"]
+    assert before <= at <= time.time()
+    emu.config.update({"fail_next": 1, "failure_status": 500, "retry_after": 0})
+    plain = http.post(emu.url + "/token", data={"grant_type": JWT_BEARER, "assertion": "x"}, timeout=10)
+    assert plain.status_code == 500 and "Retry-After" not in plain.headers
+    assert plain.json()["error"] == "internal_failure"
+
+
 def test_config_endpoint(emu: Emulator, http: requests.Session) -> None:
     assert http.get(emu.url + "/config", timeout=10).json() == EmulatorConfig().as_dict()
 
@@ -465,6 +482,8 @@ def test_config_endpoint(emu: Emulator, http: requests.Session) -> None:
         ({"lifetime": True}, "lifetime"),
         ({"fail_next": -1}, "fail_next"),
         ({"latency": 0.1, "fail_next": 1.5}, "fail_next"),
+        ({"failure_status": 200}, "failure_status"),
+        ({"retry_after": -1}, "retry_after"),
         ([1, 2], "object"),
     ],
 )

@@ -1,8 +1,9 @@
-"""``tokencache status`` counts what needs attention, whatever the format of the jobs in RQ's registries."""
+"""``tokencache status`` reports the fleet as it is now, whatever old records RQ's registries keep."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import time
 
 from rq.job import Job
@@ -17,39 +18,77 @@ from tokencache.constants import SCHEDULER_TTL
 from .conftest import SCOPE
 
 
-def test_failed_refreshes_count_only_for_tokens_still_cached_in_this_namespace(store: TokenStore) -> None:
-    def token(scope: str) -> Token:
-        return Token(token="ya29.health-test", scope=scope, expires=int(time.time()) + 600)
+def token(scope: str, expires_in: int = 600) -> Token:
+    return Token(token="ya29.health-test", scope=scope, expires=int(time.time()) + expires_in)
 
-    cached, old_format, gone = token(SCOPE), token("cached-with-an-old-job"), token("not-cached")
-    for t in (cached, old_format):
+
+def failed(store: TokenStore, job_id: str, reason: str | None = None) -> None:
+    """The job's last run failed (gave up with ``reason``, or crashed), and RQ's registry says so."""
+    queue = store.refresh_queue.queue
+    if not store.redis.exists(f"rq:job:{job_id}"):
+        queue.create_job("tokencache.refresh.refresh", args=[10], job_id=job_id).save()
+    fields = {"status": "failed", **({"meta": json.dumps({"gave_up": reason})} if reason else {})}
+    store.redis.hset(f"rq:job:{job_id}", mapping=fields)
+    store.redis.zadd(FailedJobRegistry(queue=queue).key, {job_id: time.time() + 3600})
+
+
+def test_a_give_up_counts_while_it_is_the_last_word_about_a_token_still_cached(store: TokenStore) -> None:
+    stale, expired, replaced, rearmed, crashed, gone = (
+        token("stale", 5), token("expired", -30), token("replaced"), token("rearmed"), token("crashed", 5),
+        token("not-cached"),
+    )  # fmt: skip
+    for t in (stale, expired, replaced, rearmed, crashed):
         store.store(t)
+    store.redis.hset(store.keys.token(store.key_for(stale)), "gave_up_at", "1")
     queue = store.refresh_queue.queue
     other = TokenStore(store.redis, namespace="elsewhere", refresh_before=10, queue=queue.name)
-    legacy_key = store.key_for(old_format)
-    legacy = queue.create_job(
+    store.redis.zadd(store.keys.index, {store.keys.token(store.key_for(expired)): expired.expires})
+    job = store.keys.job_id
+    failed(store, job(store.key_for(stale)), "invalid_grant: Invalid JWT Signature")  # counts
+    failed(store, job(store.key_for(expired)), "unknown account")  # counts: the hash expired since
+    failed(store, job(store.key_for(replaced)), "invalid_grant")  # a new token was stored since
+    registry = FailedJobRegistry(queue=queue)
+    store.redis.zadd(registry.key, {job(store.key_for(rearmed)): time.time() + 3600})  # its job ran since
+    failed(store, job(store.key_for(crashed)))  # crashed: repair's to retry, not a give-up
+    failed(store, job(store.key_for(gone)), "typo")  # its token is neither cached nor wanted
+    failed(store, other.keys.job_id(store.key_for(stale)), "another namespace's")
+    health = check(store, "redis://test")
+    assert health.failed == 2
+    assert sorted(health.gave_up) == sorted(
+        [f"{store.key_for(expired).encode()}: unknown account",
+         f"{store.key_for(stale).encode()}: invalid_grant: Invalid JWT Signature"]
+    )  # fmt: skip
+    assert any("invalid_grant" in problem for problem in health.problems)
+
+
+def test_an_old_format_job_that_gave_up_counts_by_its_tokens_hash(store: TokenStore) -> None:
+    """A job written before ids named their token (and before the meta said why it gave up)."""
+    cached = token("cached-with-an-old-job", 5)
+    store.store(cached)
+    key = store.key_for(cached)
+    store.redis.hset(store.keys.token(key), mapping={"gave_up_at": "1", "last_error": "invalid_grant"})
+    legacy = store.refresh_queue.queue.create_job(
         "tokencache.refresh.refresh",
-        kwargs=dict(
-            namespace=store.keys.namespace,
-            account=legacy_key.account,
-            scope=legacy_key.scope,
-            sub=None,
-            refresh_before=10,
-        ),
+        kwargs=dict(namespace=store.keys.namespace, account=key.account, scope=key.scope, sub=None,
+                    refresh_before=10),
         job_id="tc-635e7ebecb609f85e7e9b573",
-    )
+    )  # fmt: skip
     legacy.save()
-    stranger = queue.create_job("os.getcwd", job_id="not-ours")
+    stranger = store.refresh_queue.queue.create_job("os.getcwd", job_id="not-ours")
     stranger.save()
-    failed = [
-        store.keys.job_id(store.key_for(cached)),  # counts
-        legacy.id,  # counts: an old-format job of a cached token
-        store.keys.job_id(store.key_for(gone)),  # its token is gone
-        other.keys.job_id(store.key_for(cached)),  # the same token of another namespace on this queue
-        stranger.id,
-    ]
-    store.redis.zadd(FailedJobRegistry(queue=queue).key, dict.fromkeys(failed, time.time() + 3600))
-    assert check(store, "redis://test").failed == 2
+    for job_id in (legacy.id, stranger.id):
+        failed(store, job_id)
+    assert check(store, "redis://test").gave_up == [f"{key.encode()}: invalid_grant"]
+
+
+def test_a_cached_token_expired_without_a_replacement_is_reported(store: TokenStore) -> None:
+    lost, fresh = token("lost", -30), token("fresh")
+    store.store(fresh)
+    placeholder = store.keys.token(store.key_for_info("asked-for"))  # an app's request: not a lost token
+    store.redis.zadd(store.keys.index, {store.keys.token(store.key_for(lost)): lost.expires, placeholder: 0})
+    health = check(store, "redis://test")
+    assert health.expired == [store.key_for(lost).encode()]
+    assert any("expired without a replacement" in problem for problem in health.problems)
 
 
 def test_the_scheduler_runs_only_while_its_lock_holder_beats(store: TokenStore) -> None:

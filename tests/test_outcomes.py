@@ -19,6 +19,7 @@ def test_metric_labels_never_change() -> None:
         "busy",
         "failed",
         "gave_up",
+        "held_back",
         "deleted",
         "crashed",
         "batched",
@@ -42,6 +43,7 @@ def test_the_metrics_docstring_names_labels_that_exist() -> None:
         "crashed",
         "batched",
         "skipped",
+        "held_back",
     }
     assert named <= {o.label for o in Outcome}
 

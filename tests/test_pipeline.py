@@ -43,6 +43,7 @@ def test_the_protocol_lists_every_command_written_and_no_other() -> None:
     recording = Recording()
     store.write_commands(recording, key, token, fetched=True)
     store.failure_commands(recording, key, "boom", gave_up=True)
+    store.failure_commands(recording, key, "rate limited", gave_up=False, hold=3.0, retry_in=3.0)
     store.ask_workers_commands(recording, key)
     store.delete_commands(recording, key)
     store.refresh_queue.move_scheduled(recording, key, int(time.time()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -122,11 +123,37 @@ def test_junk_in_the_index_and_partial_job_hashes_do_not_stop_repair(store: Toke
     assert store.redis.zscore(store.keys.index, "not-a-token-key") is None
 
 
-def test_failed_refresh_of_an_expired_token_is_dropped_from_the_index(store: TokenStore) -> None:
-    _token, job_id = stored(store, expires_in=-5)
-    store.redis.hset(Job.key_for(job_id), "status", "failed")
-    assert repair(store)["drop"] == 1
-    assert store.redis.zcard(store.keys.index) == 0
+def test_an_expired_token_stays_cached_and_its_refresh_alive_until_it_gives_up_on_purpose(
+    store: TokenStore,
+) -> None:
+    """An outage outlasting a token: its hash expires but its index entry keeps it cached, so a crashed
+    or lost job is re-enqueued (the old repair dropped the entry); a deliberate give-up stays failed."""
+    token, job_id = stored(store, expires_in=-5)
+    assert not store.redis.exists(store.keys.token(store.key_for(token)))  # EXPIREAT in the past
+    store.redis.hset(Job.key_for(job_id), "status", "failed")  # a killed work-horse
+    assert repair(store)["enqueue"] == 1
+    store.redis.delete(Job.key_for(job_id))  # lost in a failover
+    store.redis.lrem(store.refresh_queue.queue.key, 0, job_id)
+    assert repair(store)["enqueue"] == 1
+    meta = json.dumps({"gave_up": "invalid_grant: Invalid JWT Signature"})
+    store.redis.hset(Job.key_for(job_id), mapping={"status": "failed", "meta": meta})
+    assert repair(store) == {"ok": 1}
+    assert store.redis.zcard(store.keys.index) == 1
+
+
+def test_a_refresh_that_backs_off_is_not_moved_forward(store: TokenStore) -> None:
+    """A failing refresh is scheduled after the token's refresh time on purpose: repair must not
+    re-enqueue it every second (which also reset its failure count: no backoff at all)."""
+    token, job_id = stored(store)
+    key = store.key_for(token)
+    store.redis.zadd(store.refresh_queue.scheduled.key, {job_id: token.expires + 30})
+    store.redis.hset(store.keys.token(key), "failures", "3")
+    assert repair(later(store, 95)) == {"ok": 1}
+    store.redis.hdel(store.keys.token(key), "failures")
+    store.redis.set(store.keys.backoff(key.account), "rate limited", px=10_000)  # the account on hold
+    assert repair(later(store, 95)) == {"ok": 1}
+    store.redis.delete(store.keys.backoff(key.account))
+    assert repair(later(store, 95))["enqueue"] == 1  # nothing explains the late schedule: a lost race
 
 
 def test_one_repair_per_interval_across_the_fleet(store: TokenStore) -> None:
@@ -239,3 +266,28 @@ def scrape_value(port: int, sample: str) -> float:
     text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample + " ")]
     return values[0] if values else 0.0
+
+
+def test_a_starting_pool_retries_what_gave_up_while_still_cached(store: TokenStore) -> None:
+    """Fixing a rejected key means restarting the workers: that restart re-arms the refreshes."""
+    from rq.registry import FailedJobRegistry
+
+    from tokencache.worker.repair import retry_gave_up
+
+    cached, _ = stored(store)
+    gone = Token(token="ya29.gone", scope="gone", expires=int(time.time()) + 100)
+    crashed = Token(token="ya29.crashed", scope="crashed", expires=int(time.time()) + 100)
+    for t in (gone, crashed):
+        store.store(t)
+    assert store.delete("gone") is True
+    registry = FailedJobRegistry(queue=store.refresh_queue.queue)
+    for t, meta in ((cached, {"gave_up": "invalid_grant"}), (gone, {"gave_up": "typo"}), (crashed, {})):
+        job_id = store.keys.job_id(store.key_for(t))
+        if not store.redis.exists(Job.key_for(job_id)):
+            store.refresh_queue.queue.create_job(
+                "tokencache.refresh.refresh", args=[10], job_id=job_id
+            ).save()
+        store.redis.hset(Job.key_for(job_id), mapping={"status": "failed", "meta": json.dumps(meta)})
+        store.redis.zadd(registry.key, {job_id: time.time() + 3600})
+    assert retry_gave_up(store) == [store.key_for(cached)]
+    assert queued(store) == [store.keys.job_id(store.key_for(cached))]

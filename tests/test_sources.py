@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import json
 import os
 import subprocess
@@ -10,9 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
-from tokencache import ConfigurationError, RefreshError, UnknownAccountError
 from tokencache.core.sources import Sources
+from tokencache.errors import (
+    ConfigurationError,
+    CredentialsRejectedError,
+    RateLimitedError,
+    RefreshError,
+    UnknownAccountError,
+)
 from tokencache.keys import TokenKey
 from tokencache.testing.emulator import Emulator
 
@@ -71,6 +79,51 @@ def test_endpoint_failure_is_a_refresh_error_without_internal_retries(
         Sources.from_env().fetch(key())
     assert time.monotonic() - started < 0.9  # google-auth's own 1 s retry sleep did not happen
     assert emulator.stats()["token_requests"] == 1
+
+
+@pytest.mark.parametrize("status", [429, 403])
+def test_a_rate_limited_answer_is_its_own_error_with_retry_after_and_is_counted(
+    credentials_env: dict[str, str], emulator: Emulator, status: int
+) -> None:
+    """Google's 429, and the 403 "rate limit exceeded" it may send instead: no retry inside google-auth,
+    the Retry-After kept for the fleet's hold, one more in tokencache_endpoint_rate_limited_total."""
+    before = REGISTRY.get_sample_value("tokencache_endpoint_rate_limited_total") or 0.0
+    emulator.config.update({"fail_next": 1, "failure_status": status, "retry_after": 7})
+    started = time.monotonic()
+    with pytest.raises(RateLimitedError, match=str(status)) as info:
+        Sources.from_env().fetch(key())
+    assert time.monotonic() - started < 0.9 and emulator.stats()["token_requests"] == 1
+    assert info.value.retry_after == 7 and info.value.hold() == 7
+    assert REGISTRY.get_sample_value("tokencache_endpoint_rate_limited_total") == before + 1
+
+
+def test_errors_are_sorted_into_transient_and_hopeless(
+    credentials_env: dict[str, str], emulator: Emulator, tmp_path: Path
+) -> None:
+    """A 500 or a bare 403 is worth retrying; a key the endpoint rejects (invalid_grant) is not."""
+    emulator.config.fail_next = 1
+    with pytest.raises(RefreshError) as transient:
+        Sources.from_env().fetch(key())
+    assert not isinstance(transient.value, RateLimitedError | CredentialsRejectedError)
+    info = emulator.create_service_account()
+    info["private_key_id"] = "0" * 40  # a key the endpoint does not know (deleted)
+    (tmp_path / "deleted.json").write_text(json.dumps(info))
+    deleted = Sources(files={"default": tmp_path / "deleted.json"}, use_adc=False)
+    with pytest.raises(CredentialsRejectedError, match="invalid_grant"):
+        deleted.fetch(key())
+
+
+def test_retry_after_as_seconds_or_a_date() -> None:
+    from tokencache.core.sources import _retry_after
+
+    now = 1_700_000_000.0
+    assert (
+        _retry_after("5", now) == 5.0
+        and _retry_after(None, now) is None
+        and _retry_after("soon", now) is None
+    )
+    assert _retry_after(email.utils.formatdate(now + 30, usegmt=True), now) == 30.0
+    assert _retry_after(email.utils.formatdate(now - 30, usegmt=True), now) == 0.0
 
 
 def test_fetch_is_bounded_by_the_timeout(credentials_env: dict[str, str], emulator: Emulator) -> None:

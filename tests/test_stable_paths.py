@@ -28,7 +28,7 @@ PUBLIC = {
         "Token", "TokenKey", "Freshness", "mask", "normalize_scope", "TokenStore", "store", "find",
         "for_scope", "delete", "invalidate", "tokens", "default_store", "reset_default_store", "Credentials",
         "BearerAuth", "TokenCacheError", "RedisUnavailableError", "RefreshError", "FetchTimeoutError",
-        "ConfigurationError", "UnknownAccountError",
+        "ConfigurationError", "UnknownAccountError", "RateLimitedError", "CredentialsRejectedError",
     },
     "tokencache.aio": {
         "TokenStore", "aclose_default", "default_store", "delete", "find", "for_scope", "invalidate", "store",

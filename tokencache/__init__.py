@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 from tokencache.errors import (
     ConfigurationError,
+    CredentialsRejectedError,
     FetchTimeoutError,
+    RateLimitedError,
     RedisUnavailableError,
     RefreshError,
     TokenCacheError,
@@ -92,6 +94,8 @@ __all__ = [  # noqa: RUF022 - grouped by purpose, as the reader meets them
     "TokenCacheError",
     "RedisUnavailableError",
     "RefreshError",
+    "RateLimitedError",
+    "CredentialsRejectedError",
     "FetchTimeoutError",
     "ConfigurationError",
     "UnknownAccountError",

@@ -104,15 +104,30 @@ BUSY_RETRY = 1.0
 BACKOFF_BASE = 1.0
 """The first retry's delay after a failed fetch; each further failure doubles it (with jitter)."""
 
-BACKOFF_CAP = 60.0
-"""The longest delay between retries of a failing refresh."""
+BACKOFF_CAP = 30.0
+"""The longest delay between retries of a failing refresh, unless ``TOKENCACHE_BACKOFF_CAP`` says otherwise.
+
+A refresh never gives up on a transient failure, so this is also how long a fleet may wait for its
+token after the endpoint comes back (plus one scheduler poll and a fetch). 30 s: Google's own
+clients cap their backoff at 32-64 s; half a minute keeps that recovery short and costs a failing
+endpoint at most two requests a minute per token."""
 
 RETRY_FLOOR = 0.5
 """The shortest delay before a failed refresh is retried, and how long before the current token's
 last usable second a retry is pulled in to land: the retry itself takes a moment."""
 
-GIVE_UP_AFTER = 5
-"""Consecutive failures after which, with no valid token left, the job stops and fails in RQ."""
+RETRY_AFTER_MAX = 300.0
+"""The longest ``Retry-After`` of a rate-limited answer that is honoured as given: longer than any
+Google sends for token requests (seconds to a minute), short enough that a bogus header cannot park
+a fleet's refreshes for hours."""
+
+RATE_LIMIT_MIN = 2.0
+"""The shortest hold after a rate-limited answer (none or a tiny ``Retry-After``): long enough that
+a fleet's misses cannot turn a rate limit into a loop of requests."""
+
+HOLD_SPREAD = 1.0
+"""A refresh waiting out its account's hold runs up to this much after it ends, at random, so the
+tokens of one account do not all ask again in the same instant."""
 
 # -- batched refreshes (tokencache.worker.batch) ----------------------------------------
 
@@ -260,6 +275,10 @@ INVARIANTS: dict[str, Callable[[], bool]] = {
         lambda: BATCH_SECONDS + FETCH_TIMEOUT + LOCK_TTL < JOB_TIMEOUT
     ),
     "backoff starts below its cap": lambda: 0 < RETRY_FLOOR <= BACKOFF_BASE <= BACKOFF_CAP,
+    "a rate limit's hold has room between its floor and its ceiling": (
+        lambda: 0 < RATE_LIMIT_MIN <= RETRY_AFTER_MAX and HOLD_SPREAD > 0
+    ),
+    "a rate limit holds off the misses' fail-fast window at least": lambda: RATE_LIMIT_MIN >= ERROR_TTL,
     "tracking is retried soon, then less often": lambda: 0 < RETRY_MIN < RETRY_MAX,
     "nothing reruns in a tight loop": lambda: MIN_DELAY > 0 and BUSY_RETRY > 0,
     "a graceful stop outlasts a running job": lambda: STOP_TIMEOUT > JOB_TIMEOUT,

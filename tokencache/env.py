@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from tokencache import constants
 from tokencache.constants import DEFAULT_REFRESH_BEFORE
 from tokencache.errors import ConfigurationError
 
@@ -22,6 +23,9 @@ REFRESH_BEFORE = "TOKENCACHE_REFRESH_BEFORE"
 
 REFRESH_BATCH = "TOKENCACHE_REFRESH_BATCH"
 """How many other due tokens a refresh job fetches at once (0: each job fetches only its own token)."""
+
+BACKOFF_CAP = "TOKENCACHE_BACKOFF_CAP"
+"""Longest delay, in whole seconds, between the retries of a failing refresh (default 30)."""
 
 QUEUE = "TOKENCACHE_QUEUE"
 """Name of the RQ queue that carries refresh jobs."""
@@ -39,6 +43,7 @@ DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_NAMESPACE = "tokencache"
 DEFAULT_QUEUE = "tokencache"
 DEFAULT_REFRESH_BATCH = 8
+DEFAULT_BACKOFF_CAP = int(constants.BACKOFF_CAP)
 
 
 def redis_url() -> str:
@@ -64,6 +69,16 @@ def refresh_before() -> int:
 def refresh_batch() -> int:
     """The refresh jobs' batch concurrency from the environment, validated as a whole number >= 0."""
     return _count(REFRESH_BATCH, DEFAULT_REFRESH_BATCH, "a whole number")
+
+
+def backoff_cap() -> float:
+    """The refresh workers' backoff cap from the environment: whole seconds, at least the first delay."""
+    cap = _count(BACKOFF_CAP, DEFAULT_BACKOFF_CAP, "a whole number of seconds")
+    if cap < constants.BACKOFF_BASE:
+        raise ConfigurationError(
+            f"{BACKOFF_CAP}={cap} must be at least {constants.BACKOFF_BASE:g} (the first retry's delay)"
+        )
+    return float(cap)
 
 
 def _count(name: str, default: int, what: str) -> int:

@@ -6,9 +6,14 @@ so callers only ever need ``except TokenCacheError``.
 
 from __future__ import annotations
 
+from tokencache.constants import RATE_LIMIT_MIN, RETRY_AFTER_MAX
+
 __all__ = [
+    "HOPELESS",
     "ConfigurationError",
+    "CredentialsRejectedError",
     "FetchTimeoutError",
+    "RateLimitedError",
     "RedisUnavailableError",
     "RefreshError",
     "TokenCacheError",
@@ -33,6 +38,23 @@ class RefreshError(TokenCacheError):
     """A token could not be fetched from its account's source."""
 
 
+class RateLimitedError(RefreshError):
+    """The token endpoint asked for fewer requests (429, or 403 rate limit exceeded): the fleet holds off."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        """The answer's ``Retry-After`` in seconds, if it had one."""
+
+    def hold(self, at_least: float = RATE_LIMIT_MIN) -> float:
+        """Seconds every fetcher of the account waits: the ``Retry-After`` (within sane bounds), or longer."""
+        return min(RETRY_AFTER_MAX, max(self.retry_after or 0.0, at_least, RATE_LIMIT_MIN))
+
+
+class CredentialsRejectedError(RefreshError):
+    """The token endpoint refused the credentials (a deleted key, a bad grant): retrying is futile."""
+
+
 class FetchTimeoutError(TokenCacheError, TimeoutError):
     """Waiting for the fleet to fetch a token took longer than the timeout."""
 
@@ -43,3 +65,7 @@ class ConfigurationError(TokenCacheError, ValueError):
 
 class UnknownAccountError(ConfigurationError, LookupError):
     """No credentials are configured for the account a token belongs to."""
+
+
+HOPELESS = (ConfigurationError, CredentialsRejectedError)
+"""Fetch errors after which retrying cannot help until someone fixes the setup: the refresh stops."""

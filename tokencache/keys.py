@@ -17,6 +17,8 @@ Schema (``{ns}`` is the namespace, ``tokencache`` by default)::
     {ns}:invalidated:{account}:{scope}:{sub}
                                          string an API's rejection evicted this token: no other eviction
                                                 until it expires (SET NX PX, value = when; the rate limit)
+    {ns}:backoff:{account}               string the account's token requests are on hold until it expires
+                                                (PX: a rate-limited answer's Retry-After); value: why
     {ns}:repair                          string lock that lets one worker of the fleet run a repair pass
     {ns}:pools                           hash   pool heartbeats: pool name -> JSON {workers, at, host, pid}
     rq:job:tc-{name}                     hash   (RQ) the token's one refresh job; {name} names the
@@ -200,6 +202,10 @@ class Keys:
 
     def invalidated(self, key: TokenKey) -> str:
         return f"{self.namespace}:invalidated:{key.encode()}"
+
+    def backoff(self, account: str) -> str:
+        """The hold every fetcher of ``account`` honours after a rate-limited answer."""
+        return f"{self.namespace}:backoff:{_escape(account)}"
 
     def channel(self, key: TokenKey) -> str:
         return f"{self.namespace}:fetched:{key.encode()}"

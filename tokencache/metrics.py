@@ -5,11 +5,13 @@ Worker side (``tokencache worker --metrics-port 9108`` serves them, with the scr
 
 - ``tokencache_refreshes_total{outcome}`` (counter): refresh-job runs by outcome (the
   :attr:`~tokencache.outcomes.Outcome.label` of each): ``refreshed``, ``not_due``, ``busy``,
-  ``failed``, ``gave_up``, ``deleted``, ``crashed``, ``skipped`` (the token's key holds another
-  Redis type); and ``batched``: tokens refreshed by another
-  token's job (see :mod:`tokencache.worker.batch`);
+  ``failed``, ``gave_up``, ``held_back``, ``deleted``, ``crashed``, ``skipped`` (the token's key
+  holds another Redis type); and ``batched``: tokens refreshed by another token's job (see
+  :mod:`tokencache.worker.batch`);
 - ``tokencache_refresh_lateness_seconds`` (histogram): when a refresh ran minus when it was due;
 - ``tokencache_endpoint_latency_seconds{result}`` (histogram): token requests to Google, ok/error;
+- ``tokencache_endpoint_rate_limited_total`` (counter): rate-limited answers (429, or 403 "rate limit
+  exceeded") of the token endpoint; also counted by apps that fetch with credentials of their own;
 - ``tokencache_refreshes_scheduled`` (gauge, read at scrape): refresh jobs in RQ's schedule;
 - ``tokencache_refreshes_overdue`` (gauge, read at scrape): refreshes repair would re-enqueue now;
 - ``tokencache_redis_up`` (gauge): whether that scrape could read Redis.
@@ -65,6 +67,7 @@ __all__ = [
     "observe_fetch_wait",
     "record_bad_key",
     "record_invalidation",
+    "record_rate_limited",
     "record_read",
     "record_refresh",
     "start_http_server",
@@ -82,6 +85,7 @@ class _Metrics:
     refreshes: Counter
     lateness: Histogram
     endpoint: Histogram
+    rate_limited: Counter
     hits: Counter
     misses: Counter
     fetch_wait: Histogram
@@ -118,6 +122,10 @@ def _create() -> _Metrics:
             ["result"],
             buckets=LATENCY_BUCKETS,
         ),
+        rate_limited=Counter(
+            "tokencache_endpoint_rate_limited",
+            "Rate-limited answers (429, 403 rate limit) of the token endpoint",
+        ),
         hits=Counter("tokencache_cache_hits", "Cache reads that found a usable token"),
         misses=Counter("tokencache_cache_misses", "Cache reads that found no usable token"),
         fetch_wait=Histogram(
@@ -143,6 +151,10 @@ def record_refresh(outcome: Outcome, lateness: float | None = None) -> None:
 
 def observe_endpoint(seconds: float, ok: bool) -> None:
     _get().endpoint.labels("ok" if ok else "error").observe(seconds)
+
+
+def record_rate_limited() -> None:
+    _get().rate_limited.inc()
 
 
 def record_read(hit: bool) -> None:

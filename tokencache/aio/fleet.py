@@ -12,7 +12,16 @@ from typing import TYPE_CHECKING, Any, cast
 
 from tokencache.aio.locks import Lock
 from tokencache.aio.recorder import Recorder, know_server_version
-from tokencache.app.core import REPORTED, FleetFetchCore, Move, account_arg, fetch_failed, message_error
+from tokencache.app.core import (
+    REPORTED,
+    FleetFetchCore,
+    Move,
+    account_arg,
+    fetch_failed,
+    held_back,
+    hold_of,
+    message_error,
+)
 from tokencache.constants import LOCK_TTL, SUBSCRIBE_WAIT, WANT_TTL
 from tokencache.core.connection import redis_errors
 from tokencache.keys import TokenKey
@@ -101,11 +110,16 @@ class FleetFetch(FleetFetchCore):
                 await lock.release()
 
     async def _fetch(self) -> Token:
+        with redis_errors(self.store.redis):
+            hold_ms = await self.store.redis.pttl(self.store.keys.backoff(self.key.account))
+        held = held_back(self.store, self.key, hold_ms)
+        if held is not None:
+            raise held  # the endpoint rate-limited the account: this process holds off too
         try:
             token = await asyncio.to_thread(self.store.sources.fetch, self.key, account=account_arg(self.key))
         except REPORTED as e:
             with redis_errors(self.store.redis), Recorder(self.store.redis) as pipe:
-                self.store.failure_commands(pipe, self.key, str(e), gave_up=False)
+                self.store.failure_commands(pipe, self.key, str(e), gave_up=False, hold=hold_of(e))
                 await pipe.execute()
             raise
         await self.store.write(self.key, token, fetched=True)

@@ -46,6 +46,7 @@ from tokencache.core.sources import Sources, default_sources
 from tokencache.errors import (
     ConfigurationError,
     FetchTimeoutError,
+    RateLimitedError,
     RedisUnavailableError,
     RefreshError,
     TokenCacheError,
@@ -66,6 +67,8 @@ __all__ = [
     "TokenRecord",
     "account_arg",
     "fetch_failed",
+    "held_back",
+    "hold_of",
     "message_error",
     "rejected_token",
     "timeout_error",
@@ -171,15 +174,33 @@ class StoreCore:
         pipe.publish(self.keys.channel(key), ok_message())
         return job
 
-    def failure_commands(self, pipe: Pipeline, key: TokenKey, message: str, *, gave_up: bool) -> None:
+    def failure_commands(
+        self,
+        pipe: Pipeline,
+        key: TokenKey,
+        message: str,
+        *,
+        gave_up: bool,
+        hold: float | None = None,
+        retry_in: float | None = None,
+    ) -> None:
         """Queue what tells the fleet a fetch failed: the error (kept for late waiters) and the wake-up.
 
         The error is kept :data:`ERROR_TTL` seconds. A refresh that gave up also withdraws the apps'
-        request to the workers, so the next miss after that window asks again.
+        request to the workers, so the next miss after that window asks again; one that retries in
+        ``retry_in`` seconds keeps a standing request standing until then (and :data:`WANT_TTL` more),
+        so misses meanwhile wait for that retry instead of pulling it forward. ``hold``: the endpoint
+        rate-limited the account, so every fetcher of it waits that many seconds (``{ns}:backoff``).
         """
         pipe.set(self.keys.error(key), message[:ERROR_MESSAGE_LIMIT], px=int(ERROR_TTL * 1000))
         if gave_up:
             pipe.delete(self.keys.want(key))
+        elif retry_in is not None:
+            pipe.pexpire(self.keys.want(key), int((retry_in + WANT_TTL) * 1000))  # only if one stands
+        if hold:
+            pipe.set(
+                self.keys.backoff(key.account), message[:ERROR_MESSAGE_LIMIT], px=max(1, int(hold * 1000))
+            )
         pipe.publish(self.keys.channel(key), error_message(message))
 
     def ask_workers_commands(self, pipe: Pipeline, key: TokenKey) -> None:
@@ -374,6 +395,22 @@ def timeout_error(store: StoreCore, key: TokenKey, timeout: float, fetches_itsel
 def fetch_failed(store: StoreCore, key: TokenKey, error: str) -> RefreshError:
     """The error a waiter raises when the fleet's fetch of ``key`` failed."""
     return RefreshError(f"fetching {store.keys.token(key)!r} failed: {error}")
+
+
+def held_back(store: StoreCore, key: TokenKey, hold_ms: int) -> RateLimitedError | None:
+    """The error of a fetch the account's hold forbids (PTTL of ``{ns}:backoff:{account}``), or None."""
+    if hold_ms <= 0:  # -2: no hold; -1 cannot happen (always written with PX)
+        return None
+    return RateLimitedError(
+        f"the token endpoint rate-limited account {key.account!r}: no request for "
+        f"{store.keys.token(key)!r} before {hold_ms / 1000:.1f}s from now",
+        hold_ms / 1000,
+    )
+
+
+def hold_of(error: Exception) -> float | None:
+    """How long the fleet holds off the account after a failed fetch: a rate-limited answer's hold."""
+    return error.hold() if isinstance(error, RateLimitedError) else None
 
 
 def account_arg(key: TokenKey) -> str | None:

@@ -26,7 +26,16 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any, cast
 
-from tokencache.app.core import REPORTED, FleetFetchCore, Move, account_arg, fetch_failed, message_error
+from tokencache.app.core import (
+    REPORTED,
+    FleetFetchCore,
+    Move,
+    account_arg,
+    fetch_failed,
+    held_back,
+    hold_of,
+    message_error,
+)
 from tokencache.constants import LOCK_TTL, SUBSCRIBE_WAIT, WANT_TTL
 from tokencache.core.connection import redis_errors
 from tokencache.core.locks import Lock
@@ -129,11 +138,16 @@ class FleetFetch(FleetFetchCore):
                 lock.release()
 
     def _fetch(self) -> Token:
+        with redis_errors(self.store.redis):
+            hold_ms = self.store.redis.pttl(self.store.keys.backoff(self.key.account))
+        held = held_back(self.store, self.key, hold_ms)
+        if held is not None:
+            raise held  # the endpoint rate-limited the account: this process holds off too
         try:
             token = self.store.sources.fetch(self.key, account=account_arg(self.key))
         except REPORTED as e:
             with redis_errors(self.store.redis), self.store.redis.pipeline(transaction=True) as pipe:
-                self.store.failure_commands(pipe, self.key, str(e), gave_up=False)
+                self.store.failure_commands(pipe, self.key, str(e), gave_up=False, hold=hold_of(e))
                 pipe.execute()
             raise
         self.store.write(self.key, token, fetched=True)

@@ -140,6 +140,7 @@ def _status_rows(h: Health) -> list[tuple[str, str]]:
         ("refreshes failed (gave up)", str(h.failed)),
         ("tokens failing to refresh", str(len(h.failing))),
         ("bad keys skipped", str(len(h.skipped))),
+        ("tokens expired, not replaced", str(len(h.expired))),
     ]
 
 

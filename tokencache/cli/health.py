@@ -14,6 +14,13 @@ and for a scheduler whose pool died around it but which still runs.
 A key that a read has to skip (a malformed token hash, a key of another Redis
 type, a junk index member or heartbeat) does not stop the report: it is
 listed under ``skipped`` and is a problem until someone fixes it.
+
+It reports the fleet as it is now: a refresh that gave up counts only while
+that is still the last word about a token that matters (the job still failed,
+the token still cached or wanted and not replaced since), so old records in
+RQ's failed registry, kept a day, do not keep a healed fleet red. A cached
+token that expired without a replacement (an outage its refresh is still
+retrying through) is a problem of its own.
 """
 
 from __future__ import annotations
@@ -27,21 +34,24 @@ from redis import RedisError
 from redis.client import Pipeline
 from rq import Worker
 from rq.exceptions import DeserializationError
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 from rq.scheduler import SCHEDULER_KEY_TEMPLATE, RQScheduler
 from rq.utils import utcparse
 
 from tokencache.app.reads import WRONG_TYPE, bad_keys
 from tokencache.app.tokenstore import TokenStore
-from tokencache.constants import FORGET_POOL, POOL_TTL, SCHEDULER_TTL
-from tokencache.core.connection import redis_errors
+from tokencache.constants import EXPIRY_SKEW, FORGET_POOL, POOL_TTL, REPAIR_GRACE, REPAIR_SCAN, SCHEDULER_TTL
+from tokencache.core.connection import raise_other_errors, redis_errors
 from tokencache.core.pipeline import per_entry
 from tokencache.core.queue import job_target
 from tokencache.keys import TokenKey
 from tokencache.worker.repair import fetch_jobs, overdue
 
 __all__ = ["Health", "check"]
+
+SHOWN = 3
+"""Tokens a problem line names, at most (``--json`` lists them all)."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,10 @@ class Health:
     failing: list[str]
     skipped: dict[str, str] = field(default_factory=dict)
     """Keys a read skipped (malformed, or of another Redis type) -> why."""
+    gave_up: list[str] = field(default_factory=list)
+    """``key: reason`` of each refresh counted in :attr:`failed`."""
+    expired: list[str] = field(default_factory=list)
+    """Cached tokens that expired more than a repair grace ago without a replacement."""
     problems: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -84,7 +98,15 @@ def _problems(h: Health) -> list[str]:
     if h.overdue:
         found.append(f"{len(h.overdue)} refresh(es) overdue")
     if h.failed:
-        found.append(f"{h.failed} cached or wanted token(s) whose refresh gave up (see RQ's failed registry)")
+        found.append(
+            f"{h.failed} cached or wanted token(s) whose refresh gave up, retrying cannot help: "
+            + "; ".join(h.gave_up[:SHOWN])
+        )
+    if h.expired:
+        found.append(
+            f"{len(h.expired)} cached token(s) expired without a replacement (refreshes still failing): "
+            + ", ".join(h.expired[:SHOWN])
+        )
     if h.failing:
         found.append(f"{len(h.failing)} token(s) failing to refresh")
     if h.skipped:
@@ -155,24 +177,80 @@ class _Still(NamedTuple):
 
     indexed_at: float | None
     wanted: int
+    token: list[bytes | None]  # HMGET expires gave_up_at last_error
 
     @staticmethod
     def queue(pipe: Pipeline, store: TokenStore, key: TokenKey) -> None:
         pipe.zscore(store.keys.index, store.keys.token(key))
         pipe.exists(store.keys.want(key))
+        pipe.hmget(store.keys.token(key), "expires", "gave_up_at", "last_error")
+
+    def replaced(self, now: float) -> bool:
+        """Whether a token written after the give-up is cached (a write clears ``gave_up_at``)."""
+        expires, gave_up_at, _ = self.token
+        return expires is not None and gave_up_at is None and _number(expires) > now + EXPIRY_SKEW
+
+    def matters(self, now: float) -> bool:
+        return (self.indexed_at is not None or bool(self.wanted)) and not self.replaced(now)
+
+    def reason(self, job: Job) -> str | None:
+        """Why the refresh gave up (the job's meta, or the hash of a job from before the meta had it);
+        None for a job that crashed rather than gave up, which is repair's to retry."""
+        _, gave_up_at, last_error = self.token
+        if "gave_up" in job.meta:
+            return str(job.meta["gave_up"])
+        return last_error.decode(errors="replace") if gave_up_at is not None and last_error else None
 
 
-def _failed_that_matter(store: TokenStore) -> int:
-    """Failed refresh jobs of tokens still cached or wanted (an old typo's job does not count)."""
+def _number(raw: bytes) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        return 0.0
+
+
+def _failed(job: Job) -> bool:
+    """Whether the job's last run failed: a later run or request re-arms it (its status moves on)."""
+    return job.get_status(refresh=False) == JobStatus.FAILED
+
+
+def _failed_that_matter(store: TokenStore) -> list[str]:
+    """``key: reason`` of the refreshes that gave up and are still the last word about a token that is
+    cached or wanted and not replaced since (an old typo's job, or one re-armed since, does not count)."""
     registry = FailedJobRegistry(queue=store.refresh_queue.queue)
     ids = registry.get_job_ids(0, 999)
-    targets = (_target(store, job) for job in _readable_jobs(ids, fetch_jobs(store, ids)))
-    keys = [key for key in targets if key is not None]
+    targets = [
+        (key, job)
+        for job in _readable_jobs(ids, fetch_jobs(store, ids))
+        if job is not None and _failed(job) and (key := _target(store, job)) is not None
+    ]
     with store.redis.pipeline(transaction=False) as pipe:
-        for key in keys:
+        for key, _ in targets:
             _Still.queue(pipe, store, key)
-        still = per_entry(_Still, pipe.execute())
-    return sum(1 for token in still if token.indexed_at is not None or token.wanted)
+        still = per_entry(_Still, raise_other_errors(pipe.execute(raise_on_error=False)))
+    now = time.time()
+    return [
+        f"{key.encode()}: {reason}"
+        for (key, job), token in zip(targets, still, strict=True)
+        if _readable(store, key, token) and token.matters(now) and (reason := token.reason(job)) is not None
+    ]
+
+
+def _readable(store: TokenStore, key: TokenKey, token: _Still) -> bool:
+    """False, reported, when the token's key holds another Redis type (its HMGET failed)."""
+    if isinstance(token.token, RedisError):
+        bad_keys.skip(store.keys.token(key), WRONG_TYPE, "status")
+        return False
+    return True
+
+
+def _expired(store: TokenStore, now: float) -> list[str]:
+    """Index entries of cached tokens (score > 0: not a placeholder) expired a repair grace ago or more."""
+    members = cast(
+        list[bytes],
+        store.redis.zrangebyscore(store.keys.index, "(0", now - REPAIR_GRACE, 0, REPAIR_SCAN),
+    )
+    return [member.decode(errors="replace").removeprefix(store.keys.token_prefix) for member in members]
 
 
 def check(store: TokenStore, redis_url: str) -> Health:
@@ -203,8 +281,10 @@ def check(store: TokenStore, redis_url: str) -> Health:
             scheduled=rq.scheduled.count,
             queued=rq.queue.count,
             overdue=[key.encode() for key in overdue(store)],
-            failed=_failed_that_matter(store),
+            failed=len(gave_up := _failed_that_matter(store)),
             failing=failing,
+            gave_up=gave_up,
+            expired=_expired(store, now),
         )
     health = replace(health, skipped=dict(skipped))  # complete now that every read is done
     return Health(**{**health.as_dict(), "problems": _problems(health)})

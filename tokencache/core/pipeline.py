@@ -8,7 +8,7 @@ names the commands they rely on: a writer that lacks one fails the type check
 list). It lists what is really called, and nothing more:
 
 * by :class:`~tokencache.app.core.StoreCore` and :class:`~tokencache.core.queue.RefreshQueue`:
-  ``delete hset expireat zadd zrem lrem set publish``;
+  ``delete hset expireat pexpire zadd zrem lrem set publish``;
 * by :class:`~tokencache.core.queue.RefreshJob` ``.save``: ``hdel hset``;
 * by RQ 3 itself, inside ``Queue.schedule_job`` and ``Queue.enqueue_job`` for our jobs (no
   dependencies, no rate limit, no ``ttl``): ``sadd`` (the queues set), ``hset`` (``set_status``),
@@ -60,6 +60,8 @@ class Pipeline(Protocol):
     def hdel(self, name: str, *keys: str) -> object: ...
 
     def expireat(self, name: str, when: int) -> object: ...
+
+    def pexpire(self, name: str, time: int) -> object: ...
 
     def zadd(
         self, name: str, mapping: Mapping[str, float], *, nx: bool = False, xx: bool = False

@@ -12,12 +12,21 @@ configuration. Accounts:
 google-auth does the protocol (JWT-bearer assertions, refresh tokens, the
 metadata server); we only choose the credentials, bound the request time and
 turn the result into a :class:`Token`.
+
+A failure is sorted here, once, for every fetcher (refresh jobs, batches, apps
+that hold keys): :class:`RateLimitedError` for a rate-limited answer (429, or
+the 403 "rate limit exceeded" Google may send instead; counted in
+``tokencache_endpoint_rate_limited_total``), :class:`CredentialsRejectedError`
+when the endpoint answered that the grant itself is bad (``invalid_grant`` for
+a deleted key, ``unauthorized_client``...: retrying cannot help), and a plain
+:class:`RefreshError` for everything transient (network, timeouts, 5xx).
 """
 
 from __future__ import annotations
 
 import calendar
 import copy
+import email.utils
 import json
 import logging
 import os
@@ -25,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -39,13 +49,55 @@ from google.oauth2 import service_account
 
 from tokencache import env, metrics
 from tokencache.constants import FETCH_TIMEOUT
-from tokencache.errors import ConfigurationError, RefreshError, UnknownAccountError
+from tokencache.errors import (
+    ConfigurationError,
+    CredentialsRejectedError,
+    RateLimitedError,
+    RefreshError,
+    UnknownAccountError,
+)
 from tokencache.keys import DEFAULT_ACCOUNT, TokenKey
 from tokencache.token import Token
 
 __all__ = ["Sources", "default_sources"]
 
 log = logging.getLogger(__name__)
+
+
+class _RateLimited(google.auth.exceptions.TransportError):
+    """A rate-limited answer, raised from inside google-auth's request so that nothing there retries it."""
+
+    def __init__(self, message: str, retry_after: float | None) -> None:
+        super().__init__(message)  # type: ignore[no-untyped-call]
+        self.retry_after = retry_after
+
+
+_RATE_LIMIT_WORDS = ("ratelimitexceeded", "resource_exhausted")
+"""What a 403 body says when it means "slow down" (``rate_limit_exceeded``, ``rateLimitExceeded``,
+``userRateLimitExceeded``, "Rate Limit Exceeded"; RESOURCE_EXHAUSTED from IAM), spaces and
+underscores aside."""
+
+
+def _rate_limited(status: int, body: bytes) -> bool:
+    if status == 429:
+        return True
+    squeezed = body.decode(errors="replace").lower().replace(" ", "").replace("_", "")
+    return status == 403 and any(word.replace("_", "") in squeezed for word in _RATE_LIMIT_WORDS)
+
+
+def _retry_after(value: str | None, now: float) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP date), None if absent or bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.fromtimestamp(now, UTC)).total_seconds())
 
 
 class _BoundedRequest(google.auth.transport.requests.Request):
@@ -55,7 +107,9 @@ class _BoundedRequest(google.auth.transport.requests.Request):
     1 s, then 2 s, between tries. That would hide failures from our bookkeeping
     and stretch one fetch past the refresh lock's TTL, so such an answer raises
     a TransportError here, which google-auth does not retry: our refresh job's
-    own backoff (recorded in the token's hash) takes over.
+    own backoff (recorded in the token's hash) takes over. A rate-limited one
+    (429, or 403 "rate limit exceeded") raises :class:`_RateLimited` with its
+    ``Retry-After``, which the whole fleet then honours.
     """
 
     def __init__(self, budget: float, session: requests.Session) -> None:
@@ -78,7 +132,10 @@ class _BoundedRequest(google.auth.transport.requests.Request):
         response = super().__call__(  # type: ignore[no-untyped-call]
             url, method=method, body=body, headers=headers, timeout=bounded, **kwargs
         )
-        if response.status == 429 or response.status >= 500:
+        if response.status in (429, 403) and _rate_limited(response.status, response.data):
+            wait = _retry_after(response.headers.get("Retry-After"), time.time())
+            raise _RateLimited(f"{url} answered HTTP {response.status} (rate limited)", wait)
+        if response.status >= 500:
             raise google.auth.exceptions.TransportError(f"{url} answered HTTP {response.status}")
         return response
 
@@ -266,7 +323,7 @@ class Sources:
             creds.refresh(_BoundedRequest(self.timeout, self._session))
         except google.auth.exceptions.GoogleAuthError as e:
             metrics.observe_endpoint(time.monotonic() - started, ok=False)
-            raise RefreshError(f"token request for {key.encode()!r} failed: {e}") from e
+            raise _sorted(e, f"token request for {key.encode()!r} failed: {e}") from e
         metrics.observe_endpoint(time.monotonic() - started, ok=True)
         if not creds.token or creds.expiry is None:
             raise RefreshError(f"token request for {key.encode()!r} returned no token or no expiry")
@@ -278,6 +335,50 @@ class Sources:
             sub=key.sub,
             account=account,
         )
+
+
+_REJECTIONS = frozenset(
+    {"invalid_grant", "invalid_client", "unauthorized_client", "invalid_scope", "invalid_request",
+     "unsupported_grant_type", "access_denied"}
+)  # fmt: skip
+"""OAuth2 ``error`` codes (RFC 6749 5.2) of an answer that refuses the grant itself."""
+_IAM_REJECTIONS = frozenset({"PERMISSION_DENIED", "NOT_FOUND", "INVALID_ARGUMENT", "UNAUTHENTICATED"})
+"""The same for Google's JSON errors (``{"error": {"status": ...}}``), as IAM answers impersonation."""
+
+
+def _sorted(error: google.auth.exceptions.GoogleAuthError, message: str) -> RefreshError:
+    """The tokencache error for a failed fetch: rate-limited, rejected for good, or transient."""
+    limited = _in_chain(error, _RateLimited)
+    if limited is not None:
+        metrics.record_rate_limited()
+        return RateLimitedError(message, limited.retry_after)
+    if isinstance(error, google.auth.exceptions.RefreshError) and not error.retryable and _rejection(error):
+        return CredentialsRejectedError(message)
+    return RefreshError(message)
+
+
+def _in_chain(error: BaseException, kind: type[_RateLimited]) -> _RateLimited | None:
+    """``error`` or the first of its causes of ``kind`` (the metadata path wraps transport errors twice)."""
+    seen: BaseException | None = error
+    for _ in range(8):  # a cycle-safe bound: google-auth wraps at most twice
+        if seen is None or isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _rejection(error: google.auth.exceptions.RefreshError) -> bool:
+    """Whether the endpoint's answer (the error's second argument, in google-auth) refuses the grant."""
+    data = error.args[1] if len(error.args) > 1 else None
+    if isinstance(data, str | bytes):
+        try:
+            data = json.loads(data)
+        except ValueError:
+            return False
+    code = data.get("error") if isinstance(data, dict) else None
+    if isinstance(code, dict):
+        return code.get("status") in _IAM_REJECTIONS
+    return code in _REJECTIONS
 
 
 _default: Sources | None = None

@@ -30,8 +30,10 @@ type is skipped too, and reported (logged once, counted), so that one bad key
 never stops the batch for the others. A member whose fetch fails gets the failure
 recorded (its own job retries with backoff, as always), and after
 :data:`STOP_AFTER_FAILURES` failures in a row the batch stops claiming more, so
-a failing endpoint is not hammered. The batch stops claiming after
-:data:`BATCH_SECONDS`, far inside RQ's job timeout.
+a failing endpoint is not hammered. A rate-limited answer stops the batch at
+once (and puts the account on hold), and a member whose account is on hold is
+skipped. The batch stops claiming after :data:`BATCH_SECONDS`, far inside RQ's
+job timeout.
 """
 
 from __future__ import annotations
@@ -62,11 +64,11 @@ from tokencache.constants import (
 from tokencache.core.connection import raise_other_errors, redis_errors
 from tokencache.core.locks import Lock, acquire_each
 from tokencache.core.record import Bookkeeping
-from tokencache.errors import ConfigurationError, RefreshError, WrongTypeError
+from tokencache.errors import HOPELESS, RateLimitedError, RefreshError, WrongTypeError
 from tokencache.keys import TokenKey
 from tokencache.outcomes import Outcome
 from tokencache.token import Token
-from tokencache.worker.writes import record_failure, replace_if_indexed
+from tokencache.worker.writes import hold_left, record_failure, replace_if_indexed
 
 __all__ = ["batchable", "refresh_due"]
 
@@ -160,6 +162,7 @@ class _Candidates:
     def done(self, outcome: Outcome) -> None:
         with self._lock:
             self._gone += outcome in (Outcome.REFRESHED, Outcome.DELETED)
+            self.stopped = self.stopped or outcome is Outcome.HELD_BACK  # the endpoint asked for less
             if outcome is Outcome.FAILED:
                 self._failures_in_a_row += 1
                 self.stopped = self.stopped or self._failures_in_a_row >= STOP_AFTER_FAILURES
@@ -278,6 +281,8 @@ class _Batch:
                 current.bookkeeping, current.token.expires, self.store.refresh_before, self.store.clock()
             ):
                 return Outcome.SKIPPED
+            if hold_left(self.store, claim.key.account) > 0:
+                return Outcome.SKIPPED  # its account is on hold: its own job waits it out
             return self._fetch_and_write(claim.key, current)
         finally:
             claim.lock.release()
@@ -285,9 +290,13 @@ class _Batch:
     def _fetch_and_write(self, key: TokenKey, current: TokenRecord) -> Outcome:
         try:
             token = self.fetch(key, current)
-        except ConfigurationError as e:
+        except HOPELESS as e:
             log.debug("batch skips %s: %s", key.encode(), e)  # its own job reports it
             return Outcome.SKIPPED
+        except RateLimitedError as e:
+            record_failure(self.store, key, str(e), hold=e.hold())
+            log.warning("batched refresh of %s was rate-limited: %s; stopping the batch", key.encode(), e)
+            return Outcome.HELD_BACK
         except RefreshError as e:
             record_failure(self.store, key, str(e))
             log.warning("batched refresh of %s failed: %s; its own job retries", key.encode(), e)

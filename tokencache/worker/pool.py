@@ -37,7 +37,7 @@ from tokencache.core.queue import RefreshJob
 from tokencache.core.sources import default_sources
 from tokencache.errors import TokenCacheError
 from tokencache.validate import check_count
-from tokencache.worker.repair import repair_if_leader
+from tokencache.worker.repair import repair_if_leader, retry_gave_up
 from tokencache.worker.scrape import serve_worker_metrics
 
 __all__ = ["RefreshPool", "run_pool"]
@@ -137,8 +137,10 @@ def run_pool(
     num_workers = check_count("num_workers", num_workers)
     _check_redis(store.redis)
     accounts = default_sources().accounts()  # fail fast on a broken TOKENCACHE_CREDENTIALS
-    env.refresh_batch()  # and on a bad TOKENCACHE_REFRESH_BATCH, which every refresh job reads
+    env.refresh_batch()  # and on a bad TOKENCACHE_REFRESH_BATCH or TOKENCACHE_BACKOFF_CAP, which
+    env.backoff_cap()  # every refresh job reads
     log.info("refreshing accounts %s on queue %r", ", ".join(accounts), store.refresh_queue.name)
+    retry_gave_up(store)  # a restart is how a fixed key or configuration takes effect
     if metrics_port is not None:
         folder = metrics.enable_multiprocess()  # before the workers are forked
         serve_worker_metrics(store, metrics_port)

@@ -11,6 +11,14 @@ meanwhile, and always ends by telling RQ when to run it next.
 A job that refreshed its token then refreshes the other tokens that come due
 within a few seconds, concurrently (see :mod:`tokencache.worker.batch`): one fetch per
 job cannot keep up with a fleet's tokens all coming due in the same second.
+
+A failed fetch is retried with capped backoff for as long as the token is indexed
+(cached, or asked for), however long the outage and whether or not the token's hash
+has expired meanwhile: a fleet that only calls ``find()`` has nobody else to bring
+its token back. Only a hopeless error (configuration, credentials the endpoint
+rejects) stops the job, which then fails into RQ's failed registry with the reason
+in its meta. A rate-limited answer puts the whole account on hold for its
+``Retry-After`` (``{ns}:backoff:{account}``), which every fetcher honours.
 """
 
 from __future__ import annotations
@@ -30,8 +38,9 @@ from tokencache.constants import (
     BACKOFF_CAP,
     BUSY_RETRY,
     EARLY_RUN,
+    ERROR_MESSAGE_LIMIT,
     EXPIRY_SKEW,
-    GIVE_UP_AFTER,
+    HOLD_SPREAD,
     LOCK_TTL,
     MIN_DELAY,
     RETRY_FLOOR,
@@ -39,25 +48,30 @@ from tokencache.constants import (
 from tokencache.core.locks import Lock
 from tokencache.core.queue import RefreshJob, job_target, repeat_current_job
 from tokencache.core.sources import Sources, default_sources
-from tokencache.errors import ConfigurationError, RefreshError, WrongTypeError
+from tokencache.errors import HOPELESS, ConfigurationError, RateLimitedError, RefreshError, WrongTypeError
 from tokencache.keys import DEFAULT_ACCOUNT, TokenKey
 from tokencache.outcomes import Outcome
 from tokencache.token import Token, mask
 from tokencache.worker.batch import refresh_due
-from tokencache.worker.writes import record_failure, replace_if_indexed
+from tokencache.worker.writes import hold_left, record_failure, replace_if_indexed
 
 __all__ = ["Refresher", "backoff", "refresh"]
 
 log = logging.getLogger(__name__)
 
 
-def backoff(failures: int, time_left: float) -> float:
-    """Delay before retry number ``failures``: exponential with equal jitter.
+_DOUBLINGS = 30
+"""Failures beyond which the delay stops doubling (it reached any cap long before): a refresh that
+never gives up must not overflow a float after a long outage."""
+
+
+def backoff(failures: int, time_left: float, cap: float = BACKOFF_CAP) -> float:
+    """Delay before retry number ``failures``: exponential with equal jitter, at most ``cap``.
 
     While the current token is valid the retry is pulled in to land before it
     expires, so a token is not lost to the wait itself.
     """
-    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, failures - 1))
+    ceiling = min(cap, BACKOFF_BASE * 2 ** min(_DOUBLINGS, max(0, failures - 1)))
     delay = random.uniform(ceiling / 2, ceiling)
     latest = time_left - EXPIRY_SKEW - RETRY_FLOOR
     if latest > 0:
@@ -77,6 +91,8 @@ class Refresher:
     """Consecutive failed attempts before this one (kept in the RQ job's meta between runs)."""
     lateness: float | None = None
     """How late this run came after the token's refresh was due (for the lateness metric)."""
+    cap: float = BACKOFF_CAP
+    """The longest delay between retries (``TOKENCACHE_BACKOFF_CAP``)."""
 
     def run(self) -> tuple[Outcome, float | None]:
         if not self.store.indexed(self.key):
@@ -93,11 +109,16 @@ class Refresher:
     def _locked(self) -> tuple[Outcome, float | None]:
         current = self.store.record(self.key)
         now = self.store.clock()
+        if current is not None:  # the hash's count outlives a re-enqueue (a new job has no meta)
+            self.failures = max(self.failures, current.bookkeeping.failures)
         if current is not None and current.token.expires_in(now) > EXPIRY_SKEW:
             due = current.bookkeeping.refresh_at or current.token.expires - self.store.refresh_before
             if now < due - EARLY_RUN:
                 return Outcome.NOT_DUE, due - now
             self.lateness = now - due
+        hold = hold_left(self.store, self.key.account)
+        if hold > 0:  # the endpoint rate-limited this account: no request before the hold ends
+            return Outcome.HELD_BACK, hold + random.uniform(0, HOLD_SPREAD)
         try:
             token = self.fetch(current)
         except (RefreshError, ConfigurationError) as e:
@@ -124,16 +145,19 @@ class Refresher:
         return None if self.key.account == DEFAULT_ACCOUNT else self.key.account
 
     def _failed(self, current: TokenRecord | None, error: Exception) -> tuple[Outcome, float]:
+        """Record a failed fetch; the delay before the retry. A hopeless error is recorded and raised."""
         self.failures += 1
-        left = current.token.expires_in(self.store.clock()) if current is not None else 0.0
-        hopeless = isinstance(error, ConfigurationError)
-        if hopeless or (left <= EXPIRY_SKEW and self.failures >= GIVE_UP_AFTER):
+        if isinstance(error, HOPELESS):
             record_failure(self.store, self.key, str(error), gave_up=True)
             metrics.record_refresh(Outcome.GAVE_UP)
-            log.error("refresh of %s failed %d times, giving up: %s", self.key.encode(), self.failures, error)
+            log.error("refresh of %s gave up, retrying cannot help: %s", self.key.encode(), error)
             raise error
-        record_failure(self.store, self.key, str(error))
-        delay = backoff(self.failures, left)
+        left = current.token.expires_in(self.store.clock()) if current is not None else 0.0
+        delay = backoff(self.failures, left, self.cap)
+        hold = None
+        if isinstance(error, RateLimitedError):  # not before its Retry-After, whatever the token's life
+            hold = delay = error.hold(at_least=delay)
+        record_failure(self.store, self.key, str(error), hold=hold, retry_in=delay)
         log.warning(
             "refresh of %s failed (%d in a row): %s; retrying in %.1fs; current token %s, %.0fs left",
             self.key.encode(),
@@ -144,6 +168,24 @@ class Refresher:
             left,
         )
         return Outcome.FAILED, delay
+
+
+def _cap() -> float:
+    """``TOKENCACHE_BACKOFF_CAP`` (checked when the pool starts; a plain ``rq worker`` may not have)."""
+    try:
+        return env.backoff_cap()
+    except ConfigurationError as e:
+        log.error("%s; using %gs", e, BACKOFF_CAP)
+        return BACKOFF_CAP
+
+
+def _mark_gave_up(job: Job, error: Exception) -> None:
+    """Say in the job's meta why it stops: repair keeps a deliberate give-up failed, status shows why.
+
+    The meta outlives the token's hash (RQ keeps a failed job a day), and RQ's failure handling
+    saves the job without its meta, so what is written here stays."""
+    job.meta["gave_up"] = str(error)[:ERROR_MESSAGE_LIMIT]
+    job.save_meta()
 
 
 def _remember_failures(job: Job, failures: int) -> None:
@@ -171,12 +213,13 @@ def refresh(refresh_before: int, **old_format: object) -> str:
         store.refresh_queue.enqueue(key, refresh_before)
         return Outcome.HANDED_OVER.value
     refresher = Refresher(
-        store, key, default_sources(), owner=job.id, failures=int(job.meta.get("failures", 0))
+        store, key, default_sources(), owner=job.id, failures=int(job.meta.get("failures", 0)), cap=_cap()
     )
     try:
         outcome, delay = refresher.run()
-    except (RefreshError, ConfigurationError):
-        raise  # a deliberate give-up: RQ's failed registry records it
+    except HOPELESS as e:
+        _mark_gave_up(job, e)
+        raise  # a deliberate give-up: RQ's failed registry records it, and repair leaves it there
     except WrongTypeError:
         # Someone else's data at the token's key (reported by the read): never overwrite it, and do not
         # retry against it: repair judges the token again once the key is fixed.
@@ -184,7 +227,7 @@ def refresh(refresh_before: int, **old_format: object) -> str:
     except Exception:
         # Anything else (Redis failing over mid-write, a bug) must not end the refresh chain.
         refresher.failures += 1
-        outcome, delay = Outcome.CRASHED, backoff(refresher.failures, 0.0)
+        outcome, delay = Outcome.CRASHED, backoff(refresher.failures, 0.0, refresher.cap)
         log.exception("refresh of %s crashed; retrying in %.1fs", key.encode(), delay)
     if outcome is Outcome.REFRESHED:
         _refresh_others(store, refresher)

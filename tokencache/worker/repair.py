@@ -18,6 +18,13 @@ a job key that holds another Redis type (a ``redis-cli SET`` over it) is
 skipped and reported (logged once, counted in ``tokencache_bad_keys_total``),
 never deleted: it is someone else's data. Its index entry stays, so the pass
 judges the token again once the key is fixed.
+
+The index entry is what says a token is cached (or asked for, as a placeholder of
+score 0): an entry whose hash expired during an outage stays, and its refresh is
+kept alive (re-enqueued if its job is lost) until it succeeds, a ``delete()``
+removes it, or it gives up on a hopeless error. Repair drops only placeholders
+nobody waits for any more whose refresh is lost or gave up, and never moves a
+refresh that is backing off (failures in the hash, or its account on hold).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from redis import RedisError
 from redis.client import Pipeline
 from rq.exceptions import DeserializationError, NoSuchJobError
 from rq.job import Job, JobStatus
+from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
 from tokencache.app.reads import WRONG_TYPE, bad_keys
@@ -41,11 +49,11 @@ from tokencache.constants import DEAD_AFTER, EARLY_RUN, REPAIR_GRACE, REPAIR_SCA
 from tokencache.core.connection import raise_other_errors, redis_errors
 from tokencache.core.locks import Lock
 from tokencache.core.pipeline import per_entry
-from tokencache.core.queue import job_refresh_before
+from tokencache.core.queue import job_refresh_before, job_target
 from tokencache.keys import TokenKey
 from tokencache.outcomes import Verdict
 
-__all__ = ["fetch_jobs", "overdue", "repair", "repair_if_leader"]
+__all__ = ["fetch_jobs", "overdue", "repair", "repair_if_leader", "retry_gave_up"]
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +61,21 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class _Entry:
     key: TokenKey
-    expires: float
+    expires: float  # 0: a placeholder (asked for, never cached)
     refresh_at: float | None  # None: the token hash is gone
     gave_up: bool
+    backing_off: bool  # failures in the hash, or the account on hold: its job is late on purpose
     wanted: bool  # an app asked the workers for this token (the index entry may be a placeholder)
     lock_held: bool
     scheduled_at: float | None
     job: Job | None  # read only where a verdict needs it: overdue, or started with its lock free
     overdue: bool  # due longer than REPAIR_GRACE ago: past the scheduler's normal jitter
     started: bool  # RQ says a worker runs its job now
+
+    @property
+    def cached(self) -> bool:
+        """Whether a token was ever stored here (its hash may have expired since): kept refreshing."""
+        return self.refresh_at is not None or self.expires > 0
 
 
 def fetch_jobs(store: TokenStore, ids: list[str]) -> list[Job | RedisError | None]:
@@ -104,6 +118,7 @@ class _Fields(NamedTuple):
 
     refresh_at: bytes | None
     gave_up_at: bytes | None
+    failures: bytes | None
 
 
 class _Lookups(NamedTuple):
@@ -112,6 +127,7 @@ class _Lookups(NamedTuple):
     fields: list[bytes | None] | RedisError  # WRONGTYPE if the token key holds another type
     wanted: int
     lock_held: int
+    on_hold: int
     scheduled_at: float | None
     job_status: bytes | None
 
@@ -120,6 +136,7 @@ class _Lookups(NamedTuple):
         pipe.hmget(store.keys.token(key), *_Fields._fields)
         pipe.exists(store.keys.want(key))
         pipe.exists(store.keys.lock(key))
+        pipe.exists(store.keys.backoff(key.account))
         pipe.zscore(store.refresh_queue.scheduled.key, store.keys.job_id(key))
         pipe.hget(Job.key_for(store.keys.job_id(key)), "status")
 
@@ -186,7 +203,8 @@ def _entry(
         key,
         expires,
         refresh_at=_number(fields.refresh_at),
-        gave_up=fields.gave_up_at is not None,
+        gave_up=fields.gave_up_at is not None or (job is not None and "gave_up" in job.meta),
+        backing_off=bool(_number(fields.failures)) or bool(found.on_hold),
         wanted=bool(found.wanted),
         lock_held=bool(found.lock_held),
         scheduled_at=found.scheduled_at,
@@ -214,9 +232,25 @@ def _started_ago(job: Job, now: float) -> float:
 def _scheduled_verdict(entry: _Entry, now: float) -> Verdict:
     if entry.scheduled_at is None or entry.scheduled_at <= now - REPAIR_GRACE:
         return Verdict.ENQUEUE  # overdue in the schedule: no scheduler is moving it
+    if entry.backing_off:
+        return Verdict.OK  # scheduled late on purpose: moving it would undo the backoff
     if entry.refresh_at is not None and now > entry.refresh_at + REPAIR_GRACE < entry.scheduled_at:
         return Verdict.ENQUEUE  # scheduled after the token's own refresh time (a store() lost a race)
     return Verdict.OK
+
+
+def _failed_verdict(entry: _Entry) -> Verdict:
+    """A refresh that gave up on purpose stays failed while the token is cached (RQ's failed registry
+    and the job's meta say why; status reports it); the placeholder of one nobody waits for any more
+    is dropped. One that crashed (a killed work-horse) is retried like a lost job."""
+    if entry.gave_up:
+        return Verdict.OK if entry.cached or entry.wanted else Verdict.DROP
+    return _lost_verdict(entry)
+
+
+def _lost_verdict(entry: _Entry) -> Verdict:
+    """A token whose job is gone: refresh it while it is cached (even expired) or wanted."""
+    return Verdict.ENQUEUE if entry.cached or entry.wanted else Verdict.DROP
 
 
 def _verdict(entry: _Entry, now: float) -> Verdict:
@@ -237,17 +271,11 @@ def _started_verdict(entry: _Entry, now: float) -> Verdict:
 def _overdue_verdict(entry: _Entry, now: float) -> Verdict:
     """What to do with a token whose refresh is overdue and not running."""
     job = entry.job
-    token_exists = entry.refresh_at is not None
     if job is None:
-        return Verdict.ENQUEUE if token_exists or entry.wanted or entry.expires >= now else Verdict.DROP
+        return _lost_verdict(entry)
     status = job.get_status(refresh=False)
     if status == JobStatus.FAILED:
-        # A refresh that gave up on purpose stays failed (RQ's failed registry says why, and giving
-        # up withdraws the apps' request); one that crashed (a killed work-horse) is retried while the
-        # token is cached or an app is waiting for it.
-        if not token_exists:
-            return Verdict.ENQUEUE if entry.wanted else Verdict.DROP
-        return Verdict.OK if entry.gave_up else Verdict.ENQUEUE
+        return _failed_verdict(entry)
     if status == JobStatus.SCHEDULED:
         return _scheduled_verdict(entry, now)
     if status in (JobStatus.QUEUED, JobStatus.STARTED):
@@ -291,6 +319,39 @@ def repair(store: TokenStore) -> Counter[Verdict]:
             with redis_errors(store.redis):
                 store.redis.zrem(store.keys.index, store.keys.token(entry.key))
     return done
+
+
+def _gave_up_target(store: TokenStore, job: Job | None) -> TokenKey | None:
+    """The token of ``store``'s namespace whose refresh ``job`` gave up on purpose, if it is one."""
+    if job is None or job.get_status(refresh=False) != JobStatus.FAILED or "gave_up" not in job.meta:
+        return None
+    try:
+        namespace, key = job_target(job)
+    except (ValueError, TypeError):
+        return None
+    return key if namespace == store.keys.namespace else None
+
+
+def retry_gave_up(store: TokenStore) -> list[TokenKey]:
+    """Re-enqueue the refreshes that gave up on a hopeless error while their token is still indexed.
+
+    A pool runs this when it starts: fixing a rejected key or a configuration means restarting the
+    workers (they load key files once), and that restart is then all it takes. A fix that did not
+    work costs one request per token and gives up again.
+    """
+    with redis_errors(store.redis):
+        ids = FailedJobRegistry(queue=store.refresh_queue.queue).get_job_ids(0, REPAIR_SCAN - 1)
+        retried = []
+        for job in fetch_jobs(store, ids):
+            if isinstance(job, RedisError):
+                continue  # a job key of another type: repair and status report it
+            key = _gave_up_target(store, job)
+            if key is not None and job is not None and store.indexed(key):
+                store.refresh_queue.enqueue(key, job_refresh_before(job, store.refresh_before))
+                retried.append(key)
+    if retried:
+        log.info("retrying %d refresh(es) that gave up before this pool started", len(retried))
+    return retried
 
 
 def repair_if_leader(store: TokenStore, interval: float) -> Counter[Verdict] | None:

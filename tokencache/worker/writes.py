@@ -1,4 +1,4 @@
-"""The refresh's own writes: a refreshed token that must not undo a delete, and a counted failure.
+"""The refresh's own writes: a refreshed token that must not undo a delete, a counted failure, a hold.
 
 Only refresh jobs (and their batches) write these; apps write through
 :meth:`tokencache.app.tokenstore.TokenStore.write`. Each is one Lua script
@@ -19,22 +19,41 @@ from tokencache.core.record import to_fields
 from tokencache.keys import TokenKey
 from tokencache.token import Token
 
-__all__ = ["record_failure", "replace_if_indexed"]
+__all__ = ["hold_left", "record_failure", "replace_if_indexed"]
 
 
-def record_failure(store: TokenStore, key: TokenKey, message: str, *, gave_up: bool = False) -> int:
-    """Count a failed refresh in the hash (if it still exists) and tell waiters; the new count, or 0."""
+def record_failure(
+    store: TokenStore,
+    key: TokenKey,
+    message: str,
+    *,
+    gave_up: bool = False,
+    hold: float | None = None,
+    retry_in: float | None = None,
+) -> int:
+    """Count a failed refresh in the hash (if it still exists) and tell waiters; the new count, or 0.
+
+    ``hold``: the endpoint rate-limited the account; every fetcher of it waits that many seconds.
+    ``retry_in``: when the token's own job tries again (the apps' request stands until then).
+    """
     now = int(store.clock())
 
     def queue(pipe: Pipeline) -> None:
         scripts.RECORD_FAILURE(
             pipe, [store.keys.token(key)], [message[:ERROR_MESSAGE_LIMIT], now, int(gave_up)]
         )
-        store.failure_commands(pipe, key, message, gave_up=gave_up)  # safe to repeat: a SET, a DEL, a wake-up
+        # Safe to repeat: SETs, a DEL, a wake-up.
+        store.failure_commands(pipe, key, message, gave_up=gave_up, hold=hold, retry_in=retry_in)
 
     with redis_errors(store.redis):
         reply, *_ = scripts.run_pipeline(store.redis, queue, transaction=True)
     return int(reply)
+
+
+def hold_left(store: TokenStore, account: str) -> float:
+    """Seconds the account's requests are still on hold after a rate-limited answer (0: none)."""
+    with redis_errors(store.redis):
+        return max(0, store.redis.pttl(store.keys.backoff(account))) / 1000
 
 
 def replace_if_indexed(store: TokenStore, key: TokenKey, token: Token, *, move_job: bool = False) -> bool:

@@ -11,6 +11,7 @@ import json
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from http import HTTPStatus
 from typing import Any
 
@@ -93,7 +94,7 @@ class _App:
         if self.config.latency > 0:
             time.sleep(self.config.latency)
         if not admitted:
-            return _Reply.error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal_failure", "injected failure")
+            return self._injected_failure()
         try:
             grant = make_grant()
         except _GrantError as exc:
@@ -108,6 +109,18 @@ class _App:
         if include_scope:
             body["scope"] = grant.scope
         return _Reply.json(HTTPStatus.OK, body, NO_STORE)
+
+    def _injected_failure(self) -> _Reply:
+        """The configured failure: Google's 500, or its rate-limited answers (429, or 403 "Rate Limit
+        Exceeded", which the token endpoint may send instead), with Retry-After if configured."""
+        status = self.config.failure_status
+        if status in (HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.FORBIDDEN):
+            reply = _Reply.error(status, "rate_limit_exceeded", "Rate Limit Exceeded")
+        else:
+            reply = _Reply.error(status, "internal_failure", "injected failure")
+        if self.config.retry_after:
+            return replace(reply, headers=(*reply.headers, ("Retry-After", str(self.config.retry_after))))
+        return reply
 
     def _grant(self, request: _Request) -> _Grant:
         try:

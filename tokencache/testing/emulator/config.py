@@ -1,5 +1,9 @@
 """EmulatorConfig: the knobs that shape token responses (lifetime, latency, injected failures).
 
+An injected failure answers ``failure_status``: 500 (``internal_failure``) by default, 429 or
+403 for Google's two ways of saying "rate limit exceeded", with a ``Retry-After`` header when
+``retry_after`` is set.
+
 It is a plain dataclass shared with the handler threads, changed in place by ``POST /config``
 or by a test between requests, so every value is checked before any is applied: a bad update
 changes nothing and says which field is wrong.
@@ -19,6 +23,8 @@ _CONFIG_RULES: dict[str, tuple[tuple[type[float], ...], float, float]] = {
     "latency": ((int, float), 0.0, 3600.0),
     "failure_rate": ((int, float), 0.0, 1.0),
     "fail_next": ((int,), 0, float("inf")),
+    "failure_status": ((int,), 400, 599),
+    "retry_after": ((int,), 0, 86400),
 }
 
 
@@ -30,6 +36,10 @@ class EmulatorConfig:
     latency: float = 0.0
     failure_rate: float = 0.0
     fail_next: int = 0
+    failure_status: int = 500
+    """HTTP status of an injected failure: 500, or 429/403 for a rate-limited answer."""
+    retry_after: int = 0
+    """Seconds sent as ``Retry-After`` with an injected failure (0: no header)."""
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import secrets
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -111,6 +111,10 @@ class _Registry:
             return self._users.get(refresh_token)
 
 
+REQUEST_TIMES_KEPT = 1000
+"""Arrival times of the latest token requests kept for /stats (tests measure the gaps between them)."""
+
+
 class _Ledger:
     """Counters and live tokens, shared by every handler thread under one lock."""
 
@@ -128,11 +132,13 @@ class _Ledger:
             self._injected = 0
             self._by_grant: Counter[str] = Counter(dict.fromkeys(GRANT_KINDS, 0))
             self._by_account: Counter[str] = Counter()
+            self._times: deque[float] = deque(maxlen=REQUEST_TIMES_KEPT)
 
     def admit(self, config: EmulatorConfig) -> bool:
         """Count a token request and decide whether to inject a failure (fail_next first)."""
         with self._lock:
             self._requests += 1
+            self._times.append(self._clock())
             fail = config.fail_next > 0 or random.random() < config.failure_rate
             if config.fail_next > 0:
                 config.fail_next -= 1
@@ -170,6 +176,7 @@ class _Ledger:
                 "by_grant": dict(self._by_grant),
                 "by_account": dict(self._by_account),
                 "live_tokens": len(self._tokens),
+                "request_times": list(self._times),
             }
 
     def _prune(self, force: bool = False) -> None:
