@@ -130,3 +130,25 @@ def test_bad_keys_are_listed_not_fatal(store: TokenStore) -> None:
     assert set(health.skipped) == {overwritten, failed_job, pool_entry}
     assert health.failed == 0 and health.tokens == 2 and health.pools == 0
     assert any(all(name in problem for name in health.skipped) for problem in health.problems)
+
+
+def test_only_a_token_whose_hash_expired_counts_as_expired(store: TokenStore) -> None:
+    """An evicted token (its index score is when it was evicted, its hash still there), a key of another
+    type and a junk index member are not "expired without a replacement"; a token whose hash is gone is."""
+    now = time.time()
+    evicted = Token(token="ya29.evicted", scope="evicted", expires=int(now) + 3000)
+    store.store(evicted)
+    assert store.invalidate("evicted", evicted)
+    store.redis.zadd(store.keys.index, {store.keys.token(store.key_for(evicted)): now - 30})  # pending 30 s
+    over = Token(token="ya29.over", scope="over", expires=int(now) + 3000)
+    store.store(over)
+    store.redis.set(store.keys.token(store.key_for(over)), "someone else's string")
+    store.redis.zadd(
+        store.keys.index, {store.keys.token(store.key_for(over)): now - 30, "junk-member": now - 30}
+    )
+    lost = Token(token="ya29.lost", scope="lost", expires=int(now) + 3000)
+    store.store(lost)
+    store.redis.delete(store.keys.token(store.key_for(lost)))
+    store.redis.zadd(store.keys.index, {store.keys.token(store.key_for(lost)): now - 30})
+
+    assert check(store, "redis://test").expired == [store.key_for(lost).encode()]

@@ -291,3 +291,37 @@ def test_a_starting_pool_retries_what_gave_up_while_still_cached(store: TokenSto
         store.redis.zadd(registry.key, {job_id: time.time() + 3600})
     assert retry_gave_up(store) == [store.key_for(cached)]
     assert queued(store) == [store.keys.job_id(store.key_for(cached))]
+
+
+def test_a_starting_pool_is_not_stopped_by_an_unreadable_job_that_gave_up(store: TokenStore) -> None:
+    """Bound: a failed job whose arguments cannot be read (garbage ``data``) is left alone, and the
+    other refreshes that gave up are still re-armed; before, ``tokencache worker`` exited on it."""
+    from rq.registry import FailedJobRegistry
+
+    from tokencache.worker.repair import retry_gave_up
+
+    good, _ = stored(store)
+    garbled = Token(token="ya29.garbled", scope="garbled", expires=int(time.time()) + 100)
+    store.store(garbled)
+    registry = FailedJobRegistry(queue=store.refresh_queue.queue)
+    for t in (good, garbled):
+        job_id = store.keys.job_id(store.key_for(t))
+        meta = json.dumps({"gave_up": "invalid_grant"})
+        store.redis.hset(Job.key_for(job_id), mapping={"status": "failed", "meta": meta})
+        store.redis.zadd(registry.key, {job_id: time.time() + 3600})
+    store.redis.hset(Job.key_for(store.keys.job_id(store.key_for(garbled))), "data", b"\x00not json")
+    assert retry_gave_up(store) == [store.key_for(good)]
+
+
+def test_a_job_due_within_the_grace_is_left_to_run_by_itself(store: TokenStore) -> None:
+    """A held-back job rescheduled to just after its account's hold (the hold's spread) is not pulled
+    forward once the hold key expires; one scheduled far after its token's refresh time still is."""
+    now = time.time()
+    token = Token(token="ya29.held", scope="held", expires=int(now) + 5)  # its refresh was due 5 s ago
+    store.store(token)
+    job_id = store.keys.job_id(store.key_for(token))
+    store.redis.hset(store.keys.token(store.key_for(token)), "refresh_at", int(now) - 5)
+    store.redis.zadd(store.refresh_queue.scheduled.key, {job_id: now + 0.5})
+    assert repair(store) == {"ok": 1}
+    store.redis.zadd(store.refresh_queue.scheduled.key, {job_id: now + 3600})
+    assert repair(store) == {"enqueue": 1}

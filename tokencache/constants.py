@@ -1,6 +1,6 @@
 """Every timing and sizing constant of tokencache, with the reason for its value.
 
-They are tied to each other: a lock must outlive the fetch it guards, a refresh
+They are tied to each other: a lock is renewed for as long as its fetch runs, a refresh
 killed mid-fetch must be retried inside the refresh margin, a graceful stop must
 outlast a job. Those ties are written down once, in :data:`INVARIANTS`, and
 checked when this module is imported, so a change that breaks one fails at once
@@ -110,7 +110,8 @@ BACKOFF_CAP = 30.0
 A refresh never gives up on a transient failure, so this is also how long a fleet may wait for its
 token after the endpoint comes back (plus one scheduler poll and a fetch). 30 s: Google's own
 clients cap their backoff at 32-64 s; half a minute keeps that recovery short and costs a failing
-endpoint at most two requests a minute per token."""
+endpoint two to four requests a minute per token once at the cap (equal jitter: 15 to 30 s apart),
+more while the retries are pulled in to land before the current token expires."""
 
 RETRY_FLOOR = 0.5
 """The shortest delay before a failed refresh is retried, and how long before the current token's
@@ -255,6 +256,7 @@ INVARIANTS: dict[str, Callable[[], bool]] = {
     "a refresh killed mid-fetch is fetched again within the recovery budget": (
         lambda: LOCK_TTL + REPAIR_INTERVAL + JOB_DISPATCH <= RECOVERY_BUDGET
     ),
+    "a dead job is judged dead by the time its lease has lapsed": lambda: DEAD_AFTER <= LOCK_TTL,
     "two kills early in their fetches and a fetch at the budget fit the default margin": (
         lambda: (
             RQ_SCHEDULER_POLL + 2 * (LOCK_TTL + REPAIR_INTERVAL + JOB_DISPATCH) + FETCH_TIMEOUT

@@ -245,12 +245,30 @@ def _readable(store: TokenStore, key: TokenKey, token: _Still) -> bool:
 
 
 def _expired(store: TokenStore, now: float) -> list[str]:
-    """Index entries of cached tokens (score > 0: not a placeholder) expired a repair grace ago or more."""
+    """Cached tokens (index score > 0: not a placeholder) whose hash expired a repair grace ago or more.
+
+    Only an index entry whose hash is gone counts: an evicted token (its score is when it was evicted)
+    still has its hash until it is replaced, a key of another type is reported under ``skipped``, and
+    an index member that is not a token key is junk for repair to drop.
+    """
     members = cast(
         list[bytes],
         store.redis.zrangebyscore(store.keys.index, "(0", now - REPAIR_GRACE, 0, REPAIR_SCAN),
     )
-    return [member.decode(errors="replace").removeprefix(store.keys.token_prefix) for member in members]
+    keys = [_token_key(store, member) for member in members]
+    candidates = [(member, key) for member, key in zip(members, keys, strict=True) if key is not None]
+    with store.redis.pipeline(transaction=False) as pipe:
+        for member, _ in candidates:
+            pipe.exists(member)
+        present = pipe.execute()
+    return [key.encode() for (_, key), there in zip(candidates, present, strict=True) if not there]
+
+
+def _token_key(store: TokenStore, member: bytes) -> TokenKey | None:
+    try:
+        return store.keys.parse_token(member.decode())
+    except (UnicodeDecodeError, ValueError):
+        return None
 
 
 def check(store: TokenStore, redis_url: str) -> Health:

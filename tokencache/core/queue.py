@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 from redis import Redis
 from rq import Queue
+from rq.exceptions import DeserializationError
 from rq.job import Job, JobStatus
 from rq.registry import ScheduledJobRegistry
 from rq.serializers import JSONSerializer
@@ -193,8 +194,12 @@ def job_target(job: Job) -> tuple[str, TokenKey]:
 
 
 def job_refresh_before(job: Job, default: int) -> int:
-    """The ``refresh_before`` a refresh job was written with (a keyword in old-format jobs)."""
-    value = job.args[0] if job.args else job.kwargs.get("refresh_before", default)
+    """The ``refresh_before`` a refresh job was written with (a keyword in old-format jobs); ``default``
+    when its arguments are unreadable (a hash someone wrote by hand, or a partial one)."""
+    try:
+        value = job.args[0] if job.args else job.kwargs.get("refresh_before", default)
+    except (DeserializationError, ValueError, TypeError, AttributeError):
+        return default
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import NamedTuple, cast
@@ -234,8 +233,15 @@ def _scheduled_verdict(entry: _Entry, now: float) -> Verdict:
         return Verdict.ENQUEUE  # overdue in the schedule: no scheduler is moving it
     if entry.backing_off:
         return Verdict.OK  # scheduled late on purpose: moving it would undo the backoff
-    if entry.refresh_at is not None and now > entry.refresh_at + REPAIR_GRACE < entry.scheduled_at:
-        return Verdict.ENQUEUE  # scheduled after the token's own refresh time (a store() lost a race)
+    if (
+        entry.refresh_at is not None
+        and now > entry.refresh_at + REPAIR_GRACE
+        and (
+            entry.scheduled_at
+            > now + REPAIR_GRACE  # one due within the grace runs by itself (a hold's spread)
+        )
+    ):
+        return Verdict.ENQUEUE  # scheduled well after the token's own refresh time (a store() lost a race)
     return Verdict.OK
 
 
@@ -288,8 +294,7 @@ def _enqueue(store: TokenStore, entry: _Entry) -> None:
     log.warning("refresh of %s is overdue (job %s); re-enqueueing it", entry.key.encode(), status)
     refresh_before = store.refresh_before
     if entry.job is not None:
-        with suppress(DeserializationError):  # unreadable arguments: this store's margin
-            refresh_before = job_refresh_before(entry.job, refresh_before)
+        refresh_before = job_refresh_before(entry.job, refresh_before)  # this store's, if unreadable
     with redis_errors(store.redis):
         store.refresh_queue.enqueue(entry.key, refresh_before)
 
@@ -327,7 +332,7 @@ def _gave_up_target(store: TokenStore, job: Job | None) -> TokenKey | None:
         return None
     try:
         namespace, key = job_target(job)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, DeserializationError):  # unreadable: status reports the job
         return None
     return key if namespace == store.keys.namespace else None
 
