@@ -199,6 +199,22 @@ def async_client_like(client: Redis) -> Any:
     return redis.asyncio.Redis(host=kw["host"], port=kw["port"], db=kw.get("db", 0))
 
 
+def sync_or_async_store(request: pytest.FixtureRequest, redis: Redis, namespace: str) -> Iterator[TokenStore]:
+    """The sync store, or the asyncio one behind a facade (``request.param``): one suite, both APIs."""
+    from tokencache import aio
+    from tokencache.core.sources import Sources
+
+    settings: dict[str, Any] = dict(
+        namespace=namespace, refresh_before=10, queue=namespace, sources=Sources(use_adc=False)
+    )
+    if request.param == "sync":
+        yield TokenStore(redis, **settings)
+        return
+    facade = AsyncFacade(aio.TokenStore(async_client_like(redis), **settings), redis)
+    yield facade  # type: ignore[misc]
+    facade.close()
+
+
 class Workers:
     """``tokencache worker`` pools for one test (see ``tokencache.testing.workers``), stopped at its end."""
 

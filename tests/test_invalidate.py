@@ -25,11 +25,10 @@ from rq.registry import ScheduledJobRegistry
 import tokencache
 from tokencache import Token, TokenStore, aio
 from tokencache.constants import INVALIDATE_EVERY, WANT_TTL
-from tokencache.core.sources import Sources
 from tokencache.outcomes import Verdict
 from tokencache.worker.repair import repair
 
-from .conftest import AsyncFacade, async_client_like
+from .conftest import sync_or_async_store
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 NEAR_WITHIN = 0.050
@@ -43,15 +42,7 @@ def token(tag: str = "a", expires_in: int = 3600) -> Token:
 @pytest.fixture(params=["sync", "async"])
 def ts(request: pytest.FixtureRequest, any_redis: Redis) -> Iterator[TokenStore]:
     """The sync store, or the asyncio one driven through a facade: one suite for both APIs."""
-    settings: dict[str, Any] = dict(
-        namespace="inval", refresh_before=10, queue="inval", sources=Sources(use_adc=False)
-    )
-    if request.param == "sync":
-        yield TokenStore(any_redis, **settings)
-        return
-    facade = AsyncFacade(aio.TokenStore(async_client_like(any_redis), **settings), any_redis)
-    yield facade  # type: ignore[misc]
-    facade.close()
+    yield from sync_or_async_store(request, any_redis, "inval")
 
 
 def queued(ts: TokenStore) -> list[str]:

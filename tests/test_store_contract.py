@@ -25,7 +25,7 @@ from tokencache.core.sources import Sources
 from tokencache.keys import parse_job_id
 from tokencache.testing.emulator import Emulator
 
-from .conftest import AsyncFacade, async_client_like, wait_for
+from .conftest import async_client_like, sync_or_async_store, wait_for
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 
@@ -41,15 +41,7 @@ def token(expires_in: int = 3600, **kw: object) -> Token:
 @pytest.fixture(params=["sync", "async"])
 def ts(request: pytest.FixtureRequest, any_redis: Redis) -> Iterator[TokenStore]:
     """The sync store, or the asyncio one driven through a facade: one suite for both APIs."""
-    settings: dict[str, Any] = dict(
-        namespace="contract", refresh_before=10, queue="contract", sources=Sources(use_adc=False)
-    )
-    if request.param == "sync":
-        yield TokenStore(any_redis, **settings)
-        return
-    facade = AsyncFacade(aio.TokenStore(async_client_like(any_redis), **settings), any_redis)
-    yield facade  # type: ignore[misc]
-    facade.close()
+    yield from sync_or_async_store(request, any_redis, "contract")
 
 
 def scheduled(ts: TokenStore) -> list[tuple[str, float]]:
