@@ -45,6 +45,7 @@ from tokencache.constants import EXPIRY_SKEW, FORGET_POOL, POOL_TTL, REPAIR_GRAC
 from tokencache.core.connection import raise_other_errors, redis_errors
 from tokencache.core.pipeline import per_entry
 from tokencache.core.queue import job_target
+from tokencache.core.record import field_number
 from tokencache.keys import TokenKey
 from tokencache.worker.repair import fetch_jobs, overdue
 
@@ -188,7 +189,7 @@ class _Still(NamedTuple):
     def replaced(self, now: float) -> bool:
         """Whether a token written after the give-up is cached (a write clears ``gave_up_at``)."""
         expires, gave_up_at, _ = self.token
-        return expires is not None and gave_up_at is None and _number(expires) > now + EXPIRY_SKEW
+        return gave_up_at is None and (field_number(expires) or 0.0) > now + EXPIRY_SKEW
 
     def matters(self, now: float) -> bool:
         return (self.indexed_at is not None or bool(self.wanted)) and not self.replaced(now)
@@ -200,13 +201,6 @@ class _Still(NamedTuple):
         if "gave_up" in job.meta:
             return str(job.meta["gave_up"])
         return last_error.decode(errors="replace") if gave_up_at is not None and last_error else None
-
-
-def _number(raw: bytes) -> float:
-    try:
-        return float(raw)
-    except ValueError:
-        return 0.0
 
 
 def _failed(job: Job) -> bool:

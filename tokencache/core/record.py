@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from tokencache.token import Token
 
-__all__ = ["REJECTED", "Bookkeeping", "MalformedRecord", "from_fields", "to_fields"]
+__all__ = ["REJECTED", "Bookkeeping", "MalformedRecord", "field_number", "from_fields", "to_fields"]
 
 TOKEN_FIELDS = ("token", "type", "scope", "sub", "account", "expires")
 REJECTED = b"rejected_at"
@@ -31,6 +31,15 @@ REJECTED = b"rejected_at"
 
 class MalformedRecord(ValueError):
     """A token hash that cannot be read back as a Token (hand-edited, or written by something else)."""
+
+
+def field_number(raw: bytes | None) -> float | None:
+    """A numeric hash field as repair and status read it: None when absent or not a number (a hand-edited
+    hash is reported elsewhere; these readers judge it as if the field were missing)."""
+    try:
+        return float(raw) if raw is not None else None
+    except ValueError:
+        return None
 
 
 def to_fields(token: Token, *, refresh_at: int, refreshed_at: int | None) -> dict[str, str]:

@@ -49,6 +49,7 @@ from tokencache.core.connection import raise_other_errors, redis_errors
 from tokencache.core.locks import Lock
 from tokencache.core.pipeline import per_entry
 from tokencache.core.queue import job_refresh_before, job_target
+from tokencache.core.record import field_number
 from tokencache.keys import TokenKey
 from tokencache.outcomes import Verdict
 
@@ -201,9 +202,9 @@ def _entry(
     return _Entry(
         key,
         expires,
-        refresh_at=_number(fields.refresh_at),
+        refresh_at=field_number(fields.refresh_at),
         gave_up=fields.gave_up_at is not None or (job is not None and "gave_up" in job.meta),
-        backing_off=bool(_number(fields.failures)) or bool(found.on_hold),
+        backing_off=bool(field_number(fields.failures)) or bool(found.on_hold),
         wanted=bool(found.wanted),
         lock_held=bool(found.lock_held),
         scheduled_at=found.scheduled_at,
@@ -211,13 +212,6 @@ def _entry(
         overdue=overdue,
         started=found.job_status == JobStatus.STARTED.encode(),
     )
-
-
-def _number(raw: bytes | None) -> float | None:
-    try:
-        return float(raw) if raw is not None else None
-    except ValueError:
-        return None
 
 
 def _started_ago(job: Job, now: float) -> float:
