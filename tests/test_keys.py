@@ -5,7 +5,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rq.job import JOB_ID_PATTERN
 
-from tokencache.keys import Keys, TokenKey, normalize_scope, parse_info, parse_job_id
+from tokencache.keys import Keys, TokenKey, _job_name, normalize_scope, parse_info, parse_job_id
+from tokencache.validate import NAMESPACE_PATTERN
 
 KEYS = Keys("tokencache")
 names = st.text(min_size=1).filter(lambda s: s.strip() != "")
@@ -15,7 +16,9 @@ scopes = st.lists(
     max_size=4,
 ).map(" ".join)
 triples = st.tuples(names, scopes, st.one_of(st.none(), names))
-namespaces = names.filter(lambda s: s == s.strip())
+namespaces = st.from_regex(NAMESPACE_PATTERN, fullmatch=True).filter(lambda s: s != "rq")
+legacy_namespaces = names.filter(lambda s: s == s.strip())
+"""Namespaces from before names were checked: their jobs may still sit in Redis."""
 
 
 @pytest.mark.parametrize("spelling", ["b a", "a,b", "a  b", " b,a ,a\n", "a\tb"])
@@ -76,6 +79,15 @@ def test_job_ids_name_their_namespace_and_token(namespace: str, triple: tuple[st
     job_id = Keys(namespace).job_id(key)
     assert JOB_ID_PATTERN.fullmatch(job_id)  # RQ's own check
     assert parse_job_id(job_id) == (namespace, key)
+
+
+@given(legacy_namespaces, triples)
+def test_job_ids_of_any_earlier_namespace_still_decode(
+    namespace: str, triple: tuple[str, str, str | None]
+) -> None:
+    """So that a worker can tell such a job's namespace and refuse it (it is not its own)."""
+    key = TokenKey.of(*triple)
+    assert parse_job_id(_job_name(namespace, key)) == (namespace, key)
 
 
 @given(namespaces, namespaces, triples)

@@ -26,6 +26,7 @@ def test_metric_labels_never_change() -> None:
         "skipped",
         "held_elsewhere",
         "handed_over",
+        "refused",
     }
 
 
@@ -44,6 +45,7 @@ def test_the_metrics_docstring_names_labels_that_exist() -> None:
         "batched",
         "skipped",
         "held_back",
+        "refused",
     }
     assert named <= {o.label for o in Outcome}
 

@@ -16,6 +16,7 @@ from tokencache.errors import (
     RateLimitedError,
     RedisUnavailableError,
     RefreshError,
+    RefusedJobError,
     TokenCacheError,
     UnknownAccountError,
     WrongTypeError,
@@ -100,6 +101,7 @@ __all__ = [  # noqa: RUF022 - grouped by purpose, as the reader meets them
     "ConfigurationError",
     "UnknownAccountError",
     "WrongTypeError",
+    "RefusedJobError",
 ]
 
 __version__ = "0.1.0"

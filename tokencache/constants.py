@@ -25,6 +25,11 @@ EXPIRY_SKEW = 1
 ``EXPIREAT`` works in whole seconds and a caller needs a moment to use the
 token, so a token in its last second is not handed out."""
 
+MAX_EXPIRES = 253_402_300_799
+"""The latest ``expires`` a Token accepts: 9999-12-31T23:59:59Z. Python's ``datetime`` (through which a
+refresh is scheduled with RQ) ends in year 9999, so a later time fails deep inside ``store()`` (OSError,
+OverflowError) instead of at construction; no real token lives anywhere near that long."""
+
 # -- the token endpoint ----------------------------------------------------------
 
 FETCH_TIMEOUT = 4.0
@@ -186,6 +191,10 @@ FORGET_POOL = 3600.0
 
 SCHEDULER_SEEN_DEAD = 5.0
 """``tokencache status`` reports a dead RQ scheduler at most this long after it died."""
+
+METRICS_HOST = "127.0.0.1"
+"""Where ``tokencache worker --metrics-port`` listens unless ``--metrics-host`` says otherwise: the page
+is unauthenticated and each scrape reads Redis, so only this host reaches it until an operator opens it."""
 
 STATUS_RUN = 2.0
 """Seconds one ``tokencache status`` may take from its start to its answer on a loaded host (about

@@ -11,12 +11,14 @@ import os
 from tokencache import constants
 from tokencache.constants import DEFAULT_REFRESH_BEFORE
 from tokencache.errors import ConfigurationError
+from tokencache.validate import check_namespace
 
 REDIS_URL = "TOKENCACHE_REDIS_URL"
 """Where tokens and refresh jobs live (``redis://``, ``rediss://``, ``unix://``)."""
 
 NAMESPACE = "TOKENCACHE_NAMESPACE"
-"""Prefix of every key tokencache writes (RQ's ``rq:`` keys aside)."""
+"""Prefix of every key tokencache writes (RQ's ``rq:`` keys aside), and the isolation boundary of the
+credentials: a worker refreshes only its own namespace's tokens."""
 
 REFRESH_BEFORE = "TOKENCACHE_REFRESH_BEFORE"
 """Seconds before ``expires`` at which the refresh job runs."""
@@ -28,7 +30,7 @@ BACKOFF_CAP = "TOKENCACHE_BACKOFF_CAP"
 """Longest delay, in whole seconds, between the retries of a failing refresh (default 30)."""
 
 QUEUE = "TOKENCACHE_QUEUE"
-"""Name of the RQ queue that carries refresh jobs."""
+"""Name of the RQ queue that carries refresh jobs (default: the namespace)."""
 
 NEAR_CACHE = "TOKENCACHE_NEAR_CACHE"
 """``1`` turns on the near cache of the default stores (see :mod:`tokencache.app.nearcache`)."""
@@ -41,7 +43,8 @@ GOOGLE_APPLICATION_CREDENTIALS = "GOOGLE_APPLICATION_CREDENTIALS"
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_NAMESPACE = "tokencache"
-DEFAULT_QUEUE = "tokencache"
+DEFAULT_QUEUE = DEFAULT_NAMESPACE
+"""The default namespace's queue (the queue follows the namespace: :func:`queue_name`)."""
 DEFAULT_REFRESH_BATCH = 8
 DEFAULT_BACKOFF_CAP = int(constants.BACKOFF_CAP)
 
@@ -52,13 +55,19 @@ def redis_url() -> str:
 
 
 def namespace() -> str:
-    """The key namespace from the environment, or ``tokencache``."""
-    return os.environ.get(NAMESPACE) or DEFAULT_NAMESPACE
+    """The key namespace from the environment, or ``tokencache`` (ConfigurationError for a name that is
+    not allowed: see :func:`tokencache.validate.check_namespace`)."""
+    raw = os.environ.get(NAMESPACE) or DEFAULT_NAMESPACE
+    try:
+        return check_namespace(raw)
+    except ValueError as e:
+        raise ConfigurationError(f"{NAMESPACE}={raw!r}: {e}") from None
 
 
-def queue_name() -> str:
-    """The refresh queue's name from the environment, or ``tokencache``."""
-    return os.environ.get(QUEUE) or DEFAULT_QUEUE
+def queue_name(ns: str | None = None) -> str:
+    """The refresh queue's name: ``TOKENCACHE_QUEUE``, else the namespace (``ns``, or the
+    environment's), so that each namespace's jobs reach only the workers of that namespace."""
+    return os.environ.get(QUEUE) or ns or namespace()
 
 
 def refresh_before() -> int:

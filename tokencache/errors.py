@@ -16,6 +16,7 @@ __all__ = [
     "RateLimitedError",
     "RedisUnavailableError",
     "RefreshError",
+    "RefusedJobError",
     "TokenCacheError",
     "UnknownAccountError",
     "WrongTypeError",
@@ -57,6 +58,10 @@ class CredentialsRejectedError(RefreshError):
 
 class FetchTimeoutError(TokenCacheError, TimeoutError):
     """Waiting for the fleet to fetch a token took longer than the timeout."""
+
+
+class RefusedJobError(TokenCacheError):
+    """A refresh worker refused a job it must not run (another namespace's, or not a refresh): nothing ran."""
 
 
 class ConfigurationError(TokenCacheError, ValueError):

@@ -1,6 +1,7 @@
 """Every Redis key tokencache writes, built in one place.
 
-Schema (``{ns}`` is the namespace, ``tokencache`` by default)::
+Schema (``{ns}`` is the namespace, ``tokencache`` by default; it never holds a ``:``, see
+:func:`tokencache.validate.check_namespace`, so no two namespaces share a key)::
 
     {ns}:token:{account}:{scope}:{sub}   hash   one cached token, EXPIREAT its expires
                                                 fields: token type scope sub account expires
@@ -50,7 +51,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from tokencache.validate import check_name
+from tokencache.validate import check_name, check_namespace
 
 __all__ = [
     "DEFAULT_ACCOUNT",
@@ -162,14 +163,7 @@ class Keys:
     namespace: str
 
     def __post_init__(self) -> None:
-        if (
-            not isinstance(self.namespace, str)
-            or not self.namespace
-            or self.namespace != self.namespace.strip()
-        ):
-            raise ValueError(
-                f"namespace must be a non-empty string without surrounding spaces: {self.namespace!r}"
-            )
+        check_namespace(self.namespace)  # no ':' in it: no namespace's keys can be another's
 
     @property
     def index(self) -> str:

@@ -6,8 +6,9 @@ Worker side (``tokencache worker --metrics-port 9108`` serves them, with the scr
 - ``tokencache_refreshes_total{outcome}`` (counter): refresh-job runs by outcome (the
   :attr:`~tokencache.outcomes.Outcome.label` of each): ``refreshed``, ``not_due``, ``busy``,
   ``failed``, ``gave_up``, ``held_back``, ``deleted``, ``crashed``, ``skipped`` (the token's key
-  holds another Redis type); and ``batched``: tokens refreshed by another token's job (see
-  :mod:`tokencache.worker.batch`);
+  holds another Redis type), ``refused`` (a job of a namespace this worker does not serve: someone put
+  it on this pool's queue; any count of it needs looking into); and ``batched``: tokens refreshed by
+  another token's job (see :mod:`tokencache.worker.batch`);
 - ``tokencache_refresh_lateness_seconds`` (histogram): when a refresh ran minus when it was due;
 - ``tokencache_endpoint_latency_seconds{result}`` (histogram): token requests to Google, ok/error;
 - ``tokencache_endpoint_rate_limited_total`` (counter): rate-limited answers (429, or 403 "rate limit

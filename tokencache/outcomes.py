@@ -44,6 +44,9 @@ class Outcome(enum.StrEnum):
     """A batch found the token's lock taken (mostly in flight in a concurrent batch)."""
     HANDED_OVER = "handed over"
     """A job of the old format enqueued the token's job under its current id and ended."""
+    REFUSED = "refused"
+    """A job of a namespace this worker does not serve (its credentials are not that namespace's): nothing
+    read, fetched or written; the job fails into its queue's failed registry, and a warning names it."""
 
     @property
     def label(self) -> str:

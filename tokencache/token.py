@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokencache.constants import EXPIRY_SKEW
+from tokencache.constants import EXPIRY_SKEW, MAX_EXPIRES
 
 __all__ = ["Freshness", "Token", "mask"]
 
@@ -64,8 +64,10 @@ class Token:
             raise TypeError(
                 f"Token.expires must be whole Unix seconds (int), not {type(self.expires).__name__}"
             )
-        if self.expires < 0:
-            raise ValueError(f"Token.expires must be a Unix time, not {self.expires}")
+        if not 0 <= self.expires <= MAX_EXPIRES:
+            raise ValueError(
+                f"Token.expires must be a Unix time from 0 to {MAX_EXPIRES} (year 9999), not {self.expires}"
+            )
 
     def __repr__(self) -> str:
         return (

@@ -6,17 +6,45 @@ input with the same words, before anything is sent to Redis.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 __all__ = [
+    "NAMESPACE_PATTERN",
     "check_access_token",
     "check_count",
     "check_flag",
     "check_name",
+    "check_namespace",
     "check_refresh_before",
     "check_scopes",
     "check_timeout",
 ]
+
+
+NAMESPACE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""What a namespace may be: a short label without ``:`` (so no namespace's keys can be another's), glob
+characters (``* ? [ ] \\``: ACL key patterns and SCAN MATCH would read them as patterns) or whitespace."""
+
+RESERVED_NAMESPACES = frozenset({"rq"})
+"""RQ's own prefix: a namespace ``rq`` would put tokens among RQ's jobs and queues (``rq:*`` ACL rules)."""
+
+
+def check_namespace(value: object) -> str:
+    """A namespace: ``[A-Za-z0-9][A-Za-z0-9_.-]{0,63}``, not ``rq`` (TypeError/ValueError naming it).
+
+    Every key of a namespace starts with ``{namespace}:``; with no ``:`` in any namespace, two namespaces
+    never share a key, however their accounts, scopes and subjects are spelled.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"namespace must be a string, not {type(value).__name__}")
+    if not NAMESPACE_PATTERN.fullmatch(value) or value in RESERVED_NAMESPACES:
+        raise ValueError(
+            f"namespace {value!r} is not allowed: use 1 to 64 letters, digits, '_', '.' or '-', starting "
+            "with a letter or digit, and not 'rq' (no ':', glob characters or spaces, so that no namespace "
+            "can reach into another's keys)"
+        )
+    return value
 
 
 def check_refresh_before(value: object) -> int:

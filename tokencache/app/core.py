@@ -111,7 +111,9 @@ class StoreCore:
         self.refresh_before = check_refresh_before(
             env.refresh_before() if refresh_before is None else refresh_before
         )
-        self.refresh_queue = RefreshQueue(rq_connection, queue or env.queue_name(), self.keys)
+        self.refresh_queue = RefreshQueue(
+            rq_connection, queue or env.queue_name(self.keys.namespace), self.keys
+        )
         self.clock = clock
         self._sources = sources
         self._key_memo = KeyMemo(self.keys)

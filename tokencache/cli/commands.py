@@ -7,6 +7,12 @@ print tables (through rich; plain columns when stdout is not a terminal) or
 can be a health check. Every command honours the ``TOKENCACHE_*`` environment
 and ``--redis-url`` (before or after the command). Errors are one line on
 stderr and a non-zero exit code, never a traceback.
+
+Stored text is not trusted: a ``sub`` is often chosen by a user (domain-wide
+delegation) and error texts come from the token endpoint. Every table cell,
+problem line, error line and log line escapes control and invisible format
+characters (:func:`printable`), so no value can forge a row of the
+tab-separated output or send an escape sequence to the terminal.
 """
 
 from __future__ import annotations
@@ -14,10 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 from rich import box
 from rich.console import Console
@@ -29,6 +36,7 @@ from tokencache.app.core import TokenRecord
 from tokencache.app.reads import bad_keys
 from tokencache.app.tokenstore import TokenStore
 from tokencache.cli.health import Health, check
+from tokencache.constants import METRICS_HOST
 from tokencache.core.connection import describe
 from tokencache.errors import TokenCacheError
 from tokencache.token import mask
@@ -37,6 +45,58 @@ __all__ = ["main"]
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+
+_UNPRINTABLE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb]"
+)
+"""C0 and C1 controls, DEL, and the invisible format characters that reorder or hide text in a terminal
+(bidi overrides, zero-width characters, line and paragraph separators)."""
+_NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def printable(text: str) -> str:
+    """``text`` with control and invisible format characters escaped (``\\t``, ``\\x1b``, ``\\u202e``)."""
+    return _UNPRINTABLE.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def _cell(text: str) -> str:
+    """A table cell: :func:`printable`, backslashes doubled (a stored ``\\t`` is not an escaped tab)."""
+    return printable(text.replace("\\", "\\\\"))
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Log lines whose message part is :func:`printable`: messages quote stored keys and endpoint errors.
+    (A traceback, added after the message, keeps its lines.)"""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (naming the option, and where to read more)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {printable(message)} (see '{self.prog} --help')\n")
+
+
+def _port(lowest: int) -> Callable[[str], int]:
+    """An argparse type: a TCP port number from ``lowest`` to 65535."""
+
+    def port(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if not lowest <= value <= 65535:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port ({lowest}-65535)")
+        return value
+
+    return port
 
 
 def _store(args: argparse.Namespace) -> TokenStore:
@@ -48,13 +108,15 @@ def _console() -> Console:
 
 
 def _print_table(columns: Sequence[str], rows: Sequence[Sequence[str]], console: Console) -> None:
-    """A rich table on a terminal; tab-separated full values otherwise (for grep, cut and awk)."""
+    """A rich table on a terminal; tab-separated full values otherwise (for grep, cut and awk). Either
+    way each cell is escaped (:func:`_cell`): one row per line, one column per tab, no raw escapes."""
+    cells = [[_cell(cell) for cell in row] for row in rows]
     if not console.is_terminal:
-        for line in (columns, *rows):
+        for line in (columns, *cells):
             print("\t".join(line))
         return
     table = Table(*columns, box=box.SIMPLE, pad_edge=False)
-    for row in rows:
+    for row in cells:
         table.add_row(*(Text(cell) for cell in row))  # Text: a '[' in a scope or an error is not markup
     console.print(table)
 
@@ -141,6 +203,7 @@ def _status_rows(h: Health) -> list[tuple[str, str]]:
         ("tokens failing to refresh", str(len(h.failing))),
         ("bad keys skipped", str(len(h.skipped))),
         ("tokens expired, not replaced", str(len(h.expired))),
+        ("jobs of other namespaces refused", str(len(h.refused))),
     ]
 
 
@@ -154,7 +217,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         console = _console()
         _print_table(("CHECK", "STATE"), _status_rows(health), console)
         for problem in health.problems:
-            console.print(Text.assemble(("attention: ", "bold red"), problem))
+            console.print(Text.assemble(("attention: ", "bold red"), printable(problem)))
         if not health.problems:
             console.print(Text("ok", "green"))
     return EXIT_ERROR if health.problems else 0
@@ -171,6 +234,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         burst=args.burst,
         logging_level=args.log_level,
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
     return 0
 
@@ -226,12 +290,19 @@ def _add_process_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--workers", type=int, default=2)
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     p.add_argument("--log-level", default="INFO")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument(
+        "--metrics-port", type=_port(1), default=None, help="serve Prometheus metrics on this port"
+    )
+    p.add_argument(
+        "--metrics-host",
+        default=METRICS_HOST,
+        help=f"address of the metrics page (default {METRICS_HOST}: it is unauthenticated; 0.0.0.0: all)",
+    )
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("emulator", parents=[common], help="run the local Google token endpoint")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8089)
+    p.add_argument("--port", type=_port(0), default=8089, help="0: any free port (printed)")
     p.add_argument("--keys", default=None, help="folder to write service-account key files into")
     p.add_argument("--accounts", type=int, default=1)
     p.add_argument("--lifetime", type=int, default=3600)
@@ -247,10 +318,10 @@ def _add_process_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokencache", description="Fleet-wide Google OAuth2 token cache.")
+    parser = _Parser(prog="tokencache", description="Fleet-wide Google OAuth2 token cache.")
     parser.add_argument("--redis-url", default=None, help=f"Redis URL (default: ${env.REDIS_URL})")
     # --redis-url works before or after the command; SUPPRESS keeps a value given before it.
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--redis-url", default=argparse.SUPPRESS, help=f"Redis URL (default: ${env.REDIS_URL})"
     )
@@ -262,17 +333,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     try:
         return int(args.func(args))
     except TokenCacheError as e:
-        print(f"tokencache: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        return _fail(e, EXIT_ERROR)
     except (TypeError, ValueError) as e:
-        print(f"tokencache: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(e, EXIT_USAGE)
     except KeyboardInterrupt:
         return 130
     except OSError as e:  # a port in use, a folder that cannot be written
-        print(f"tokencache: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        return _fail(e, EXIT_ERROR)
+
+
+def _fail(error: BaseException, code: int) -> int:
+    """One line on stderr (an error may quote stored or endpoint text: printable) and the exit code."""
+    print(f"tokencache: error: {printable(str(error))}", file=sys.stderr)
+    return code

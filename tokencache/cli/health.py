@@ -81,6 +81,8 @@ class Health:
     """``key: reason`` of each refresh counted in :attr:`failed`."""
     expired: list[str] = field(default_factory=list)
     """Cached tokens that expired more than a repair grace ago without a replacement."""
+    refused: list[str] = field(default_factory=list)
+    """Jobs of other namespaces that failed on this queue (refused by a worker that does not serve them)."""
     problems: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -88,6 +90,11 @@ class Health:
 
 
 def _problems(h: Health) -> list[str]:
+    return _machinery_problems(h) + _refresh_problems(h)
+
+
+def _machinery_problems(h: Health) -> list[str]:
+    """What is wrong with the pools, the workers and the scheduler."""
     found = [f"worker pool {name} stopped (no heartbeat for {POOL_TTL:g} s)" for name in h.dead_pools]
     if h.workers == 0:
         found.append(f"no worker is serving queue {h.queue!r}: start 'tokencache worker'")
@@ -96,6 +103,17 @@ def _problems(h: Health) -> list[str]:
             f"no RQ scheduler is running (none holds the lock, or its holder has not beaten for "
             f"{SCHEDULER_TTL:g} s): scheduled refreshes will not run on time"
         )
+    if h.refused:
+        found.append(
+            f"{len(h.refused)} refresh job(s) of another namespace put on queue {h.queue!r} and refused "
+            "(each namespace needs its own queue and workers): " + ", ".join(h.refused[:SHOWN])
+        )
+    return found
+
+
+def _refresh_problems(h: Health) -> list[str]:
+    """What is wrong with the refreshes and the keys of this namespace."""
+    found = []
     if h.overdue:
         found.append(f"{len(h.overdue)} refresh(es) overdue")
     if h.failed:
@@ -208,16 +226,31 @@ def _failed(job: Job) -> bool:
     return job.get_status(refresh=False) == JobStatus.FAILED
 
 
-def _failed_that_matter(store: TokenStore) -> list[str]:
+def _failed_jobs(store: TokenStore) -> list[Job]:
+    """The jobs in the refresh queue's failed registry whose last run failed (a later run moves them on)."""
+    ids = FailedJobRegistry(queue=store.refresh_queue.queue).get_job_ids(0, 999)
+    return [job for job in _readable_jobs(ids, fetch_jobs(store, ids)) if job is not None and _failed(job)]
+
+
+def _refused(store: TokenStore, jobs: list[Job]) -> list[str]:
+    """``job id (namespace)`` of the failed jobs of another namespace on this queue: a worker refused them
+    (each namespace needs a queue and workers of its own). Its own namespace's repair re-enqueues each
+    on its own queue, which ends the failure; until then it counts."""
+    found = []
+    for job in jobs:
+        try:
+            namespace, _ = job_target(job)
+        except (ValueError, TypeError, DeserializationError):
+            continue
+        if namespace != store.keys.namespace:
+            found.append(f"{job.id} (namespace {namespace!r})")
+    return found
+
+
+def _failed_that_matter(store: TokenStore, jobs: list[Job]) -> list[str]:
     """``key: reason`` of the refreshes that gave up and are still the last word about a token that is
     cached or wanted and not replaced since (an old typo's job, or one re-armed since, does not count)."""
-    registry = FailedJobRegistry(queue=store.refresh_queue.queue)
-    ids = registry.get_job_ids(0, 999)
-    targets = [
-        (key, job)
-        for job in _readable_jobs(ids, fetch_jobs(store, ids))
-        if job is not None and _failed(job) and (key := _target(store, job)) is not None
-    ]
+    targets = [(key, job) for job in jobs if (key := _target(store, job)) is not None]
     with store.redis.pipeline(transaction=False) as pipe:
         for key, _ in targets:
             _Still.queue(pipe, store, key)
@@ -293,10 +326,11 @@ def check(store: TokenStore, redis_url: str) -> Health:
             scheduled=rq.scheduled.count,
             queued=rq.queue.count,
             overdue=[key.encode() for key in overdue(store)],
-            failed=len(gave_up := _failed_that_matter(store)),
+            failed=len(gave_up := _failed_that_matter(store, failed_jobs := _failed_jobs(store))),
             failing=failing,
             gave_up=gave_up,
             expired=_expired(store, now),
+            refused=_refused(store, failed_jobs),
         )
     health = replace(health, skipped=dict(skipped))  # complete now that every read is done
     return Health(**{**health.as_dict(), "problems": _problems(health)})

@@ -14,10 +14,11 @@ error still fails the whole read.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, unquote_plus
 
 import redis
 from redis import BlockingConnectionPool, Redis
@@ -41,16 +42,53 @@ __all__ = [
 C = TypeVar("C", Redis, AsyncRedis)
 
 
+MASK = "***"
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_QUERY_PARAM = re.compile(r"([?&#;])([^=&#;]*)=([^&#;]*)")
+
+
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """The URL with every password replaced by ``***``: ``user:pass@``, ``:pass@``, and the value of
+    each query parameter whose name contains ``password`` (``?password=``, ``sentinel_password``).
+
+    It never raises and parses nothing it does not need (no port, no host list), so comma-separated
+    Sentinel hosts, IPv6 literals, a bad port or a URL without a scheme still come back masked. The user
+    part ends at the URL's last ``@``, so ``@ / ? #`` typed raw into a password are masked with it (a
+    rare ``@`` in a query value masks more than needed, never less).
+    """
+    return _masked(url)[0]
+
+
+def _masked(url: str) -> tuple[str, list[str]]:
+    """``mask_url(url)``, and the passwords it hid (each as written and percent-decoded)."""
+    scheme = _SCHEME.match(url)
+    head = scheme.group() if scheme else ""
+    rest = url[len(head) :]
+    secrets: list[str] = []
+    at = rest.rfind("@")  # the last one: '@', '/', '?' or '#' typed raw into a password stay inside
+    if at >= 0:
+        user, colon, password = rest[:at].partition(":")
+        if colon:
+            secrets.append(password)
+            rest = f"{user}:{MASK}{rest[at:]}"
+    return head + _QUERY_PARAM.sub(lambda m: _mask_param(m, secrets), rest), [
+        form for secret in secrets if secret for form in {secret, unquote(secret), unquote_plus(secret)}
+    ]
+
+
+def _mask_param(match: re.Match[str], secrets: list[str]) -> str:
+    separator, name, value = match.groups()
+    if "password" not in unquote(name).lower():
+        return match.group()
+    secrets.append(value)
+    return f"{separator}{name}={MASK}"
+
+
+def _scrub(text: str, url: str) -> str:
+    """``text`` (an error about ``url``) without any password of ``url`` in it."""
+    for secret in sorted(_masked(url)[1], key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return text
 
 
 def connect(url: str | None = None, *, client_class: type[C] = Redis, **options: Any) -> C:  # type: ignore[assignment]
@@ -60,6 +98,8 @@ def connect(url: str | None = None, *, client_class: type[C] = Redis, **options:
     blocks (up to that timeout) when all its connections are busy instead of failing at once: a
     hundred threads or coroutines reading tokens at the same moment should queue, not error.
     """
+    if url is not None and not isinstance(url, str):
+        raise TypeError(f"url must be a Redis URL string or None, not {type(url).__name__}")
     url = url or env.redis_url()
     options.setdefault("socket_timeout", SOCKET_TIMEOUT)
     options.setdefault("socket_connect_timeout", SOCKET_TIMEOUT)
@@ -68,8 +108,8 @@ def connect(url: str | None = None, *, client_class: type[C] = Redis, **options:
     options.setdefault("max_connections", MAX_CONNECTIONS)
     try:
         pool = pool_class.from_url(url, timeout=SOCKET_TIMEOUT, **options)
-    except ValueError as e:
-        raise ConfigurationError(f"bad Redis URL {mask_url(url)!r}: {e}") from e
+    except ValueError as e:  # not chained: the parser's own message may quote part of a password
+        raise ConfigurationError(f"bad Redis URL {mask_url(url)!r}: {_scrub(str(e), url)}") from None
     return client_class.from_pool(pool)  # type: ignore[arg-type]  # the client owns (and closes) its pool
 
 

@@ -34,6 +34,7 @@ from rq.serializers import JSONSerializer
 
 from tokencache.constants import JOB_FAILURE_TTL, JOB_TIMEOUT
 from tokencache.core.pipeline import Pipeline
+from tokencache.errors import RefusedJobError
 from tokencache.keys import Keys, TokenKey, parse_job_id
 
 __all__ = ["RefreshJob", "RefreshQueue", "job_refresh_before", "job_target", "repeat_current_job"]
@@ -58,9 +59,15 @@ class RefreshJob(Job):
     rewrite clears what an earlier run left, as RQ's ``""`` would. The store
     writes jobs with this class; ``tokencache worker`` also loads them with it,
     so the save that reschedules a finished job (RQ's repeat) sheds its run
-    record. A plain ``rq worker`` should get ``--job-class
-    tokencache.scheduling.RefreshJob`` for the same saving; without it the jobs
-    work the same and take more memory each.
+    record.
+
+    It also runs nothing but the refresh: a job hash names the function a worker
+    imports and calls (and callbacks it calls after), so anyone who can write an
+    ``rq:job:*`` hash could have a worker run any importable function. A job of
+    this class that names another function, an instance or any callback fails
+    with :class:`RefusedJobError` before anything is imported. A plain ``rq
+    worker`` needs ``--job-class tokencache.scheduling.RefreshJob`` (or
+    ``RQ_JOB_CLASS``) for this guard and for the memory saving.
     """
 
     UNSET: ClassVar[tuple[str, ...]] = (
@@ -85,6 +92,37 @@ class RefreshJob(Job):
     )
     _RUN_ONLY: ClassVar[tuple[str, ...]] = RUN_RECORD[:-2]
     CLEARED: ClassVar[tuple[str, ...]] = tuple(dict.fromkeys(UNSET + RUN_RECORD + ("meta",)))
+
+    @property
+    def func(self) -> Any:
+        """The refresh function, and nothing else (RefusedJobError, nothing imported, for any other job)."""
+        self._check_allowed()
+        return super().func
+
+    def _check_allowed(self) -> None:
+        callbacks = (self._success_callback_name, self._failure_callback_name, self._stopped_callback_name)
+        if self.func_name == REFRESH_FUNC and self.instance is None and not any(callbacks):
+            return
+        extras = [f"callback {name!r}" for name in callbacks if name]
+        extras += ["an instance"] if self.instance is not None else []
+        named = f"function {self.func_name!r}" + "".join(f", {extra}" for extra in extras)
+        raise RefusedJobError(
+            f"job {self.id!r} names {named}: a tokencache worker runs only {REFRESH_FUNC}, without an "
+            "instance or callbacks; refused, nothing imported or run"
+        )
+
+    # Never a callback: refresh jobs have none, and a planted one must not run even when the job fails.
+    @property
+    def success_callback(self) -> None:
+        return None
+
+    @property
+    def failure_callback(self) -> None:
+        return None
+
+    @property
+    def stopped_callback(self) -> None:
+        return None
 
     def to_dict(self, include_meta: bool = True, include_result: bool = True) -> dict[str, Any]:
         fields: dict[str, Any] = super().to_dict(include_meta=include_meta, include_result=include_result)

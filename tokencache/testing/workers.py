@@ -127,7 +127,7 @@ class PoolProcess:
         self.workers = workers
         self.env = self._child_env(env, namespace, queue, refresh_before)
         self.namespace = self.env.get(env_vars.NAMESPACE) or env_vars.DEFAULT_NAMESPACE
-        self.queue = self.env.get(env_vars.QUEUE) or env_vars.DEFAULT_QUEUE
+        self.queue = self.env.get(env_vars.QUEUE) or self.namespace  # the queue follows the namespace
         level = ("--log-level", log_level) if log_level else ()
         self.command = [sys.executable, "-m", "tokencache", "worker", "-n", str(workers), *level, *args]
         self.log = log

@@ -31,7 +31,7 @@ from rq.worker_pool import WorkerPool
 
 from tokencache import env, metrics
 from tokencache.app.tokenstore import TokenStore
-from tokencache.constants import REPAIR_INTERVAL, RESEND_STOP_EVERY, STOP_TIMEOUT
+from tokencache.constants import METRICS_HOST, REPAIR_INTERVAL, RESEND_STOP_EVERY, STOP_TIMEOUT
 from tokencache.core.connection import redis_errors
 from tokencache.core.queue import RefreshJob
 from tokencache.core.sources import default_sources
@@ -132,8 +132,12 @@ def run_pool(
     burst: bool = False,
     logging_level: str = "INFO",
     metrics_port: int | None = None,
+    metrics_host: str = METRICS_HOST,
 ) -> None:
-    """Run the pool in the foreground until SIGTERM/SIGINT (or until idle with ``burst``)."""
+    """Run the pool in the foreground until SIGTERM/SIGINT (or until idle with ``burst``).
+
+    The metrics page (``metrics_port``) is unauthenticated, so it listens on ``metrics_host``, the
+    loopback interface unless told otherwise (``0.0.0.0`` for a scraper on another host)."""
     num_workers = check_count("num_workers", num_workers)
     _check_redis(store.redis)
     accounts = default_sources().accounts()  # fail fast on a broken TOKENCACHE_CREDENTIALS
@@ -143,6 +147,6 @@ def run_pool(
     retry_gave_up(store)  # a restart is how a fixed key or configuration takes effect
     if metrics_port is not None:
         folder = metrics.enable_multiprocess()  # before the workers are forked
-        serve_worker_metrics(store, metrics_port)
-        log.info("metrics on :%d (multiprocess folder %s)", metrics_port, folder)
+        serve_worker_metrics(store, metrics_port, metrics_host)
+        log.info("metrics on %s:%d (multiprocess folder %s)", metrics_host, metrics_port, folder)
     RefreshPool(store, num_workers).start(burst=burst, logging_level=logging_level)

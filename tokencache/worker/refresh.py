@@ -48,7 +48,14 @@ from tokencache.constants import (
 from tokencache.core.locks import Lock
 from tokencache.core.queue import RefreshJob, job_target, repeat_current_job
 from tokencache.core.sources import Sources, default_sources
-from tokencache.errors import HOPELESS, ConfigurationError, RateLimitedError, RefreshError, WrongTypeError
+from tokencache.errors import (
+    HOPELESS,
+    ConfigurationError,
+    RateLimitedError,
+    RefreshError,
+    RefusedJobError,
+    WrongTypeError,
+)
 from tokencache.keys import DEFAULT_ACCOUNT, TokenKey
 from tokencache.outcomes import Outcome
 from tokencache.token import Token, mask
@@ -198,9 +205,39 @@ def _remember_failures(job: Job, failures: int) -> None:
         job.meta["failures"] = 0  # RQ's own Job never writes an empty meta, so reset it explicitly
 
 
+def _check_served(job: Job, namespace: str) -> None:
+    """Refuse a job of a namespace this worker does not serve (``TOKENCACHE_NAMESPACE``): the worker's
+    credentials are its own namespace's, and a token of another namespace must never be fetched with them.
+
+    Such a job reached this queue by hand or through a shared ``TOKENCACHE_QUEUE``. Nothing is read,
+    fetched or written, so no batch of that namespace starts either. The job fails into this queue's
+    failed registry with the reason (what ``rq info`` and RQ's dashboards show), the warning names both
+    namespaces and the job, and ``tokencache_refreshes_total{outcome="refused"}`` counts it. It is not
+    marked as given up, so the repair of the token's own namespace re-enqueues it on that namespace's
+    queue, where its own workers refresh it.
+    """
+    served = env.namespace()
+    if namespace == served:
+        return
+    metrics.record_refresh(Outcome.REFUSED)
+    log.warning(
+        "refused refresh job %s of namespace %r: this worker serves namespace %r (%s)",
+        job.id,
+        namespace,
+        served,
+        env.NAMESPACE,
+    )
+    raise RefusedJobError(
+        f"refresh job {job.id} is of namespace {namespace!r}, but this worker serves namespace {served!r} "
+        f"({env.NAMESPACE}): refused, nothing fetched or written. Run workers with that namespace's own "
+        f"credentials on its own queue ({env.QUEUE} defaults to the namespace)"
+    )
+
+
 def refresh(refresh_before: int, **old_format: object) -> str:
     """RQ entry point (``tokencache.refresh.refresh``): refresh the token named by the job's id.
 
+    A job of a namespace this worker does not serve is refused (:func:`_check_served`).
     A job written before ids named their token (keyword arguments ``namespace account scope sub``) hands
     over to the token's job under its current id and ends.
     """
@@ -208,6 +245,7 @@ def refresh(refresh_before: int, **old_format: object) -> str:
     if not isinstance(job, Job):
         raise RuntimeError("tokencache.refresh.refresh runs inside an RQ worker")
     namespace, key = job_target(job)
+    _check_served(job, namespace)
     store = TokenStore(job.connection, namespace=namespace, refresh_before=refresh_before, queue=job.origin)
     if old_format:
         store.refresh_queue.enqueue(key, refresh_before)

@@ -17,6 +17,7 @@ from prometheus_client import start_http_server as serve
 from prometheus_client.core import GaugeMetricFamily
 
 from tokencache.app.tokenstore import TokenStore
+from tokencache.constants import METRICS_HOST
 from tokencache.errors import TokenCacheError
 from tokencache.worker.repair import overdue
 
@@ -44,7 +45,7 @@ class _QueueCollector:
         return iter([up, scheduled, late])
 
 
-def serve_worker_metrics(store: TokenStore, port: int, host: str = "0.0.0.0") -> None:
+def serve_worker_metrics(store: TokenStore, port: int, host: str = METRICS_HOST) -> None:
     """Serve the pool's metrics (all its workers' counters, plus the queue gauges) on ``host:port``."""
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]

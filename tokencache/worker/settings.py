@@ -5,8 +5,11 @@
         --job-class tokencache.scheduling.RefreshJob
 
 (``-c workers.settings`` from a checkout of the repository is the same module.)
-``--job-class`` is optional: with it, a job rescheduled after its run sheds
-RQ's record of that run (docs/performance.md has the bytes per token).
+The queue is ``TOKENCACHE_QUEUE``, else the namespace (``TOKENCACHE_NAMESPACE``):
+the workers serve one namespace and refuse the jobs of any other.
+Give ``--job-class``: with it the workers run nothing but the refresh (a job
+naming any other function is refused), and a job rescheduled after its run
+sheds RQ's record of that run (docs/performance.md has the bytes per token).
 
 Plain ``rq worker`` does not run tokencache's repair pass; run
 ``python -m tokencache.worker.repairloop`` beside it (any number of copies: one
