@@ -21,6 +21,7 @@ import tokencache
 from tokencache import RedisUnavailableError, Token, TokenStore, aio
 from tokencache.app import core as store_core
 from tokencache.app.core import TokenRecord
+from tokencache.core.queue import SERVER_VERSION
 from tokencache.core.sources import Sources
 from tokencache.keys import parse_job_id
 from tokencache.testing.emulator import Emulator
@@ -373,7 +374,8 @@ def test_rq_gets_an_offline_client_on_asyncio(any_redis: Redis) -> None:
             with pytest.raises(RuntimeError, match=r"tokencache\.aio"):
                 rq_client.ping()
             with pytest.raises(RuntimeError, match="never connects"):
-                store.refresh_queue.queue.get_redis_server_version()  # RQ's own look-up: not localhost
+                store.refresh_queue.queue.count  # noqa: B018  RQ's own look-up: not localhost
+            assert store.refresh_queue.queue.get_redis_server_version() == SERVER_VERSION  # given, not asked
             job = await store.store(token())  # RQ's commands, replayed on redis.asyncio
             assert job is not None and any_redis.exists(job.key)
 

@@ -11,7 +11,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any, cast
 
 from tokencache.aio.locks import Lock
-from tokencache.aio.recorder import Recorder, know_server_version
+from tokencache.aio.recorder import Recorder
 from tokencache.app.core import (
     REPORTED,
     FleetFetchCore,
@@ -127,8 +127,6 @@ class FleetFetch(FleetFetchCore):
 
     async def _ask_workers(self) -> None:
         redis, keys = self.store.redis, self.store.keys
-        # Before the want marker: a marker set without its job would hold other waiters off for WANT_TTL.
-        await know_server_version(self.store.refresh_queue.queue, redis)
         with redis_errors(redis):
             if not await redis.set(keys.want(self.key), self.owner, nx=True, px=int(WANT_TTL * 1000)):
                 return  # asked already; wait for the answer

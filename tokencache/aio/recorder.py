@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from redis import ConnectionPool, Redis, RedisError
+from redis import ConnectionPool, Redis
 from redis.asyncio import Redis as AsyncRedis
-from rq import Queue
 
-__all__ = ["OFFLINE", "Recorder", "know_server_version", "offline_client"]
+__all__ = ["OFFLINE", "Recorder", "offline_client"]
 
 OFFLINE = (
     "this redis.Redis client only lets RQ build the commands that tokencache.aio replays on "
@@ -75,19 +74,3 @@ class Recorder:
             for name, args, kwargs in self.calls:
                 getattr(pipe, name)(*args, **kwargs)
             return await pipe.execute()
-
-
-async def know_server_version(queue: Queue, redis: AsyncRedis) -> None:
-    """Tell ``queue`` the server's version, which RQ records in a job it enqueues.
-
-    RQ would ask its own (offline) client for it; we ask once on ``redis`` instead.
-    A server that refuses INFO gets RQ's own fallback.
-    """
-    if queue.redis_server_version:
-        return
-    try:
-        info = await redis.info("server")
-        parts = [*str(info["redis_version"]).split("."), "0", "0"][:3]
-        queue.redis_server_version = (int(parts[0]), int(parts[1]), int(parts[2]))
-    except (RedisError, KeyError, ValueError):  # refused, or unreachable: the next call says so
-        queue.redis_server_version = (5, 0, 9)

@@ -22,7 +22,7 @@ from rq.job import Job
 from tokencache import metrics
 from tokencache.aio.fleet import FleetFetch, Flights
 from tokencache.aio.listing import listing
-from tokencache.aio.recorder import Recorder, know_server_version, offline_client
+from tokencache.aio.recorder import Recorder, offline_client
 from tokencache.app.core import Clock, Raw, StoreCore, TokenRecord
 from tokencache.core import scripts
 from tokencache.core.connection import connect, raise_other_errors, redis_errors
@@ -137,7 +137,6 @@ class TokenStore(StoreCore):
             reply = await scripts.INVALIDATE.on_async(self.redis)(keys=keys, args=args)
             result = self.invalidated(key, token, reply)
             if result is Invalidation.EVICTED:
-                await know_server_version(self.refresh_queue.queue, self.redis)
                 with Recorder(self.redis) as pipe:
                     pipe.multi()  # before any command: RQ's enqueue_job() would start the transaction itself
                     self.refetch_commands(pipe, key)

@@ -35,7 +35,7 @@ from tokencache import env
 from tokencache.app.core import TokenRecord
 from tokencache.app.reads import bad_keys
 from tokencache.app.tokenstore import TokenStore
-from tokencache.cli.health import Health, check
+from tokencache.cli.health import UNKNOWN, Health, check
 from tokencache.constants import METRICS_HOST
 from tokencache.core.connection import describe
 from tokencache.errors import TokenCacheError
@@ -189,9 +189,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server_cell(h: Health) -> str:
+    if h.redis_version == UNKNOWN and h.redis_memory == UNKNOWN:
+        return f"{h.redis_url} (Redis version and memory unknown: this Redis user may not run INFO)"
+    return f"{h.redis_url} (Redis {h.redis_version}, {h.redis_memory} used)"
+
+
 def _status_rows(h: Health) -> list[tuple[str, str]]:
     return [
-        ("redis", f"{h.redis_url} (Redis {h.redis_version}, {h.redis_memory} used)"),
+        ("redis", _server_cell(h)),
         ("namespace / queue", f"{h.namespace} / {h.queue}"),
         ("worker pools", f"{h.pools} alive" + (f", {len(h.dead_pools)} stopped" if h.dead_pools else "")),
         ("workers", f"{h.workers} alive ({h.rq_registrations} RQ registrations)"),

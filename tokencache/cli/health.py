@@ -11,6 +11,12 @@ second, whereas its lock outlives a SIGKILL by up to 61 s. That is the
 scheduler process's own word, so it holds for plain ``rq worker`` fleets too,
 and for a scheduler whose pool died around it but which still runs.
 
+It only reads (what it forgets is a pool heartbeat an hour dead), so a least-privilege Redis user can
+run it (docs/security.md): what that user may not read, such as INFO for the server's version and
+memory, is reported as ``unknown`` rather than failing the report. RQ's own listings would write
+(``Worker.all`` drops registrations whose hash is gone, a registry's count cleans it up), so status
+counts with plain reads instead and leaves the cleaning to the workers.
+
 A key that a read has to skip (a malformed token hash, a key of another Redis
 type, a junk index member or heartbeat) does not stop the report: it is
 listed under ``skipped`` and is a problem until someone fixes it.
@@ -30,9 +36,9 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, NamedTuple, cast
 
-from redis import RedisError
+from redis import RedisError, ResponseError
 from redis.client import Pipeline
-from rq import Worker
+from rq import worker_registration
 from rq.exceptions import DeserializationError
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
@@ -49,10 +55,12 @@ from tokencache.core.record import field_number
 from tokencache.keys import TokenKey
 from tokencache.worker.repair import fetch_jobs, overdue
 
-__all__ = ["Health", "check"]
+__all__ = ["UNKNOWN", "Health", "check"]
 
 SHOWN = 3
 """Tokens a problem line names, at most (``--json`` lists them all)."""
+UNKNOWN = "unknown"
+"""What status says of something the Redis user may not read (INFO, for the server's version and memory)."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +163,26 @@ def _pools(store: TokenStore, now: float) -> tuple[dict[str, int], list[str]]:
     return live, dead
 
 
+def _server(store: TokenStore) -> tuple[str, str]:
+    """Redis's version and memory used, or ``unknown`` where the user may not run INFO (a ``@dangerous``
+    command that the least-privilege roles of docs/security.md need not have)."""
+    try:
+        info = store.redis.info()
+    except ResponseError:  # NOPERM, or a Redis-compatible server without INFO
+        return UNKNOWN, UNKNOWN
+    return str(info.get("redis_version", UNKNOWN)), str(info.get("used_memory_human", UNKNOWN))
+
+
+def _registrations(store: TokenStore) -> int:
+    """RQ's worker registrations for the refresh queue whose hash still exists (read only: RQ's own
+    ``Worker.all`` also deletes the ones that are gone, a write the operator role does not have)."""
+    keys = sorted(worker_registration.get_keys(queue=store.refresh_queue.queue))
+    with store.redis.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.exists(key)
+        return sum(1 for there in pipe.execute() if there)
+
+
 def _scheduler_running(store: TokenStore, now: float) -> bool:
     """Whether the scheduler holding RQ's lock for the refresh queue beat in the last SCHEDULER_TTL s."""
     holder = cast(bytes | None, store.redis.get(RQScheduler.get_locking_key(store.refresh_queue.name)))
@@ -228,7 +256,7 @@ def _failed(job: Job) -> bool:
 
 def _failed_jobs(store: TokenStore) -> list[Job]:
     """The jobs in the refresh queue's failed registry whose last run failed (a later run moves them on)."""
-    ids = FailedJobRegistry(queue=store.refresh_queue.queue).get_job_ids(0, 999)
+    ids = FailedJobRegistry(queue=store.refresh_queue.queue).get_job_ids(0, 999, cleanup=False)  # read only
     return [job for job in _readable_jobs(ids, fetch_jobs(store, ids)) if job is not None and _failed(job)]
 
 
@@ -303,16 +331,16 @@ def check(store: TokenStore, redis_url: str) -> Health:
     rq = store.refresh_queue
     now = time.time()
     with redis_errors(store.redis), bad_keys.collect() as skipped:
-        info = store.redis.info()
+        version, memory = _server(store)
         live, dead = _pools(store, now)
-        registrations = len(Worker.all(queue=rq.queue))
+        registrations = _registrations(store)
         failing = [
             r.key.encode() for r in store.records() if r.bookkeeping.failures and r.token.expires > now
         ]
         health = Health(
             redis_url=redis_url,
-            redis_version=str(info.get("redis_version", "?")),
-            redis_memory=str(info.get("used_memory_human", "?")),
+            redis_version=version,
+            redis_memory=memory,
             namespace=store.keys.namespace,
             queue=rq.name,
             pools=len(live),
@@ -323,7 +351,7 @@ def check(store: TokenStore, redis_url: str) -> Health:
             rq_registrations=registrations,
             scheduler=_scheduler_running(store, now),
             tokens=int(store.redis.zcard(store.keys.index)),
-            scheduled=rq.scheduled.count,
+            scheduled=rq.scheduled.get_job_count(cleanup=False),
             queued=rq.queue.count,
             overdue=[key.encode() for key in overdue(store)],
             failed=len(gave_up := _failed_that_matter(store, failed_jobs := _failed_jobs(store))),

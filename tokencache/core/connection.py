@@ -124,12 +124,23 @@ def describe(client: Redis | AsyncRedis) -> str:
     return f"{scheme}://{auth}{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
 
 
+TLS_HINT = (
+    "With rediss://, also check ssl_ca_certs (the CA that signed the server's certificate), that the "
+    "URL's host is in that certificate, and ssl_certfile/ssl_keyfile if the server requires client "
+    "certificates (docs/security.md#tls)."
+)
+"""Said after a connection error over TLS: the handshake's reasons are easy to misread (a missing client
+certificate shows up as the server closing the connection)."""
+
+
 def unavailable(client: Redis | AsyncRedis, error: redis.RedisError) -> RedisUnavailableError:
     """Our error for a redis-py error raised by ``client`` (for hot paths that skip :func:`redis_errors`)."""
     if isinstance(error, redis.ConnectionError | redis.TimeoutError):
+        where = describe(client)
+        tls = f" {TLS_HINT}" if where.startswith("rediss:") else ""
         return RedisUnavailableError(
-            f"cannot reach Redis at {describe(client)}: {str(error).rstrip('.')}. "
-            f"Is redis-server running, and is {env.REDIS_URL} right?"
+            f"cannot reach Redis at {where}: {str(error).rstrip('.')}. "
+            f"Is redis-server running, and is {env.REDIS_URL} right?{tls}"
         )
     return RedisUnavailableError(f"Redis at {describe(client)} refused a command: {error}")
 

@@ -2,6 +2,9 @@
 
 Tests, the demo and the benchmarks use it so they never touch a Redis that
 somebody else runs (the machine's port 6379 included), and can throw it away.
+``args`` adds server options; ``tls`` makes it a TLS-only server that requires
+client certificates (docs/security.md), and its ``url`` and ``client()`` then
+carry the CA and the client's certificate.
 """
 
 from __future__ import annotations
@@ -11,15 +14,19 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+from urllib.parse import urlencode
 
 import redis
 from redis import Redis
 
 from tokencache.errors import ConfigurationError
 
-__all__ = ["EmbeddedRedis", "free_port"]
+__all__ = ["EmbeddedRedis", "ServerTLS", "free_port"]
 
 INSTALL_HINT = (
     "redis-server is not installed: install Debian's package with "
@@ -34,21 +41,61 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class ServerTLS:
+    """PEM files of a TLS-only server: the CA that signed both sides, the server's pair, a client's pair."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    client_cert: Path
+    client_key: Path
+
+    def server_args(self, port: int) -> list[str]:
+        """TLS on ``port``, plain TCP off, and every client must show a certificate signed by ``ca``."""
+        return [
+            *("--port", "0", "--tls-port", str(port)),
+            *("--tls-cert-file", str(self.cert), "--tls-key-file", str(self.key)),
+            *("--tls-ca-cert-file", str(self.ca), "--tls-auth-clients", "yes"),
+        ]
+
+    def client_options(self) -> dict[str, str]:
+        """redis-py's options (and ``rediss://`` URL parameters): trust ``ca``, show the client pair."""
+        return {
+            "ssl_ca_certs": str(self.ca),
+            "ssl_certfile": str(self.client_cert),
+            "ssl_keyfile": str(self.client_key),
+        }
+
+
 class EmbeddedRedis:
     """A redis-server child process; ``url`` is where it listens."""
 
-    def __init__(self, *, port: int | None = None, appendonly: bool = False, startup_timeout: float = 10.0):
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        appendonly: bool = False,
+        startup_timeout: float = 10.0,
+        args: Sequence[str] = (),
+        tls: ServerTLS | None = None,
+    ):
         self.executable = shutil.which("redis-server")
         if self.executable is None:
             raise ConfigurationError(INSTALL_HINT)
         self.port = port or free_port()
         self.appendonly = appendonly
         self.startup_timeout = startup_timeout
+        self.args = list(args)
+        """More server options, after the defaults (so they override them)."""
+        self.tls = tls
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
+        if self.tls is not None:
+            return f"rediss://127.0.0.1:{self.port}/0?{urlencode(self.tls.client_options())}"
         return f"redis://127.0.0.1:{self.port}/0"
 
     @property
@@ -58,7 +105,8 @@ class EmbeddedRedis:
         return Path(self._tmp.name)
 
     def client(self) -> Redis:
-        return Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+        options: dict[str, Any] = {} if self.tls is None else {"ssl": True, **self.tls.client_options()}
+        return Redis(host="127.0.0.1", port=self.port, socket_timeout=5, **options)
 
     def start(self) -> EmbeddedRedis:
         """Start the server and wait until it answers PING."""
@@ -78,6 +126,8 @@ class EmbeddedRedis:
             "no",
             "--logfile",
             str(self.dir / "redis.log"),
+            *(self.tls.server_args(self.port) if self.tls is not None else ()),
+            *self.args,
         ]
         # A session of its own: a Ctrl-C in the terminal must not kill it before its users shut down.
         self.process = subprocess.Popen(

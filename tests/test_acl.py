@@ -1,0 +1,398 @@
+"""The Redis users of docs/security.md, read from that page, run every role's commands with an empty ACL log.
+
+A redis-server of this module's own holds the users exactly as the page writes them (the ``default``
+user turned off, as the page says; the tests inspect through an admin user of their own). Each role
+runs what it runs in production: apps (sync with the near cache, asyncio, without ``invalidate``)
+against a worker pool of the worker user, that pool's failures and repair, plain ``rq worker`` with
+the repair loop, and the operator's ``ls`` and ``status``. Afterwards Redis's ``ACL LOG`` must be
+empty and the workers' logs free of tracebacks; and what a role must not do is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from redis import Redis
+from rq.command import send_shutdown_command
+from rq.job import Job
+
+from tokencache import RedisUnavailableError, Token, TokenStore, aio
+from tokencache.constants import FORGET_POOL
+from tokencache.testing.emulator import TOKEN_PREFIX, Emulator
+from tokencache.testing.redisserver import EmbeddedRedis
+from tokencache.testing.workers import PoolProcess, isolated_env, stop_group
+
+from .conftest import SCOPE, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+SECURITY_PAGE = ROOT / "docs" / "security.md"
+NS = "tokencache"
+"""The namespace the documented lines are written for; its refresh queue has the same name."""
+APP, APP_NOINVALIDATE, WORKER, OPERATOR = (
+    "tokencache-app",
+    "tokencache-app-noinvalidate",
+    "tokencache-worker",
+    "tokencache-operator",
+)
+ADMIN, ADMIN_PASSWORD = "acl-test-admin", "acl-test-admin-password"
+FETCH_WAIT = 30.0
+"""Seconds an app waits for the workers' fetch: a pool on a busy two-core machine."""
+NOBODY = "nobody@tokencache-acl.iam.gserviceaccount.com"
+"""An account no worker holds credentials for: its refresh gives up (a hopeless error)."""
+
+
+def documented_acl_lines() -> list[list[str]]:
+    """Every ``ACL SETUSER`` line of the page's text blocks, split as redis-cli splits it."""
+    blocks = re.findall(r"^```text\n(.*?)^```", SECURITY_PAGE.read_text(), re.S | re.M)
+    lines = [
+        line.split() for block in blocks for line in block.splitlines() if line.startswith("ACL SETUSER ")
+    ]
+    assert len(lines) >= 5, "docs/security.md lost its ACL SETUSER lines"
+    return lines
+
+
+def role_lines() -> dict[str, list[str]]:
+    """Each user's defining line (the one that starts from ``reset``), by user name."""
+    return {line[2]: line for line in documented_acl_lines() if line[3:4] == ["reset"]}
+
+
+def extra_lines(user: str) -> list[list[str]]:
+    """The page's optional additions for ``user`` (lines without ``reset``)."""
+    return [line for line in documented_acl_lines() if line[2] == user and "reset" not in line]
+
+
+@dataclass
+class Roles:
+    """The module's redis-server with the documented users, and an admin client to look at it."""
+
+    server: EmbeddedRedis
+    admin: Redis
+
+    def url(self, user: str) -> str:
+        password = next(rule[1:] for rule in role_lines()[user] if rule.startswith(">"))
+        return f"redis://{user}:{password}@127.0.0.1:{self.server.port}/0"
+
+    def apply(self, lines: list[list[str]]) -> None:
+        for line in lines:
+            assert self.admin.execute_command(*line) in (b"OK", "OK"), line
+
+    def denials(self) -> list[str]:
+        """Redis's ACL log, one line per refusal: who was refused what."""
+        return [
+            f"{entry['username']}: {entry['reason']} {entry['object']} ({entry['context']})"
+            for entry in self.admin.acl_log()
+        ]
+
+    def store(self) -> TokenStore:
+        """A store of the namespace as the admin sees it (for planting tokens and looking at them)."""
+        return TokenStore(self.admin, namespace=NS, queue=NS)
+
+    def pool(self, key_file: Path, tmp_path: Path, workers: int = 2) -> PoolProcess:
+        """``tokencache worker`` as the worker user, holding ``key_file`` as its default account."""
+        env = isolated_env(tmp_path / "no-gcloud", GOOGLE_APPLICATION_CREDENTIALS=str(key_file))
+        return PoolProcess(
+            self.url(WORKER), workers, namespace=NS, queue=NS, env=env, log=tmp_path / "pool.log"
+        )
+
+
+@pytest.fixture(scope="module")
+def acl_server() -> Iterator[Roles]:
+    """A redis-server of this module's own, with an admin user, then every documented line."""
+    server = EmbeddedRedis().start()
+    bootstrap = server.client()
+    bootstrap.execute_command("ACL", "SETUSER", ADMIN, "on", f">{ADMIN_PASSWORD}", "~*", "&*", "+@all")
+    bootstrap.close()
+    admin = Redis(
+        host="127.0.0.1", port=server.port, username=ADMIN, password=ADMIN_PASSWORD, socket_timeout=5
+    )
+    roles = Roles(server, admin)
+    roles.apply(documented_acl_lines())
+    yield roles
+    admin.close()
+    server.stop()
+
+
+@pytest.fixture
+def roles(acl_server: Roles) -> Roles:
+    """The documented users as the page defines them (a test's additions undone), an empty server and log."""
+    acl_server.admin.flushall()  # this module's own server
+    acl_server.apply(list(role_lines().values()))
+    acl_server.admin.acl_log_reset()
+    return acl_server
+
+
+@pytest.fixture
+def key_file(emulator: Emulator, tmp_path: Path) -> Path:
+    path = tmp_path / "default.json"
+    emulator.write_service_account(path)
+    return path
+
+
+def cli(roles: Roles, user: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = isolated_env(Path("/nonexistent"), TOKENCACHE_REDIS_URL=roles.url(user))
+    env.update(TOKENCACHE_NAMESPACE=NS, TOKENCACHE_QUEUE=NS)
+    return subprocess.run(
+        [sys.executable, "-m", "tokencache", *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def soon(seconds: int) -> int:
+    return int(time.time()) + seconds
+
+
+def replaced(store: TokenStore, token: Token) -> bool:
+    """Whether the workers have stored another token under ``token``'s key."""
+    found = store.find((token.account, token.scope))
+    return found is not None and found.token != token.token
+
+
+LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", re.M)
+JOB_RAISED = "exception raised while executing"
+"""RQ's report of a refresh job that raised (a refresh that gives up does), with the job's traceback."""
+
+
+def worker_log_is_clean(log: str) -> None:
+    """No refused command, no traceback but RQ's report of a job that raised; RQ's command channel is up."""
+    starts = [m.start() for m in LOG_RECORD.finditer(log)] + [len(log)]
+    records = [log[: starts[0]], *(log[a:b] for a, b in itertools.pairwise(starts))]
+    unexpected = [r for r in records if "Traceback" in r and JOB_RAISED not in r.partition("\n")[0]]
+    assert not unexpected, unexpected[0][-3000:]
+    assert "no permissions" not in log and "NoPermission" not in log, log[-3000:]
+    assert "pubsub thread exiting" not in log, log[-3000:]
+    assert "subscribing to channel rq:pubsub:" in log, log[-3000:]
+
+
+def test_the_page_defines_every_role(roles: Roles) -> None:
+    assert set(role_lines()) == {APP, APP_NOINVALIDATE, WORKER, OPERATOR}
+    for user in role_lines():
+        assert roles.admin.acl_getuser(user)["enabled"]
+    assert not roles.admin.acl_getuser("default")["enabled"]  # as the page says
+    assert extra_lines(APP) == [["ACL", "SETUSER", APP, "+client|tracking"]]
+    assert extra_lines(OPERATOR) == [["ACL", "SETUSER", OPERATOR, "-info"]]
+
+
+async def aio_app(url: str) -> tuple[Token, Token]:
+    """The asyncio app: a miss the workers fetch, its invalidation, and the refetch."""
+    async with aio.TokenStore.from_url(url, namespace=NS, queue=NS) as app:
+        fetched = await app.for_scope("acl-miss-aio", timeout=FETCH_WAIT)
+        assert await app.invalidate("acl-miss-aio", fetched)
+        return fetched, await app.for_scope("acl-miss-aio", timeout=FETCH_WAIT)
+
+
+def run_sync_apps(roles: Roles, stored: Token) -> None:
+    """The sync app with the near cache (find, a miss, invalidate, the refetch); one without invalidate."""
+    with TokenStore.from_url(roles.url(APP), namespace=NS, queue=NS, near_cache=True) as app:
+        assert app.near_cache is not None and app.near_cache.wait_active(5)
+        assert app.find(SCOPE) == stored and app.find(SCOPE) == stored  # the second from the near cache
+        fetched = app.for_scope("acl-miss", timeout=FETCH_WAIT)
+        assert fetched.token.startswith(TOKEN_PREFIX)
+        assert app.invalidate("acl-miss", fetched)
+        assert app.for_scope("acl-miss", timeout=FETCH_WAIT).token != fetched.token
+    with TokenStore.from_url(roles.url(APP_NOINVALIDATE), namespace=NS, queue=NS) as basic:
+        assert basic.find(SCOPE) == stored
+        assert basic.for_scope("acl-miss-basic", timeout=FETCH_WAIT).token.startswith(TOKEN_PREFIX)
+
+
+def run_worker_failures(roles: Roles, emulator: Emulator) -> None:
+    """Under the worker user: a refresh that gives up, one that fails and retries, and a lost job repaired."""
+    admin = roles.store()
+    emulator.config.fail_next = 2
+    retried = Token(token="ya29.acl-retried", scope="acl-retry", expires=soon(5))
+    hopeless = Token(token="ya29.acl-hopeless", scope=SCOPE, account=NOBODY, expires=soon(5))
+    lost = Token(token="ya29.acl-lost", scope="acl-lost", expires=soon(12))  # refresh due in 2 s
+    for token in (retried, hopeless, lost):
+        admin.store(token)
+    lost_job = admin.keys.job_id(admin.key_for(lost))
+    roles.admin.zrem(admin.refresh_queue.scheduled.key, lost_job)  # as if a failover lost it
+    roles.admin.delete(Job.key_for(lost_job))
+    hash_of = {t.scope: admin.keys.token(admin.key_for(t)) for t in (retried, hopeless)}
+    wait_for(lambda: roles.admin.hget(hash_of["acl-retry"], "failures"), 10, what="a failure recorded")
+    wait_for(
+        lambda: roles.admin.hget(hash_of[SCOPE], "gave_up_at"), 10, what="the hopeless refresh to give up"
+    )
+    for token in (retried, lost):
+        wait_for(lambda t=token: replaced(admin, t), 20, what=f"{token.scope} refreshed")  # type: ignore[misc]
+
+
+def test_app_and_worker_roles_run_with_an_empty_acl_log(
+    roles: Roles, emulator: Emulator, key_file: Path, tmp_path: Path
+) -> None:
+    roles.apply(extra_lines(APP))  # +client|tracking: the page's addition for the near cache
+    stored = Token(token="ya29.acl-stored", scope=SCOPE, expires=soon(3600))
+    roles.store().store(stored)
+    pool = roles.pool(key_file, tmp_path)
+    with pool:
+        run_sync_apps(roles, stored)
+        fetched, refetched = asyncio.run(aio_app(roles.url(APP)))
+        assert fetched.token.startswith(TOKEN_PREFIX) and refetched.token != fetched.token
+        run_worker_failures(roles, emulator)
+    assert roles.denials() == []
+    worker_log_is_clean((tmp_path / "pool.log").read_text())
+
+
+def test_plain_rq_worker_and_repair_loop_run_with_an_empty_acl_log(
+    roles: Roles, key_file: Path, tmp_path: Path
+) -> None:
+    """The documented plain-RQ setup as the worker user; RQ's command channel works (it stops the worker)."""
+    env = isolated_env(
+        tmp_path / "no-gcloud",
+        GOOGLE_APPLICATION_CREDENTIALS=str(key_file),
+        TOKENCACHE_REDIS_URL=roles.url(WORKER),
+        TOKENCACHE_NAMESPACE=NS,
+        TOKENCACHE_QUEUE=NS,
+        PYTHONPATH=str(ROOT),
+    )
+    rq = str(Path(sys.executable).parent / "rq")
+    log = tmp_path / "rq.log"
+    with log.open("wb") as out:
+        worker = subprocess.Popen(
+            [rq, "worker", "-c", "workers.settings", "--with-scheduler", "--name", "acl-plain",
+             "--serializer", "rq.serializers.JSONSerializer",
+             "--job-class", "tokencache.scheduling.RefreshJob"],
+            env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        repair = subprocess.Popen(
+            [sys.executable, "-m", "workers.repair"],
+            env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        with TokenStore.from_url(roles.url(APP), namespace=NS, queue=NS) as app:
+            assert app.for_scope("acl-plain", timeout=FETCH_WAIT).token.startswith(TOKEN_PREFIX)
+        admin = roles.store()
+        lost = Token(token="ya29.acl-plain-lost", scope="acl-plain-lost", expires=soon(12))
+        admin.store(lost)
+        lost_job = admin.keys.job_id(admin.key_for(lost))
+        roles.admin.zrem(admin.refresh_queue.scheduled.key, lost_job)
+        roles.admin.delete(Job.key_for(lost_job))
+        wait_for(lambda: replaced(admin, lost), 20, what="repair to re-enqueue the lost job")
+        send_shutdown_command(roles.admin, "acl-plain")  # through the worker's rq:pubsub:acl-plain
+        assert worker.wait(20) == 0
+    finally:
+        stop_group(repair, 10)
+        stop_group(worker, 10)
+    assert roles.denials() == []
+    text = log.read_text(errors="replace")
+    worker_log_is_clean(text)
+    assert "Received shutdown command" in text, text[-2000:]
+
+
+def test_operator_role_lists_and_checks_a_live_fleet(roles: Roles, key_file: Path, tmp_path: Path) -> None:
+    admin = roles.store()
+    admin.store(Token(token="ya29.acl-operator-listed", scope=SCOPE, expires=soon(3600)))
+    gone = {"workers": 1, "at": time.time() - FORGET_POOL - 60, "host": "old-host", "pid": 1}
+    roles.admin.hset(admin.keys.pools, "long-gone", json.dumps(gone))
+    with roles.pool(key_file, tmp_path):
+        listed = cli(roles, OPERATOR, "ls")
+        assert listed.returncode == 0, listed.stderr
+        assert "ya29.acl-operator-listed" not in listed.stdout and "ya29.ac…ted" in listed.stdout
+        status = cli(roles, OPERATOR, "status", "--json")
+        assert status.returncode == 0, status.stdout + status.stderr
+        health = json.loads(status.stdout)
+        assert health["problems"] == [] and health["redis_version"].startswith("7.")
+        assert health["workers"] == 2 and health["scheduler"] and health["tokens"] == 1
+        assert roles.admin.hget(admin.keys.pools, "long-gone") is None  # forgotten, as the role allows
+        hopeless = Token(token="ya29.acl-hopeless", scope=SCOPE, account=NOBODY, expires=soon(5))
+        admin.store(hopeless)
+        token_hash = admin.keys.token(admin.key_for(hopeless))
+        wait_for(lambda: roles.admin.hget(token_hash, "gave_up_at"), 10, what="the refresh to give up")
+        status = cli(roles, OPERATOR, "status")
+        assert status.returncode == 1 and "gave up" in status.stdout and NOBODY in status.stdout, (
+            status.stdout
+        )
+    assert roles.denials() == []
+
+
+def test_status_works_without_info_and_says_unknown(roles: Roles, key_file: Path, tmp_path: Path) -> None:
+    """Finding 3: status ran INFO and exited 1 for a user without it; now it says what it cannot read."""
+    roles.apply(extra_lines(OPERATOR))  # -info
+    with roles.pool(key_file, tmp_path, workers=1):
+        status = cli(roles, OPERATOR, "status")
+        as_json = cli(roles, OPERATOR, "status", "--json")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "version and memory unknown" in status.stdout and "ok" in status.stdout
+    health = json.loads(as_json.stdout)
+    assert (health["redis_version"], health["redis_memory"], health["problems"]) == ("unknown", "unknown", [])
+    assert set(roles.denials()) == {f"{OPERATOR}: command info (toplevel)"}
+
+
+def refused(client: Redis, *command: Any) -> str:
+    """The error of a command ``client``'s user may not run (fails the test if it runs)."""
+    with pytest.raises(redis.ResponseError) as caught:
+        client.execute_command(*command)
+    return str(caught.value)
+
+
+DELETE_SCRIPT = "return redis.call('DEL', KEYS[1])"
+
+
+def test_what_a_role_must_not_do_is_refused(roles: Roles) -> None:
+    admin = roles.store()
+    token = Token(token="ya29.acl-victim", scope=SCOPE, expires=soon(3600))
+    job = admin.store(token)
+    assert job is not None
+    victim = admin.keys.token(admin.key_for(token))
+    other_ns = "other-team:token:default:x:"
+    roles.admin.hset(other_ns, "token", "ya29.other-team")
+    users = {user: Redis.from_url(roles.url(user)) for user in role_lines()}
+    app, basic, worker, operator = users[APP], users[APP_NOINVALIDATE], users[WORKER], users[OPERATOR]
+    try:
+        sha = app.script_load(DELETE_SCRIPT)
+        for client in (app, basic, operator):
+            assert "no permissions" in refused(client, "DEL", victim)
+            assert "no permissions" in refused(client, "SET", victim, "overwritten")
+            assert "no permissions" in refused(client, "EVAL", DELETE_SCRIPT, 1, victim)
+            assert "no permissions" in refused(client, "HGETALL", other_ns)
+            for command in (("FLUSHALL",), ("KEYS", "*"), ("SCAN", "0"), ("CONFIG", "GET", "*")):
+                assert "no permissions" in refused(client, *command)
+        for client in (app, basic):
+            assert "no permissions" in refused(client, "HGETALL", job.key)  # RQ's job data: write only
+            assert "no permissions" in refused(client, "INFO")
+            assert "no permissions" in refused(
+                client, "PUBLISH", admin.keys.channel(admin.key_for(token)), "{}"
+            )
+            assert "no permissions" in refused(client, "SUBSCRIBE", "rq:pubsub:some-worker")
+        # A loaded script gains the app nothing: its DEL is checked against the app's rules.
+        assert "can't run this command" in refused(app, "EVALSHA", sha, 1, victim)
+        # What the page says ACLs cannot stop: an app with invalidate may HSET any field of a token hash.
+        assert app.hset(victim, "rejected_at", 1) == 1
+        assert "no permissions" in refused(basic, "HSET", victim, "token", "ya29.forged")
+        assert "no permissions" in refused(basic, "EVALSHA", sha, 1, victim)
+        for command in (("FLUSHALL",), ("KEYS", "*"), ("CONFIG", "SET", "save", ""), ("HGETALL", other_ns)):
+            assert "no permissions" in refused(worker, *command)
+        assert "no permissions" in refused(operator, "ZREM", admin.refresh_queue.scheduled.key, job.id)
+        assert "no permissions" in refused(operator, "HGETALL", "rq:job:another-apps-job")
+        assert roles.admin.exists(victim) and roles.admin.exists(job.key)
+    finally:
+        for client in users.values():
+            client.close()
+    assert all(": key " in d or ": command " in d or ": channel " in d for d in roles.denials())
+
+
+def test_an_app_without_invalidate_gets_a_clear_error_from_invalidate(roles: Roles) -> None:
+    token = Token(token="ya29.acl-basic", scope=SCOPE, expires=soon(3600))
+    roles.store().store(token)
+    with TokenStore.from_url(roles.url(APP_NOINVALIDATE), namespace=NS, queue=NS) as basic:
+        with pytest.raises(RedisUnavailableError, match="no permissions to run the 'evalsha' command"):
+            basic.invalidate(SCOPE, token)
+        assert basic.find(SCOPE) == token  # nothing evicted
+
+
+def test_the_page_lines_target_the_environment_defaults() -> None:
+    """The lines name the default namespace and the queue that follows it, so they work unchanged."""
+    from tokencache import env
+
+    assert env.DEFAULT_NAMESPACE == NS
+    text = " ".join(" ".join(line) for line in role_lines().values())
+    assert f"rq:queue:{NS}" in text and f"%R~{NS}:token:*" in text
