@@ -1,4 +1,4 @@
-"""The ``tokencache`` command: token, ls, status, worker, emulator, demo.
+"""The ``tokencache`` command: token, ls, status, audit, worker, emulator, demo.
 
 Conventions of the tools operators already use: ``token`` prints the token
 and nothing else (like ``gcloud auth print-access-token``); ``ls``/``status``
@@ -28,19 +28,28 @@ from tokencache import env
 from tokencache.app.core import TokenRecord
 from tokencache.app.reads import bad_keys
 from tokencache.app.tokenstore import TokenStore
+from tokencache.cli import audit
 from tokencache.cli.health import Health, check
+from tokencache.core.audit import Event, Role
 from tokencache.core.connection import describe
 from tokencache.errors import TokenCacheError
+from tokencache.keys import normalize_scope
 from tokencache.token import mask
 
 __all__ = ["main"]
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+AUDIT_COUNT = 50
+"""Entries ``tokencache audit`` shows by default (a screenful or two)."""
 
 
-def _store(args: argparse.Namespace) -> TokenStore:
-    return TokenStore.from_url(args.redis_url)
+def _store(args: argparse.Namespace, role: Role = Role.OPERATOR) -> TokenStore:
+    """The environment's store; what it appends to the audit trail says ``role`` (an operator's fetch
+    with ``token``, by default)."""
+    store = TokenStore.from_url(args.redis_url)
+    store.audit = store.audit.as_role(role)
+    return store
 
 
 def _console() -> Console:
@@ -57,6 +66,14 @@ def _print_table(columns: Sequence[str], rows: Sequence[Sequence[str]], console:
     for row in rows:
         table.add_row(*(Text(cell) for cell in row))  # Text: a '[' in a scope or an error is not markup
     console.print(table)
+
+
+def number(text: str) -> int:
+    """An argparse type: a whole number >= 0 (argparse reports a ValueError as a usage error)."""
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
 
 
 def _seconds(value: float) -> str:
@@ -160,13 +177,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_ERROR if health.problems else 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Show the audit trail, newest last; with ``--follow``, then every new entry until interrupted."""
+    store = _store(args)
+    scope = normalize_scope(args.scope, name="--scope") if args.scope is not None else None
+    wanted = audit.Filter(account=args.account, scope=scope, event=args.event)
+    entries, newest = audit.tail(store.redis, store.keys.audit, args.count, wanted)
+    printer = audit.Printer(as_json=args.json)
+    printer(entries)
+    if args.follow:
+        printer(audit.follow(store.redis, store.keys.audit, newest, wanted))
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run the refresh worker pool in the foreground."""
     from tokencache.worker.pool import run_pool
 
     logging.getLogger("tokencache").setLevel(args.log_level)
     run_pool(
-        _store(args),
+        _store(args, Role.WORKER),
         args.workers,
         burst=args.burst,
         logging_level=args.log_level,
@@ -221,6 +251,19 @@ def _add_data_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_status)
 
 
+def _add_audit_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "audit", parents=[common], help="the audit trail: tokens fetched, stored, invalidated, given up on"
+    )
+    p.add_argument("-n", "--count", type=number, default=AUDIT_COUNT, help="entries (default: %(default)s)")
+    p.add_argument("-f", "--follow", action="store_true", help="then print new entries (Ctrl-C ends)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--account", default=None, help="only this account's entries")
+    p.add_argument("--scope", default=None, help="only this scope's entries")
+    p.add_argument("--event", choices=[e.value for e in Event], default=None, help="only this event")
+    p.set_defaults(func=cmd_audit)
+
+
 def _add_process_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("worker", parents=[common], help="run the refresh worker pool")
     p.add_argument("-n", "--workers", type=int, default=2)
@@ -256,6 +299,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data_commands(sub, common)
+    _add_audit_command(sub, common)
     _add_process_commands(sub, common)
     return parser
 
