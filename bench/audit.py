@@ -10,8 +10,10 @@ record of them must hold).
 
 Cost: the refresh job's write (``replace_if_indexed``: one Lua script) and ``store()`` (one
 MULTI/EXEC), each with the trail on (``TOKENCACHE_AUDIT_MAXLEN=10000``, the stream already full so
-that every append also trims) against the trail off (``0``), in alternating rounds; medians.
-``find()`` appends nothing and is not measured here (``--only find``).
+that every append also trims) against the trail off (``0``), in alternating rounds; medians. On a
+shared machine those throughputs are noisy, so the server's own CPU time per call (``INFO
+commandstats``: the refresh script's ``usec_per_call``, on against off, and the ``XADD`` that
+``store()`` adds) is reported too. ``find()`` appends nothing and is not measured here.
 """
 
 from __future__ import annotations
@@ -83,6 +85,33 @@ def costs(env: BenchEnv, quick: bool) -> list[Result]:
     ]  # fmt: skip
 
 
+def server_cpu(env: BenchEnv, quick: bool) -> list[Result]:
+    """Redis's CPU time per call, from ``INFO commandstats`` (the bench's own server: reset at will)."""
+    calls = 5000 if quick else 20000
+    client = env.client()
+    token = _token(0, int(time.time()) + 3600)
+    key = TokenKey.of(None, SCOPE, token.sub)
+    script: dict[bool, float] = {}
+    for on in (True, False):
+        audit = Audit(AUDIT_MAXLEN if on else 0)
+        worker = TokenStore(client, namespace=NAMESPACE, queue=NAMESPACE, audit=audit)
+        worker.store(token)
+        client.config_resetstat()
+        for _ in range(calls):
+            replace_if_indexed(worker, key, token, outcome="due")
+        script[on] = float(client.info("commandstats")["cmdstat_evalsha"]["usec_per_call"])
+    client.config_resetstat()
+    store = TokenStore(client, namespace=NAMESPACE, queue=NAMESPACE, audit=Audit(AUDIT_MAXLEN))
+    for _ in range(calls // 4):
+        store.store(token)
+    xadd = float(client.info("commandstats")["cmdstat_xadd"]["usec_per_call"])
+    return [
+        Result(BENCH, "refresh write: Redis CPU per call, audit on", script[True], "µs",
+               baseline="audit off", baseline_value=script[False], note=f"usec_per_call, {calls:,} calls"),
+        Result(BENCH, "store(): Redis CPU of its XADD", xadd, "µs", note=f"usec_per_call, {calls // 4:,}"),
+    ]  # fmt: skip
+
+
 def run(env: BenchEnv, quick: bool) -> list[Result]:
     results = [memory(env, 2000 if quick else AUDIT_MAXLEN)]
-    return results + costs(env, quick)  # after memory(): the stream is full
+    return results + costs(env, quick) + server_cpu(env, quick)  # after memory(): the stream is full

@@ -25,12 +25,14 @@ from rq.job import Job, JobStatus
 
 from tokencache import ConfigurationError, Token, TokenStore, aio
 from tokencache.cli.audit import printable
+from tokencache.constants import AUDIT_FOLLOW_BLOCK, AUDIT_MAXLEN
 from tokencache.core.audit import FIELDS, Audit, Event, Role, parse_entry
 from tokencache.core.sources import Sources
 from tokencache.keys import TokenKey
 from tokencache.testing.emulator import Emulator
 from tokencache.token import fingerprint, scrub
 from tokencache.worker.batch import refresh_due
+from tokencache.worker.refresh import _audit as refresh_audit
 from tokencache.worker.writes import replace_if_indexed
 
 from .conftest import (
@@ -225,6 +227,17 @@ def test_zero_turns_the_trail_off_and_a_bad_value_names_the_variable(
             TokenStore(real_redis, namespace="tc-audit-off")
 
 
+def test_a_bad_value_stops_the_pool_at_start_and_never_a_refresh_job(
+    workers: Workers, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = cli("worker", "--burst", env={**workers.env(), "TOKENCACHE_AUDIT_MAXLEN": "lots"})
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert "TOKENCACHE_AUDIT_MAXLEN='lots' is not a whole number of entries" in out.stderr
+    monkeypatch.setenv("TOKENCACHE_AUDIT_MAXLEN", "lots")  # a plain rq worker's job: reported, default used
+    assert refresh_audit() == Audit(AUDIT_MAXLEN, Role.WORKER)
+    assert "TOKENCACHE_AUDIT_MAXLEN='lots'" in caplog.text
+
+
 def test_an_entry_has_every_field_in_one_order_and_only_a_fingerprint() -> None:
     key = TokenKey.of("a@example.com", SCOPE, None)
     leaked = "ya29.leaked-in-an-error-0123456789"
@@ -282,24 +295,28 @@ def test_audit_escapes_control_characters_so_a_sub_cannot_forge_a_row(
     assert printable("a\u202eb\u2028c") == "a\\u202eb\\u2028c"  # bidi override and line separator too
 
 
+def following(redis: Redis) -> bool:
+    """Whether a client is in an XREAD (``tokencache audit --follow`` waiting for entries)."""
+    return any(client.get("cmd") == "xread" for client in redis.client_list())
+
+
 def test_audit_follow_prints_new_entries_as_they_come_and_ends_cleanly_on_ctrl_c(
     store: TokenStore, workers: Workers
 ) -> None:
+    """Bound: an entry appended while the follower waits is printed within one read's block (1 s) and
+    slack, also into a pipe (no PYTHONUNBUFFERED); Ctrl-C ends it with 130 and no traceback."""
     store.store(opaque(3600, tag="before"))  # in the stream already: -n 0 shows only what comes
     command = [sys.executable, "-m", "tokencache", "audit", "--follow", "--json", "-n", "0"]
-    proc = subprocess.Popen(
-        command, env=workers.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    env = {k: v for k, v in workers.env().items() if k != "PYTHONUNBUFFERED"}  # an operator's, into a pipe
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        t = opaque(3600)
-        deadline = time.monotonic() + 20
-        line = ""
-        while not line and time.monotonic() < deadline:  # stored until the follower (starting) sees one
+        wait_for(lambda: following(store.redis), 30, what="the follower's first read")
+        for tag in ("first", "second"):  # each printed once, in turn: the next read starts after it
+            t = opaque(3600, tag=tag)
             store.store(t)
-            ready, _, _ = select.select([proc.stdout], [], [], 0.5)
-            line = proc.stdout.readline() if ready else ""  # type: ignore[union-attr]
-        assert line, "no entry within 20 s"
-        assert json.loads(line)["fp"] == fingerprint(t.token)
+            ready, _, _ = select.select([proc.stdout], [], [], AUDIT_FOLLOW_BLOCK + 2)
+            assert ready, f"no entry within {AUDIT_FOLLOW_BLOCK + 2:g} s"
+            assert json.loads(proc.stdout.readline())["fp"] == fingerprint(t.token)  # type: ignore[union-attr]
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=10)
