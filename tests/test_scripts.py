@@ -49,47 +49,73 @@ def extend(client: Redis) -> list[Any]:
     ]
 
 
+AUDIT = "tc-scripts:audit"
+ENTRY = ["event", "e", "expires", "", "fp", "f"]
+"""An audit entry as the scripts get it (names and values alternating; ``expires`` left for INVALIDATE)."""
+
+
+def audited(client: Redis) -> list[list[bytes]]:
+    """The values of every entry in the test's audit stream, oldest first."""
+    return [list(fields.values()) for _, fields in client.xrange(AUDIT)]
+
+
 def record_failure(client: Redis) -> list[Any]:
-    client.delete("tc-scripts:token")
-    absent = in_pipeline(client, scripts.RECORD_FAILURE, ["tc-scripts:token"], ["boom", 100, 0])
+    keys = ["tc-scripts:token", AUDIT]
+    client.delete(*keys)
+    absent = in_pipeline(client, scripts.RECORD_FAILURE, keys, ["boom", 100, 0, 0])
     client.hset("tc-scripts:token", "token", "ya29.x")
-    first = in_pipeline(client, scripts.RECORD_FAILURE, ["tc-scripts:token"], ["boom", 100, 0])
-    second = in_pipeline(client, scripts.RECORD_FAILURE, ["tc-scripts:token"], ["bang", 200, 1])
-    return [absent, first, second, client.hmget("tc-scripts:token", "last_error", "gave_up_at")]
+    first = in_pipeline(client, scripts.RECORD_FAILURE, keys, ["boom", 100, 0, 0])
+    second = in_pipeline(client, scripts.RECORD_FAILURE, keys, ["bang", 200, 1, 10, *ENTRY])
+    return [
+        absent,
+        first,
+        second,
+        client.hmget("tc-scripts:token", "last_error", "gave_up_at"),
+        audited(client),
+    ]
 
 
 def replace_if_indexed(client: Redis) -> list[Any]:
-    keys = ["tc-scripts:token", "tc-scripts:index", "tc-scripts:want", "tc-scripts:error"]
-    args = [4_000_000_000, "tc-scripts:channel", "{}", "token", "ya29.new", "expires", "4000000000"]
+    keys = ["tc-scripts:token", "tc-scripts:index", "tc-scripts:want", "tc-scripts:error", AUDIT]
+    hash_fields = ["token", "ya29.new", "expires", "4000000000"]
+    args = [4_000_000_000, "tc-scripts:channel", "{}", len(hash_fields), *hash_fields, 10, *ENTRY]
     client.delete(*keys)
     client.set("tc-scripts:want", 1)
     unindexed = in_pipeline(client, scripts.REPLACE_IF_INDEXED, keys, args)
     client.zadd("tc-scripts:index", {"tc-scripts:token": 1})
     written = in_pipeline(client, scripts.REPLACE_IF_INDEXED, keys, args)
-    return [unindexed, written, client.hget("tc-scripts:token", "token"), client.exists("tc-scripts:want")]
+    return [unindexed, written, client.hgetall("tc-scripts:token"), client.exists("tc-scripts:want"),
+            audited(client)]  # fmt: skip
 
 
 def invalidate(client: Redis) -> list[Any]:
-    keys = ["tc-scripts:token", "tc-scripts:index", "tc-scripts:invalidated"]
+    keys = ["tc-scripts:token", "tc-scripts:index", "tc-scripts:invalidated", AUDIT]
     client.delete(*keys)
-    client.hset("tc-scripts:token", mapping={"token": "ya29.old", "refresh_at": 900})
+    client.hset("tc-scripts:token", mapping={"token": "ya29.old", "refresh_at": 900, "expires": 1000})
     client.zadd("tc-scripts:index", {"tc-scripts:token": 1000})
-    other = scripts.INVALIDATE(client, keys, ["ya29.other", 100, 60_000])
-    evicted = scripts.INVALIDATE(client, keys, ["ya29.old", 100, 60_000])
-    again = scripts.INVALIDATE(client, keys, ["ya29.old", 101, 60_000])
+    other = scripts.INVALIDATE(client, keys, ["ya29.other", 100, 60_000, 10, *ENTRY])
+    evicted = scripts.INVALIDATE(client, keys, ["ya29.old", 100, 60_000, 10, *ENTRY])
+    again = scripts.INVALIDATE(client, keys, ["ya29.old", 101, 60_000, 10, *ENTRY])
     marked = [*client.hmget("tc-scripts:token", "rejected_at", "refresh_at"), client.zscore(keys[1], keys[0])]
     client.hset("tc-scripts:token", "token", "ya29.new")  # the refetch (which drops rejected_at)
     client.hdel("tc-scripts:token", "rejected_at")
-    limited = scripts.INVALIDATE(client, keys, ["ya29.new", 102, 60_000])
-    return [other, evicted, again, marked, limited, client.hexists("tc-scripts:token", "rejected_at")]
+    limited = scripts.INVALIDATE(client, keys, ["ya29.new", 102, 60_000, 10, *ENTRY])
+    return [other, evicted, again, marked, limited, client.hexists("tc-scripts:token", "rejected_at"),
+            audited(client)]  # fmt: skip
 
 
 EXPECTED: dict[str, tuple[Callable[[Redis], list[Any]], list[Any]]] = {
     "release": (release, [0, 1, 0]),
     "extend": (extend, [0, 1, True]),
-    "record_failure": (record_failure, [0, 1, 2, [b"bang", b"200"]]),
-    "replace_if_indexed": (replace_if_indexed, [0, 1, b"ya29.new", 0]),
-    "invalidate": (invalidate, [0, 1, 2, [b"100", b"100", 100.0], 3, False]),
+    # Only the give-up is audited.
+    "record_failure": (record_failure, [0, 1, 2, [b"bang", b"200"], [[b"e", b"", b"f"]]]),
+    # The hash is exactly the fields given (none of the audit's); only the write is audited.
+    "replace_if_indexed": (
+        replace_if_indexed,
+        [0, 1, {b"token": b"ya29.new", b"expires": b"4000000000"}, 0, [[b"e", b"", b"f"]]],
+    ),
+    # Only the eviction is audited, with the evicted token's expires from its hash.
+    "invalidate": (invalidate, [0, 1, 2, [b"100", b"100", 100.0], 3, False, [[b"e", b"1000", b"f"]]]),
 }
 
 
@@ -155,13 +181,15 @@ def test_a_pipeline_whose_script_went_missing_runs_again(
             skipped.append(pipe)
 
     def queue(pipe: Pipeline) -> None:
-        scripts.RECORD_FAILURE(pipe, ["tc-scripts:token"], ["boom", 100, 0])
+        scripts.RECORD_FAILURE(pipe, ["tc-scripts:token", AUDIT], ["boom", 100, 1, 10, *ENTRY])
         pipe.incr("tc-scripts:companion")
 
+    real_redis.delete(AUDIT)
     real_redis.hset("tc-scripts:token", "token", "ya29.x")
     real_redis.script_flush()  # server started by this test session (the fixture's)
     monkeypatch.setattr(Pipeline, "load_scripts", skip_once)
     assert scripts.run_pipeline(real_redis, queue, transaction=True) == [1, 2]
     assert skipped, "the first run went without loading"
     assert real_redis.hget("tc-scripts:token", "failures") == b"1"  # the script ran once
+    assert real_redis.xlen(AUDIT) == 1  # and so appended its audit entry once
     assert real_redis.get("tc-scripts:companion") == b"2"  # the rest twice: it must be safe to repeat

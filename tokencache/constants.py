@@ -258,6 +258,21 @@ RECHECK = 1.0
 """Seconds between re-reads of a token inside its refresh margin (its refresh is due but not seen yet)."""
 
 
+# -- the audit trail (tokencache.core.audit) -------------------------------------------------
+
+AUDIT_MAXLEN = 10_000
+"""Entries the audit stream keeps by default (``TOKENCACHE_AUDIT_MAXLEN``): about 1.7 MB of Redis at
+165 bytes an entry (measured: ``python -m bench --only audit``), less than 1,000 cached tokens take,
+and a day of history for a fleet of 400 tokens that live an hour (one fetch each an hour)."""
+
+AUDIT_FOLLOW_BLOCK = 1.0
+"""Seconds one read of ``tokencache audit --follow`` blocks for new entries: short, so that Ctrl-C and a
+dead server are noticed at once; the loop reads again right away."""
+
+FINGERPRINT_LENGTH = 12
+"""Hex characters of a token's fingerprint (a sha256 prefix): 48 bits, so that the few tokens a key gets
+in a day practically never share one, and far too little to recover a token from (it is a hash)."""
+
 # -- the ties between them ------------------------------------------------------------------
 
 INVARIANTS: dict[str, Callable[[], bool]] = {
@@ -303,6 +318,7 @@ INVARIANTS: dict[str, Callable[[], bool]] = {
     ),
     "the near cache's lease covers one ping and its answer": lambda: LEASE >= PING_EVERY + PING_TIMEOUT,
     "the near cache's reader looks up between pings": lambda: NEAR_POLL < PING_EVERY,
+    "a follow read returns before the client's socket times out": lambda: AUDIT_FOLLOW_BLOCK < SOCKET_TIMEOUT,
 }
 """Each tie between the constants above, in words, with its check."""
 

@@ -29,6 +29,9 @@ REFRESH_BATCH = "TOKENCACHE_REFRESH_BATCH"
 BACKOFF_CAP = "TOKENCACHE_BACKOFF_CAP"
 """Longest delay, in whole seconds, between the retries of a failing refresh (default 30)."""
 
+AUDIT_MAXLEN = "TOKENCACHE_AUDIT_MAXLEN"
+"""Entries the audit stream ``{ns}:audit`` keeps (about; 0 turns the audit trail off)."""
+
 QUEUE = "TOKENCACHE_QUEUE"
 """Name of the RQ queue that carries refresh jobs (default: the namespace)."""
 
@@ -47,6 +50,7 @@ DEFAULT_QUEUE = DEFAULT_NAMESPACE
 """The default namespace's queue (the queue follows the namespace: :func:`queue_name`)."""
 DEFAULT_REFRESH_BATCH = 8
 DEFAULT_BACKOFF_CAP = int(constants.BACKOFF_CAP)
+DEFAULT_AUDIT_MAXLEN = constants.AUDIT_MAXLEN
 
 
 def redis_url() -> str:
@@ -88,6 +92,11 @@ def backoff_cap() -> float:
             f"{BACKOFF_CAP}={cap} must be at least {constants.BACKOFF_BASE:g} (the first retry's delay)"
         )
     return float(cap)
+
+
+def audit_maxlen() -> int:
+    """How many entries the audit stream keeps, from the environment: a whole number >= 0 (0: no trail)."""
+    return _count(AUDIT_MAXLEN, DEFAULT_AUDIT_MAXLEN, "a whole number of entries")
 
 
 def _count(name: str, default: int, what: str) -> int:

@@ -22,6 +22,9 @@ Schema (``{ns}`` is the namespace, ``tokencache`` by default; it never holds a `
                                                 (PX: a rate-limited answer's Retry-After); value: why
     {ns}:repair                          string lock that lets one worker of the fleet run a repair pass
     {ns}:pools                           hash   pool heartbeats: pool name -> JSON {workers, at, host, pid}
+    {ns}:audit                           stream the audit trail: one entry per token fetched, stored,
+                                                invalidated or given up on (who, key, a fingerprint of
+                                                the token, never the token); XADD MAXLEN ~ N
     rq:job:tc-{name}                     hash   (RQ) the token's one refresh job; {name} names the
                                                 namespace and token reversibly (see job ids below)
 
@@ -172,6 +175,11 @@ class Keys:
     @property
     def pools(self) -> str:
         return f"{self.namespace}:pools"
+
+    @property
+    def audit(self) -> str:
+        """The audit trail's stream (see :mod:`tokencache.core.audit`)."""
+        return f"{self.namespace}:audit"
 
     @property
     def repair(self) -> str:

@@ -9,13 +9,15 @@ Redis, and it never shows the access token in its ``repr``.
 from __future__ import annotations
 
 import enum
+import hashlib
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokencache.constants import EXPIRY_SKEW, MAX_EXPIRES
+from tokencache.constants import EXPIRY_SKEW, FINGERPRINT_LENGTH, MAX_EXPIRES
 
-__all__ = ["Freshness", "Token", "mask"]
+__all__ = ["Freshness", "Token", "fingerprint", "mask", "scrub"]
 
 
 class Freshness(enum.Enum):
@@ -31,6 +33,25 @@ def mask(secret: str) -> str:
     if len(secret) <= 12:
         return "…"
     return f"{secret[:7]}…{secret[-3:]}"
+
+
+_SECRET_SHAPED = re.compile(r"\bya29\.[\w.-]+|\beyJ[\w-]+\.[\w-]+\.[\w-]*")
+"""A Google access token (``ya29.``) or a JWT (a signed assertion, an ID token) inside free text."""
+
+
+def scrub(text: str) -> str:
+    """Free text (an endpoint's error) with anything shaped like an access token or a JWT masked.
+
+    The errors tokencache keeps hold none that we know of; this is for the one we do not know yet."""
+    return _SECRET_SHAPED.sub(lambda found: mask(found.group()), text)
+
+
+def fingerprint(secret: str) -> str:
+    """A name for an access token that the audit trail and a log may show: a sha256 prefix, never the token.
+
+    Compare it with ``fingerprint(token)`` of a token in hand to tell which one an entry is about.
+    """
+    return hashlib.sha256(secret.encode()).hexdigest()[:FINGERPRINT_LENGTH]
 
 
 def _require_text(name: str, value: object, *, optional: bool = False) -> None:

@@ -37,6 +37,7 @@ from tokencache.constants import (
     INVALIDATE_EVERY,
     WANT_TTL,
 )
+from tokencache.core.audit import Audit, Event
 from tokencache.core.connection import is_wrong_type, unavailable
 from tokencache.core.notify import error_message, ok_message, parse
 from tokencache.core.pipeline import Pipeline
@@ -106,6 +107,7 @@ class StoreCore:
         queue: str | None,
         clock: Clock,
         sources: Sources | None,
+        audit: Audit | None = None,
     ) -> None:
         self.keys = Keys(env.namespace() if namespace is None else namespace)
         self.refresh_before = check_refresh_before(
@@ -115,6 +117,9 @@ class StoreCore:
             rq_connection, queue or env.queue_name(self.keys.namespace), self.keys
         )
         self.clock = clock
+        self.audit = Audit.from_env() if audit is None else audit
+        """How this store appends to the audit trail: by default as an app, ``TOKENCACHE_AUDIT_MAXLEN``
+        entries kept (a refresh worker and the CLI say otherwise)."""
         self._sources = sources
         self._key_memo = KeyMemo(self.keys)
         self._token_memo = TokenMemo()
@@ -162,7 +167,8 @@ class StoreCore:
         return max(due, now)
 
     def write_commands(self, pipe: Pipeline, key: TokenKey, token: Token, *, fetched: bool) -> Job:
-        """Queue the commands of a store into ``pipe``: hash, TTL, index entry, refresh job, wake-up."""
+        """Queue the commands of a store into ``pipe``: hash, TTL, index entry, refresh job, wake-up, and
+        the audit entry (``fetched``: on a ``for_scope`` miss; else a token the caller brought)."""
         now = int(self.clock())
         refresh_at = self.due_at(token, fetched=fetched)
         redis_key = self.keys.token(key)
@@ -174,6 +180,9 @@ class StoreCore:
         job = self.refresh_queue.schedule(pipe, key, self.refresh_before, utc(refresh_at))
         pipe.delete(self.keys.want(key), self.keys.error(key))  # answered: a later miss may ask again at once
         pipe.publish(self.keys.channel(key), ok_message())
+        event, outcome = (Event.FETCHED, "miss") if fetched else (Event.STORED, "")
+        entry = self.audit.entry(event, key, outcome=outcome, token=token.token, expires=token.expires)
+        self.audit.append(pipe, self.keys.audit, entry)
         return job
 
     def failure_commands(
@@ -226,8 +235,11 @@ class StoreCore:
 
     def invalidate_call(self, key: TokenKey, token: object) -> tuple[list[str], list[EncodableT]]:
         """KEYS and ARGV of :data:`~tokencache.core.scripts.INVALIDATE` for ``token`` (Token or string)."""
-        keys = [self.keys.token(key), self.keys.index, self.keys.invalidated(key)]
-        return keys, [rejected_token(token), int(self.clock()), int(INVALIDATE_EVERY * 1000)]
+        keys = [self.keys.token(key), self.keys.index, self.keys.invalidated(key), self.keys.audit]
+        rejected = rejected_token(token)
+        entry = self.audit.entry(Event.INVALIDATED, key, outcome=Invalidation.EVICTED.value, token=rejected)
+        args: list[EncodableT] = [rejected, int(self.clock()), int(INVALIDATE_EVERY * 1000)]
+        return keys, [*args, *self.audit.script_args(entry)]
 
     def invalidated(self, key: TokenKey, token: object, reply: object) -> Invalidation:
         """What the script did, counted and logged (the token masked); this process's near cache forgets

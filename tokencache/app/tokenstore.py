@@ -19,6 +19,7 @@ from tokencache import metrics
 from tokencache.app.core import Clock, Raw, StoreCore, TokenRecord
 from tokencache.app.fleet import FleetFetch, Flights
 from tokencache.core import scripts
+from tokencache.core.audit import Audit
 from tokencache.core.connection import connect, raise_other_errors, redis_errors
 from tokencache.core.sources import Sources
 from tokencache.keys import TokenKey, parse_info
@@ -42,6 +43,7 @@ class TokenStore(StoreCore):
         clock: Clock = time.time,
         sources: Sources | None = None,
         near_cache: bool = False,
+        audit: Audit | None = None,
     ) -> None:
         if not isinstance(redis, Redis):
             raise TypeError(f"redis must be a redis.Redis client, not {type(redis).__name__}")
@@ -52,6 +54,7 @@ class TokenStore(StoreCore):
             queue=queue,
             clock=clock,
             sources=sources,
+            audit=audit,
         )
         self.redis = redis
         self._flights = Flights()

@@ -1,4 +1,4 @@
-"""The ``tokencache`` command: token, ls, status, worker, emulator, demo.
+"""The ``tokencache`` command: token, ls, status, audit, worker, emulator, demo.
 
 Conventions of the tools operators already use: ``token`` prints the token
 and nothing else (like ``gcloud auth print-access-token``); ``ls``/``status``
@@ -11,7 +11,7 @@ stderr and a non-zero exit code, never a traceback.
 Stored text is not trusted: a ``sub`` is often chosen by a user (domain-wide
 delegation) and error texts come from the token endpoint. Every table cell,
 problem line, error line and log line escapes control and invisible format
-characters (:func:`printable`), so no value can forge a row of the
+characters (:mod:`tokencache.cli.text`), so no value can forge a row of the
 tab-separated output or send an escape sequence to the terminal.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -35,38 +34,22 @@ from tokencache import env
 from tokencache.app.core import TokenRecord
 from tokencache.app.reads import bad_keys
 from tokencache.app.tokenstore import TokenStore
+from tokencache.cli import audit
 from tokencache.cli.health import UNKNOWN, Health, check
+from tokencache.cli.text import cell, printable
 from tokencache.constants import METRICS_HOST
+from tokencache.core.audit import Event, Role
 from tokencache.core.connection import describe
 from tokencache.errors import TokenCacheError
+from tokencache.keys import normalize_scope
 from tokencache.token import mask
 
 __all__ = ["main"]
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-
-_UNPRINTABLE = re.compile(
-    "[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb]"
-)
-"""C0 and C1 controls, DEL, and the invisible format characters that reorder or hide text in a terminal
-(bidi overrides, zero-width characters, line and paragraph separators)."""
-_NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
-
-
-def printable(text: str) -> str:
-    """``text`` with control and invisible format characters escaped (``\\t``, ``\\x1b``, ``\\u202e``)."""
-    return _UNPRINTABLE.sub(_escape, text)
-
-
-def _escape(match: re.Match[str]) -> str:
-    char = match.group()
-    return _NAMED.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
-
-
-def _cell(text: str) -> str:
-    """A table cell: :func:`printable`, backslashes doubled (a stored ``\\t`` is not an escaped tab)."""
-    return printable(text.replace("\\", "\\\\"))
+AUDIT_COUNT = 50
+"""Entries ``tokencache audit`` shows by default (a screenful or two)."""
 
 
 class _PrintableFormatter(logging.Formatter):
@@ -99,8 +82,12 @@ def _port(lowest: int) -> Callable[[str], int]:
     return port
 
 
-def _store(args: argparse.Namespace) -> TokenStore:
-    return TokenStore.from_url(args.redis_url)
+def _store(args: argparse.Namespace, role: Role = Role.OPERATOR) -> TokenStore:
+    """The environment's store; what it appends to the audit trail says ``role`` (an operator's fetch
+    with ``token``, by default)."""
+    store = TokenStore.from_url(args.redis_url)
+    store.audit = store.audit.as_role(role)
+    return store
 
 
 def _console() -> Console:
@@ -109,8 +96,9 @@ def _console() -> Console:
 
 def _print_table(columns: Sequence[str], rows: Sequence[Sequence[str]], console: Console) -> None:
     """A rich table on a terminal; tab-separated full values otherwise (for grep, cut and awk). Either
-    way each cell is escaped (:func:`_cell`): one row per line, one column per tab, no raw escapes."""
-    cells = [[_cell(cell) for cell in row] for row in rows]
+    way each cell is escaped (:func:`~tokencache.cli.text.cell`): one row per line, one column per tab,
+    no raw escapes."""
+    cells = [[cell(text) for text in row] for row in rows]
     if not console.is_terminal:
         for line in (columns, *cells):
             print("\t".join(line))
@@ -119,6 +107,14 @@ def _print_table(columns: Sequence[str], rows: Sequence[Sequence[str]], console:
     for row in cells:
         table.add_row(*(Text(cell) for cell in row))  # Text: a '[' in a scope or an error is not markup
     console.print(table)
+
+
+def number(text: str) -> int:
+    """An argparse type: a whole number >= 0 (argparse reports a ValueError as a usage error)."""
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
 
 
 def _seconds(value: float) -> str:
@@ -229,13 +225,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_ERROR if health.problems else 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Show the audit trail, newest last; with ``--follow``, then every new entry until interrupted."""
+    store = _store(args)
+    scope = normalize_scope(args.scope, name="--scope") if args.scope is not None else None
+    wanted = audit.Filter(account=args.account, scope=scope, event=args.event)
+    entries, newest = audit.tail(store.redis, store.keys.audit, args.count, wanted)
+    printer = audit.Printer(as_json=args.json)
+    printer(entries)
+    if args.follow:
+        printer(audit.follow(store.redis, store.keys.audit, newest, wanted))
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run the refresh worker pool in the foreground."""
     from tokencache.worker.pool import run_pool
 
     logging.getLogger("tokencache").setLevel(args.log_level)
     run_pool(
-        _store(args),
+        _store(args, Role.WORKER),
         args.workers,
         burst=args.burst,
         logging_level=args.log_level,
@@ -291,6 +300,19 @@ def _add_data_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_status)
 
 
+def _add_audit_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "audit", parents=[common], help="the audit trail: tokens fetched, stored, invalidated, given up on"
+    )
+    p.add_argument("-n", "--count", type=number, default=AUDIT_COUNT, help="entries (default: %(default)s)")
+    p.add_argument("-f", "--follow", action="store_true", help="then print new entries (Ctrl-C ends)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--account", default=None, help="only this account's entries")
+    p.add_argument("--scope", default=None, help="only this scope's entries")
+    p.add_argument("--event", choices=[e.value for e in Event], default=None, help="only this event")
+    p.set_defaults(func=cmd_audit)
+
+
 def _add_process_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("worker", parents=[common], help="run the refresh worker pool")
     p.add_argument("-n", "--workers", type=int, default=2)
@@ -333,6 +355,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data_commands(sub, common)
+    _add_audit_command(sub, common)
     _add_process_commands(sub, common)
     return parser
 

@@ -8,7 +8,8 @@ names the commands they rely on: a writer that lacks one fails the type check
 list). It lists what is really called, and nothing more:
 
 * by :class:`~tokencache.app.core.StoreCore` and :class:`~tokencache.core.queue.RefreshQueue`:
-  ``delete hset expireat pexpire zadd zrem lrem set publish``;
+  ``delete hset expireat pexpire zadd zrem lrem set publish``, and ``xadd`` (the audit trail,
+  :mod:`tokencache.core.audit`);
 * by :class:`~tokencache.core.queue.RefreshJob` ``.save``: ``hdel hset``;
 * by RQ 3 itself, inside ``Queue.schedule_job`` and ``Queue.enqueue_job`` for our jobs (no
   dependencies, no rate limit, no ``ttl``): ``sadd`` (the queues set), ``hset`` (``set_status``),
@@ -78,6 +79,11 @@ class Pipeline(Protocol):
     def set(self, name: str, value: str, *, px: int | None = None) -> object: ...
 
     def publish(self, channel: str, message: str) -> object: ...
+
+    # redis-py types the fields as an invariant Dict of its own unions, which no dict[str, str] matches.
+    def xadd(
+        self, name: str, fields: dict[Any, Any], *, maxlen: int | None = None, approximate: bool = True
+    ) -> object: ...
 
 
 def per_entry(shape: type[Entry], replies: Sequence[Any]) -> list[Entry]:

@@ -118,12 +118,18 @@ return 0
 RECORD_FAILURE = LuaScript(
     "record_failure",
     """
--- Count a failed refresh in the token's hash, if the hash still exists.
+-- Count a failed refresh in the token's hash, if the hash still exists; a give-up is also audited.
 -- KEYS[1]  the token hash
+-- KEYS[2]  the audit stream
 -- ARGV[1]  the error message (at most 500 characters)
 -- ARGV[2]  now, Unix seconds (written to last_error_at, and gave_up_at when giving up)
 -- ARGV[3]  '1' if the refresh gave up, '0' if it will retry
+-- ARGV[4]  entries the audit stream keeps (MAXLEN ~); '0': no entry (a retry, or the trail is off)
+-- ARGV[5]  and on: the audit entry's fields and values, alternating
 -- returns  the new count of failures in a row, or 0 if there is no hash
+if ARGV[4] ~= '0' then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 5))
+end
 if redis.call('EXISTS', KEYS[1]) == 1 then
     local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
     redis.call('HSET', KEYS[1], 'last_error', ARGV[1], 'last_error_at', ARGV[2])
@@ -139,25 +145,33 @@ return 0
 REPLACE_IF_INDEXED = LuaScript(
     "replace_if_indexed",
     """
--- Write a refreshed token, unless it was deleted meanwhile (its index entry is gone).
+-- Write a refreshed token, unless it was deleted meanwhile (its index entry is gone); audit the write.
 -- KEYS[1]  the token hash
 -- KEYS[2]  the index (sorted set: token hash -> expires)
 -- KEYS[3]  the apps' request to the workers (want), answered by this write
 -- KEYS[4]  the last fetch error, answered by this write
+-- KEYS[5]  the audit stream
 -- ARGV[1]  expires, Unix seconds (the hash's EXPIREAT and its index score)
 -- ARGV[2]  the token's wake-up channel
 -- ARGV[3]  the wake-up message
--- ARGV[4]  and on: the hash's fields and values, alternating
--- returns  1 if written, 0 if the token is no longer indexed
+-- ARGV[4]  n: how many items of the hash follow
+-- ARGV[5]  and on, n items: the hash's fields and values, alternating
+--          then: entries the audit stream keeps (MAXLEN ~; '0': the trail is off),
+--          and the rest: the audit entry's fields and values, alternating
+-- returns  1 if written (and audited), 0 if the token is no longer indexed (nothing written)
 if not redis.call('ZSCORE', KEYS[2], KEYS[1]) then
     return 0
 end
+local n = tonumber(ARGV[4])
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], unpack(ARGV, 5, 4 + n))
 redis.call('EXPIREAT', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[1], KEYS[1])
 redis.call('DEL', KEYS[3], KEYS[4])
 redis.call('PUBLISH', ARGV[2], ARGV[3])
+if ARGV[5 + n] ~= '0' then
+    redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[5 + n], '*', unpack(ARGV, 6 + n))
+end
 return 1
 """,
 )
@@ -167,13 +181,17 @@ INVALIDATE = LuaScript(
     """
 -- Evict a token an API rejected: only if it is still the stored one, not evicted yet, and the key
 -- has not evicted a token within the rate-limit window. The hash stays (repair and the refresh job
--- see the token as due now) but is marked, so readers skip it until the refetch replaces it.
+-- see the token as due now) but is marked, so readers skip it until the refetch replaces it. An
+-- eviction is audited, with the evicted token's expires read from its hash.
 -- KEYS[1]  the token hash
 -- KEYS[2]  the index (sorted set: token hash -> expires; an evicted token's entry is due now)
 -- KEYS[3]  the key's rate limit (the invalidated marker)
+-- KEYS[4]  the audit stream
 -- ARGV[1]  the rejected access token
 -- ARGV[2]  now, Unix seconds (rejected_at, refresh_at, the index score and the marker's value)
 -- ARGV[3]  the rate-limit window, in milliseconds
+-- ARGV[4]  entries the audit stream keeps (MAXLEN ~); '0': the trail is off
+-- ARGV[5]  and on: the audit entry's fields and values, alternating (its expires is filled in here)
 -- returns  1 evicted; 0 not the stored token (replaced, deleted, never cached): nothing changed;
 --          2 evicted already (its refetch is on its way); 3 rate-limited: the token stays
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then
@@ -187,6 +205,15 @@ if not redis.call('SET', KEYS[3], ARGV[2], 'NX', 'PX', ARGV[3]) then
 end
 redis.call('HSET', KEYS[1], 'rejected_at', ARGV[2], 'refresh_at', ARGV[2])
 redis.call('ZADD', KEYS[2], 'XX', ARGV[2], KEYS[1])
+if ARGV[4] ~= '0' then
+    local entry = {unpack(ARGV, 5)}
+    for i = 1, #entry - 1, 2 do
+        if entry[i] == 'expires' then
+            entry[i + 1] = redis.call('HGET', KEYS[1], 'expires') or ''
+        end
+    end
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', unpack(entry))
+end
 return 1
 """,
 )

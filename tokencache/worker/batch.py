@@ -301,7 +301,7 @@ class _Batch:
             record_failure(self.store, key, str(e))
             log.warning("batched refresh of %s failed: %s; its own job retries", key.encode(), e)
             return Outcome.FAILED
-        if not replace_if_indexed(self.store, key, token, move_job=True):
+        if not replace_if_indexed(self.store, key, token, outcome=Outcome.BATCHED.value, move_job=True):
             return Outcome.DELETED
         metrics.record_refresh(Outcome.BATCHED)
         return Outcome.REFRESHED

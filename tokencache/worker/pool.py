@@ -141,8 +141,9 @@ def run_pool(
     num_workers = check_count("num_workers", num_workers)
     _check_redis(store.redis)
     accounts = default_sources().accounts()  # fail fast on a broken TOKENCACHE_CREDENTIALS
-    env.refresh_batch()  # and on a bad TOKENCACHE_REFRESH_BATCH or TOKENCACHE_BACKOFF_CAP, which
-    env.backoff_cap()  # every refresh job reads
+    env.refresh_batch()  # and on a bad TOKENCACHE_REFRESH_BATCH, TOKENCACHE_BACKOFF_CAP or
+    env.backoff_cap()  # TOKENCACHE_AUDIT_MAXLEN, which every refresh job reads
+    env.audit_maxlen()
     log.info("refreshing accounts %s on queue %r", ", ".join(accounts), store.refresh_queue.name)
     retry_gave_up(store)  # a restart is how a fixed key or configuration takes effect
     if metrics_port is not None:

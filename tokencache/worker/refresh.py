@@ -45,6 +45,7 @@ from tokencache.constants import (
     MIN_DELAY,
     RETRY_FLOOR,
 )
+from tokencache.core.audit import Audit, Role
 from tokencache.core.locks import Lock
 from tokencache.core.queue import RefreshJob, job_target, repeat_current_job
 from tokencache.core.sources import Sources, default_sources
@@ -130,7 +131,7 @@ class Refresher:
             token = self.fetch(current)
         except (RefreshError, ConfigurationError) as e:
             return self._failed(current, e)
-        if not replace_if_indexed(self.store, self.key, token):
+        if not replace_if_indexed(self.store, self.key, token, outcome=_why(current, now)):
             return Outcome.DELETED, None
         self.failures = 0
         log.info("refreshed %s: %s, expires in %ds", self.key.encode(), mask(token.token), token.expires_in())
@@ -155,7 +156,10 @@ class Refresher:
         """Record a failed fetch; the delay before the retry. A hopeless error is recorded and raised."""
         self.failures += 1
         if isinstance(error, HOPELESS):
-            record_failure(self.store, self.key, str(error), gave_up=True)
+            record_failure(
+                self.store, self.key, str(error), gave_up=True,
+                current=current.token if current else None, outcome=type(error).__name__,
+            )  # fmt: skip
             metrics.record_refresh(Outcome.GAVE_UP)
             log.error("refresh of %s gave up, retrying cannot help: %s", self.key.encode(), error)
             raise error
@@ -177,6 +181,14 @@ class Refresher:
         return Outcome.FAILED, delay
 
 
+def _why(current: TokenRecord | None, now: float) -> str:
+    """Why a refresh job fetched, for its audit entry: ``due`` (as scheduled), ``rejected`` (an API
+    rejected the cached token), ``missing`` (none usable: an app asked for it, or it expired)."""
+    if current is None or current.token.expires_in(now) <= EXPIRY_SKEW:
+        return "missing"
+    return "rejected" if current.bookkeeping.rejected_at is not None else "due"
+
+
 def _cap() -> float:
     """``TOKENCACHE_BACKOFF_CAP`` (checked when the pool starts; a plain ``rq worker`` may not have)."""
     try:
@@ -184,6 +196,17 @@ def _cap() -> float:
     except ConfigurationError as e:
         log.error("%s; using %gs", e, BACKOFF_CAP)
         return BACKOFF_CAP
+
+
+def _audit() -> Audit:
+    """A refresh worker's audit: ``TOKENCACHE_AUDIT_MAXLEN`` (checked when the pool starts; a plain
+    ``rq worker`` may not have: a bad value must not stop the refreshes, so it is reported and the default
+    used)."""
+    try:
+        return Audit.from_env(Role.WORKER)
+    except ConfigurationError as e:
+        log.error("%s; using %d", e, env.DEFAULT_AUDIT_MAXLEN)
+        return Audit(env.DEFAULT_AUDIT_MAXLEN, Role.WORKER)
 
 
 def _mark_gave_up(job: Job, error: Exception) -> None:
@@ -246,7 +269,9 @@ def refresh(refresh_before: int, **old_format: object) -> str:
         raise RuntimeError("tokencache.refresh.refresh runs inside an RQ worker")
     namespace, key = job_target(job)
     _check_served(job, namespace)
-    store = TokenStore(job.connection, namespace=namespace, refresh_before=refresh_before, queue=job.origin)
+    store = TokenStore(
+        job.connection, namespace=namespace, refresh_before=refresh_before, queue=job.origin, audit=_audit()
+    )
     if old_format:
         store.refresh_queue.enqueue(key, refresh_before)
         return Outcome.HANDED_OVER.value
