@@ -4,7 +4,7 @@ A redis-server of this module's own holds the users exactly as the page writes t
 user turned off, as the page says; the tests inspect through an admin user of their own). Each role
 runs what it runs in production: apps (sync with the near cache, asyncio, without ``invalidate``)
 against a worker pool of the worker user, that pool's failures and repair, plain ``rq worker`` with
-the repair loop, and the operator's ``ls`` and ``status``. Afterwards Redis's ``ACL LOG`` must be
+the repair loop, and the operator's ``ls``, ``status`` and ``audit``. Afterwards Redis's ``ACL LOG`` must be
 empty and the workers' logs free of tracebacks; and what a role must not do is refused.
 """
 
@@ -311,6 +311,11 @@ def test_operator_role_lists_and_checks_a_live_fleet(roles: Roles, key_file: Pat
         assert status.returncode == 1 and "gave up" in status.stdout and NOBODY in status.stdout, (
             status.stdout
         )
+        trail = cli(roles, OPERATOR, "audit", "--json")
+        assert trail.returncode == 0, trail.stderr
+        events = [json.loads(line)["event"] for line in trail.stdout.splitlines()]
+        assert events.count("stored") == 2 and "gave_up" in events, events
+        assert cli(roles, OPERATOR, "audit", "--event", "gave_up").returncode == 0
     assert roles.denials() == []
 
 
