@@ -84,12 +84,25 @@ def invalidate(client: Redis) -> list[Any]:
     return [other, evicted, again, marked, limited, client.hexists("tc-scripts:token", "rejected_at")]
 
 
+def rekey(client: Redis) -> list[Any]:
+    client.delete("tc-scripts:token")
+    absent = scripts.REKEY(client, ["tc-scripts:token"], ["enc:k1:old", "enc:k2:new"])
+    client.hset("tc-scripts:token", mapping={"token": "enc:k1:old", "scope": "s"})
+    client.expire("tc-scripts:token", 600)
+    changed = scripts.REKEY(client, ["tc-scripts:token"], ["enc:k1:other", "enc:k2:new"])
+    written = scripts.REKEY(client, ["tc-scripts:token"], ["enc:k1:old", "enc:k2:new"])
+    again = scripts.REKEY(client, ["tc-scripts:token"], ["enc:k1:old", "enc:k2:new"])  # run twice: one write
+    fields = client.hgetall("tc-scripts:token")
+    return [absent, changed, written, again, fields, client.ttl("tc-scripts:token") > 590]
+
+
 EXPECTED: dict[str, tuple[Callable[[Redis], list[Any]], list[Any]]] = {
     "release": (release, [0, 1, 0]),
     "extend": (extend, [0, 1, True]),
     "record_failure": (record_failure, [0, 1, 2, [b"bang", b"200"]]),
     "replace_if_indexed": (replace_if_indexed, [0, 1, b"ya29.new", 0]),
     "invalidate": (invalidate, [0, 1, 2, [b"100", b"100", 100.0], 3, False]),
+    "rekey": (rekey, [0, 0, 1, 1, {b"token": b"enc:k2:new", b"scope": b"s"}, True]),
 }
 
 

@@ -66,13 +66,16 @@ def replace_if_indexed(store: TokenStore, key: TokenKey, token: Token, *, move_j
     """
     now = int(store.clock())
     refresh_at = store.due_at(token, fetched=True)
-    fields = to_fields(token, refresh_at=refresh_at, refreshed_at=now)
+    redis_key = store.keys.token(key)
+    fields = to_fields(
+        token, redis_key=redis_key, ring=store.encryption, refresh_at=refresh_at, refreshed_at=now
+    )
     flat = [item for pair in fields.items() for item in pair]
 
     def queue(pipe: Pipeline) -> None:
         scripts.REPLACE_IF_INDEXED(
             pipe,
-            [store.keys.token(key), store.keys.index, store.keys.want(key), store.keys.error(key)],
+            [redis_key, store.keys.index, store.keys.want(key), store.keys.error(key)],
             [token.expires, store.keys.channel(key), ok_message(), *flat],
         )
         if move_job:
