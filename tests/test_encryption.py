@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import logging
+import pickle
 import subprocess
 import sys
 import time
@@ -147,6 +148,11 @@ def test_the_encryption_argument_is_checked(real_redis: Redis) -> None:
         Keyring([("k1", None)])
 
 
+def test_the_error_keeps_its_key_id_through_pickling() -> None:
+    error = pickle.loads(pickle.dumps(EncryptionError("'key' holds a token encrypted with key 'k9'", "k9")))
+    assert isinstance(error, EncryptionError) and error.key_id == "k9" and "'k9'" in str(error)
+
+
 def test_keygen_prints_one_entry_the_ring_reads() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "tokencache", "keygen", "--id", "prod-2025"],
@@ -219,6 +225,12 @@ def test_a_truncated_or_unreadable_ciphertext_fails_authentication(k1: TokenStor
         k1.redis.hset(redis_key, "token", junk)
         with pytest.raises(EncryptionError, match="failed authentication"):
             k1.find(SCOPE)
+    k1.redis.hset(redis_key, "token", "enc:\x1b[2J\n:AAAA")  # an id no ring holds: never echoed raw
+    with pytest.raises(EncryptionError, match=r"key '\?' failed authentication") as caught:
+        k1.find(SCOPE)
+    assert caught.value.key_id == "?" and "\x1b" not in str(caught.value)
+    (record,) = k1.records()
+    assert record.key_id == "?" and record.unreadable is not None
 
 
 def test_a_process_without_the_key_gets_an_error_naming_it(real_redis: Redis, k1: TokenStore) -> None:

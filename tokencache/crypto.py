@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tokencache import env
 from tokencache.errors import ConfigurationError, EncryptionError
 
-__all__ = ["KEY_BYTES", "PLAINTEXT", "PREFIX", "Keyring", "check_key_id", "key_id", "new_key"]
+__all__ = ["KEY_BYTES", "PLAINTEXT", "PREFIX", "UNKNOWN_ID", "Keyring", "check_key_id", "key_id", "new_key"]
 
 PREFIX = "enc:"
 """How an encrypted ``token`` field starts (a Google access token starts with ``ya29.``)."""
@@ -54,11 +54,19 @@ def new_key() -> str:
     return base64.b64encode(AESGCM.generate_key(bit_length=KEY_BYTES * 8)).decode()
 
 
+UNKNOWN_ID = "?"
+"""The key id reported for an encrypted field whose id is not one a ring can hold (written by hand)."""
+
+
 def key_id(stored: str) -> str | None:
-    """The id of the key a stored ``token`` field is encrypted with; None for a plaintext one."""
+    """The id of the key a stored ``token`` field is encrypted with; None for a plaintext one.
+
+    Only an id a ring can hold is returned as it is (:data:`UNKNOWN_ID` otherwise): the field is
+    whatever Redis holds, and its id reaches log lines and ``tokencache ls``."""
     if not stored.startswith(PREFIX):
         return None
-    return stored[len(PREFIX) :].partition(":")[0]
+    name = stored[len(PREFIX) :].partition(":")[0]
+    return name if _ID.fullmatch(name) else UNKNOWN_ID
 
 
 def _b64decode(text: str) -> bytes:
@@ -162,7 +170,8 @@ class Keyring:
             return stored
         cipher = self._ciphers.get(name)
         if cipher is None:
-            raise EncryptionError(self._lacks(name, redis_key), key_id=name)
+            message = _failed(name, redis_key) if name == UNKNOWN_ID else self._lacks(name, redis_key)
+            raise EncryptionError(message, key_id=name)
         try:
             blob = _b64decode(stored[len(PREFIX) + len(name) + 1 :])
             if len(blob) < NONCE_BYTES + TAG_BYTES:
@@ -175,7 +184,7 @@ class Keyring:
         held = (
             f"holds only {', '.join(repr(i) for i in self.ids)}"
             if self.ids
-            else f"is empty: encryption is off here ({env.ENCRYPTION_KEYS} is not set)"
+            else "holds no key: encryption is off here"
         )
         return (
             f"{redis_key!r} holds a token encrypted with key {name!r}, and this process's key ring {held}: "
