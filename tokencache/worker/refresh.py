@@ -19,6 +19,11 @@ its token back. Only a hopeless error (configuration, credentials the endpoint
 rejects) stops the job, which then fails into RQ's failed registry with the reason
 in its meta. A rate-limited answer puts the whole account on hold for its
 ``Retry-After`` (``{ns}:backoff:{account}``), which every fetcher honours.
+
+A refresh reads only the hash's clear fields (scope, account, expiry, bookkeeping), never the
+access token, so a token this worker cannot decrypt (encrypted with a key its ring lacks, or
+failing authentication) is refreshed all the same, with a warning: the new token, written
+under this worker's ring, replaces what nobody could use.
 """
 
 from __future__ import annotations
@@ -138,7 +143,16 @@ class Refresher:
         return Outcome.REFRESHED, max(MIN_DELAY, self.store.due_at(token, fetched=True) - self.store.clock())
 
     def fetch(self, current: TokenRecord | None) -> Token:
-        """A new token from the key's source (RefreshError if it lives too short to be worth storing)."""
+        """A new token from the key's source (RefreshError if it lives too short to be worth storing).
+
+        Also a batch member's fetch. A stored token this worker cannot decrypt is refreshed all the same
+        (see the module docstring), and said so."""
+        if current is not None and current.unreadable is not None:
+            log.warning(
+                "refreshing %s, whose stored token this worker cannot read: %s",
+                self.key.encode(),
+                current.unreadable,
+            )
         token = self.sources.fetch(self.key, scope=self._scope(current), account=self._account(current))
         if token.expires_in(self.store.clock()) <= EXPIRY_SKEW + 1:
             raise RefreshError(f"the token endpoint returned a token that lives {token.expires_in():.0f}s")
