@@ -389,7 +389,7 @@ def test_an_app_without_invalidate_gets_a_clear_error_from_invalidate(roles: Rol
     token = Token(token="ya29.acl-basic", scope=SCOPE, expires=soon(3600))
     roles.store().store(token)
     with TokenStore.from_url(roles.url(APP_NOINVALIDATE), namespace=NS, queue=NS) as basic:
-        with pytest.raises(RedisUnavailableError, match="no permissions to run the 'evalsha' command"):
+        with pytest.raises(RedisUnavailableError, match="no permissions to run the '(hget|evalsha)' command"):
             basic.invalidate(SCOPE, token)
         assert basic.find(SCOPE) == token  # nothing evicted
 
