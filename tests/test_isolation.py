@@ -22,12 +22,13 @@ from redis import Redis
 from rq import Callback, Queue
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
-from rq.serializers import JSONSerializer
+from rq.serializers import DefaultSerializer, JSONSerializer
 from rq.webhook import Webhook
+from rq.worker import SimpleWorker
 
 from tokencache import ConfigurationError, FetchTimeoutError, Token, TokenStore, aio, env
 from tokencache.cli.health import check
-from tokencache.core.queue import REFRESH_FUNC, RefreshQueue
+from tokencache.core.queue import REFRESH_FUNC, RefreshJob, RefreshQueue
 from tokencache.core.sources import Sources
 from tokencache.keys import Keys, TokenKey
 from tokencache.testing.emulator import Emulator
@@ -313,6 +314,38 @@ def test_refusal_leaves_no_expiry_on_the_owners_job(real_redis: Redis, store: To
     real_redis.expire(job.key, 100)
     owner.store(token)  # a store() that reschedules it persists it too
     assert real_redis.ttl(job.key) == -1
+
+
+def test_a_worker_without_the_refresh_job_class_refreshes_nothing_and_shows_in_status(
+    store: TokenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``rq worker`` without ``--job-class`` loads RQ's plain Job, which runs any function a job hash
+    names: the refresh fails loudly (naming the option) instead of running unguarded, and status says why."""
+    monkeypatch.setenv(env.NAMESPACE, store.keys.namespace)
+    token = Token(token="ya29.plain-worker-0000", scope=SCOPE, expires=int(time.time()) + 5)  # overdue
+    store.store(token)
+    job = store.refresh_queue.enqueue(store.key_for(token), 10)
+    plain = Queue(store.refresh_queue.name, connection=store.redis, serializer=JSONSerializer)
+    SimpleWorker([plain], connection=store.redis, serializer=JSONSerializer).work(burst=True)
+    failed = Job.fetch(job.id, connection=store.redis, serializer=JSONSerializer)
+    assert failed.get_status() == JobStatus.FAILED
+    result = failed.latest_result()
+    assert result is not None and "--job-class tokencache.scheduling.RefreshJob" in (result.exc_string or "")
+    assert store.find(SCOPE) == token
+    store.redis.delete(store.keys.token(store.key_for(token)))  # as it expires, still indexed
+    health = check(store, "redis://test")
+    assert any("--job-class" in problem for problem in health.problems), health.problems
+
+
+def test_refresh_jobs_are_always_json(store: TokenStore) -> None:
+    """``rq worker --job-class RefreshJob`` without ``--serializer`` reads jobs with RQ's pickle default:
+    RefreshJob never unpickles what a job hash holds."""
+    job = store.store(Token(token="ya29.json-only-0000", scope=SCOPE, expires=int(time.time()) + 600))
+    assert job is not None
+    store.redis.hset(job.key, "meta", '{"failures": 2}')
+    loaded = RefreshJob.fetch(job.id, connection=store.redis, serializer=DefaultSerializer)
+    assert loaded.serializer is JSONSerializer and loaded.meta == {"failures": 2}
+    assert RefreshJob(connection=store.redis).serializer is JSONSerializer
 
 
 # -- finding 2: namespace names ----------------------------------------------------------------

@@ -81,7 +81,9 @@ class RefreshJob(Job):
     this class that names another function, an instance or any callback fails
     with :class:`RefusedJobError` before anything is imported. A plain ``rq
     worker`` needs ``--job-class tokencache.scheduling.RefreshJob`` (or
-    ``RQ_JOB_CLASS``) for this guard and for the memory saving.
+    ``RQ_JOB_CLASS``): the refresh function refuses to run under any other
+    job class. It never sends a webhook (RQ 3 sends those a job hash lists)
+    and always uses the JSON serializer.
     """
 
     UNSET: ClassVar[tuple[str, ...]] = (
@@ -106,6 +108,11 @@ class RefreshJob(Job):
     )
     _RUN_ONLY: ClassVar[tuple[str, ...]] = RUN_RECORD[:-2]
     CLEARED: ClassVar[tuple[str, ...]] = tuple(dict.fromkeys(UNSET + RUN_RECORD + ("meta", "webhooks")))
+
+    def __init__(self, id: str | None = None, connection: Redis | None = None, serializer: Any = None) -> None:
+        """RQ's Job, always with the JSON serializer: refresh jobs are JSON, and a ``rq worker --job-class``
+        without ``--serializer`` must never unpickle what a job hash holds (its meta, say)."""
+        super().__init__(id, connection=connection, serializer=JSONSerializer)
 
     @property
     def func(self) -> Any:
