@@ -215,7 +215,7 @@ def test_status_and_error_lines_escape_stored_text(store: TokenStore, redis_url:
 )  # fmt: skip
 def test_an_access_token_outside_the_b64token_alphabet_is_refused(token: str) -> None:
     """RFC 6750: ``[A-Za-z0-9._~+/-]+=*``. The error names the field and never shows the value."""
-    with pytest.raises(ValueError, match="Token.token") as raised:
+    with pytest.raises(ValueError, match=r"Token\.token") as raised:
         Token(token=token, scope=SCOPE, expires=int(time.time()) + 600)
     assert token not in str(raised.value) and "\x1b" not in str(raised.value)
 
@@ -319,6 +319,10 @@ def test_a_junk_index_member_is_skipped_and_counted(real_redis: Redis, redis_url
         (("worker", "--metrics-port", "99999"), "--metrics-port"),
         (("worker", "--metrics-port", "-1"), "--metrics-port"),
         (("worker", "--metrics-port", "0"), "--metrics-port"),
+        (("worker", "--metrics-host", "not a host"), "--metrics-host"),
+        (("worker", "--metrics-host", "-h"), "--metrics-host"),
+        (("worker", "--metrics-host", "a..b"), "--metrics-host"),
+        (("worker", "--metrics-host", "999.1.1.1:80"), "--metrics-host"),
     ],
 )
 def test_a_bad_port_is_one_line_naming_the_option(args: tuple[str, ...], option: str) -> None:

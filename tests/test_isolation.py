@@ -296,7 +296,9 @@ def test_a_store_clears_a_planted_webhook(store: TokenStore) -> None:
     assert store.redis.hget(job.key, "webhooks") is None
 
 
-def test_refusal_leaves_no_expiry_on_the_owners_job(real_redis: Redis, store: TokenStore, workers: Workers) -> None:
+def test_refusal_leaves_no_expiry_on_the_owners_job(
+    real_redis: Redis, store: TokenStore, workers: Workers
+) -> None:
     """A refused (failed) job gets EXPIRE failure_ttl on its hash; the owner's repair re-enqueues it under
     the same id, which must PERSIST it, or 24 h later the live job's hash vanishes."""
     workers.start(1)

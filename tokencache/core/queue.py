@@ -109,7 +109,9 @@ class RefreshJob(Job):
     _RUN_ONLY: ClassVar[tuple[str, ...]] = RUN_RECORD[:-2]
     CLEARED: ClassVar[tuple[str, ...]] = tuple(dict.fromkeys(UNSET + RUN_RECORD + ("meta", "webhooks")))
 
-    def __init__(self, id: str | None = None, connection: Redis | None = None, serializer: Any = None) -> None:
+    def __init__(
+        self, id: str | None = None, connection: Redis | None = None, serializer: Any = None
+    ) -> None:
         """RQ's Job, always with the JSON serializer: refresh jobs are JSON, and a ``rq worker --job-class``
         without ``--serializer`` must never unpickle what a job hash holds (its meta, say)."""
         super().__init__(id, connection=connection, serializer=JSONSerializer)
