@@ -184,7 +184,12 @@ def bad_keys_counted(where: str) -> float:
 
 def with_a_lost_job(store: TokenStore, sub: str, expires_in: int) -> Token:
     """A token whose refresh job was lost (its RQ hash and its schedule entry gone)."""
-    token = Token(token=f"ya29.lost-{sub}", scope=SCOPE, expires=int(time.time()) + expires_in, sub=sub)
+    token = Token(
+        token=f"ya29.lost-{sub.replace('@', '_at_')}",
+        scope=SCOPE,
+        expires=int(time.time()) + expires_in,
+        sub=sub,
+    )
     job = store.store(token)
     assert job is not None
     store.redis.delete(job.key)

@@ -18,8 +18,10 @@ tab-separated output or send an escape sequence to the terminal.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -80,6 +82,22 @@ def _port(lowest: int) -> Callable[[str], int]:
         return value
 
     return port
+
+
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+
+
+def _host(text: str) -> str:
+    """An argparse type: an IP address or a host name to listen on (anything else fails at bind time,
+    after the pool has started, with a traceback)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        if not _HOSTNAME.fullmatch(text):
+            raise argparse.ArgumentTypeError(f"{text!r} is not an IP address or a host name") from None
+    return text
 
 
 def _store(args: argparse.Namespace, role: Role = Role.OPERATOR) -> TokenStore:
@@ -206,7 +224,7 @@ def _status_rows(h: Health) -> list[tuple[str, str]]:
         ("worker pools", f"{h.pools} alive" + (f", {len(h.dead_pools)} stopped" if h.dead_pools else "")),
         ("workers", f"{h.workers} alive ({h.rq_registrations} RQ registrations)"),
         ("scheduler", "running" if h.scheduler else "NOT RUNNING"),
-        ("tokens cached", str(h.tokens)),
+        ("index entries", str(h.tokens)),
         ("refreshes scheduled / queued", f"{h.scheduled} / {h.queued}"),
         ("refreshes overdue", str(len(h.overdue))),
         ("refreshes failed (gave up)", str(h.failed)),
@@ -221,6 +239,19 @@ def _status_rows(h: Health) -> list[tuple[str, str]]:
 
 def _by_key(counts: dict[str, int]) -> str:
     return ", ".join(f"{name} {n}" for name, n in sorted(counts.items()))
+
+
+def cmd_acl(args: argparse.Namespace) -> int:
+    """Print the Redis users' ``ACL SETUSER`` lines for the environment's namespace and queue (no Redis)."""
+    from tokencache.cli.acl import role_lines
+
+    namespace = env.namespace()
+    try:
+        lines = role_lines(namespace, env.queue_name(namespace))
+    except ValueError as e:
+        raise SystemExit(f"tokencache acl: {e}") from None
+    print("\n".join(lines))
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -375,6 +406,7 @@ def _add_process_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--metrics-host",
+        type=_host,
         default=METRICS_HOST,
         help=f"address of the metrics page (default {METRICS_HOST}: it is unauthenticated; 0.0.0.0: all)",
     )
@@ -408,6 +440,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data_commands(sub, common)
     _add_audit_command(sub, common)
+    p = sub.add_parser(
+        "acl",
+        parents=[common],
+        help="print the Redis users' ACL SETUSER lines for this namespace (docs/security.md)",
+    )
+    p.set_defaults(func=cmd_acl)
     _add_process_commands(sub, common)
     return parser
 

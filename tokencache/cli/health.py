@@ -80,6 +80,8 @@ class Health:
     rq_registrations: int
     scheduler: bool
     tokens: int
+    """Members of the namespace's index (ZCARD, one read however many): cached tokens, plus any junk
+    member someone wrote, which ``ls`` reports and skips; hence shown as "index entries"."""
     scheduled: int
     queued: int
     overdue: list[str]

@@ -72,6 +72,9 @@ __all__ = ["Refresher", "backoff", "refresh"]
 
 log = logging.getLogger(__name__)
 
+JOB_CLASS = "tokencache.scheduling.RefreshJob"
+"""The job class a worker must load refresh jobs with (``rq worker --job-class``): the stable path."""
+
 
 _DOUBLINGS = 30
 """Failures beyond which the delay stops doubling (it reached any cap long before): a refresh that
@@ -242,6 +245,20 @@ def _remember_failures(job: Job, failures: int) -> None:
         job.meta["failures"] = 0  # RQ's own Job never writes an empty meta, so reset it explicitly
 
 
+def _check_job_class(job: Job) -> None:
+    """Refuse to run under RQ's plain Job: such a worker runs any function a job hash names, so it must show
+    up (failed registry, ``tokencache status``) instead of refreshing tokens unguarded."""
+    if isinstance(job, RefreshJob):
+        return
+    error = ConfigurationError(
+        f"refresh job {job.id} ran as {type(job).__name__}, not {JOB_CLASS}: this worker would run any "
+        f"function a job hash names. Start plain rq worker with --job-class {JOB_CLASS} (or "
+        f"RQ_JOB_CLASS={JOB_CLASS}); tokencache worker always uses it"
+    )
+    _mark_gave_up(job, error)
+    raise error
+
+
 def _check_served(job: Job, namespace: str) -> None:
     """Refuse a job of a namespace this worker does not serve (``TOKENCACHE_NAMESPACE``): the worker's
     credentials are its own namespace's, and a token of another namespace must never be fetched with them.
@@ -281,6 +298,7 @@ def refresh(refresh_before: int, **old_format: object) -> str:
     job = get_current_job()
     if not isinstance(job, Job):
         raise RuntimeError("tokencache.refresh.refresh runs inside an RQ worker")
+    _check_job_class(job)
     namespace, key = job_target(job)
     _check_served(job, namespace)
     store = TokenStore(
