@@ -35,8 +35,8 @@ from rq.job import Job
 
 from tokencache import RedisUnavailableError, Token, TokenStore, aio
 from tokencache.cli import acl
-from tokencache.cli.acl import REKEY_SELECTOR
 from tokencache.constants import FORGET_POOL
+from tokencache.crypto import new_key
 from tokencache.keys import Keys, TokenKey
 from tokencache.testing.emulator import TOKEN_PREFIX, Emulator
 from tokencache.testing.redisserver import EmbeddedRedis
@@ -253,9 +253,9 @@ def key_file(emulator: Emulator, tmp_path: Path) -> Path:
     return path
 
 
-def cli(roles: Roles, user: str, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(roles: Roles, user: str, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
     env = isolated_env(Path("/nonexistent"), TOKENCACHE_REDIS_URL=roles.url(user))
-    env.update(TOKENCACHE_NAMESPACE=NS, TOKENCACHE_QUEUE=NS)
+    env.update(TOKENCACHE_NAMESPACE=NS, TOKENCACHE_QUEUE=NS, **extra)
     return subprocess.run(
         [sys.executable, "-m", "tokencache", *args], env=env, capture_output=True, text=True, timeout=60
     )
@@ -433,6 +433,11 @@ def test_operator_role_lists_and_checks_a_live_fleet(roles: Roles, key_file: Pat
         assert events.count("stored") == 2 and "gave_up" in events, events
         assert cli(roles, OPERATOR, "audit", "--event", "gave_up").returncode == 0
         follow_audit(roles)
+    ring = f"k1:{new_key()}"
+    rekeyed = cli(roles, OPERATOR, "rekey", TOKENCACHE_ENCRYPTION_KEYS=ring)
+    assert rekeyed.returncode == 0 and "rewrote 2 under key 'k1'" in rekeyed.stdout, rekeyed
+    listed_token = admin.keys.token(admin.key_for(Token(token="x", scope=SCOPE, expires=soon(60))))
+    assert roles.admin.hget(listed_token, "token").startswith(b"enc:k1:")
     assert roles.denials() == []
 
 
@@ -560,16 +565,14 @@ UNOBSERVABLE = {
 
 
 def granted_commands(line: list[str]) -> set[str]:
-    """The commands a role line grants (``+cmd`` anywhere, selectors included), the operator's ``rekey``
-    selector left out."""
-    text = " ".join(line).replace(REKEY_SELECTOR.format(ns=NS), "")
+    """The commands a role line grants (``+cmd`` anywhere, selectors included)."""
+    text = " ".join(line)
     return {rule.strip("()").removeprefix("+") for rule in text.split() if rule.strip("(").startswith("+")}
 
 
 def test_every_granted_command_is_sent_by_its_role() -> None:
     """Least privilege, not just enough: each command a role line grants was sent by that role in the role
-    tests above (MONITOR through each user's own relay). The operator's selector for ``tokencache rekey``
-    is left out: rekey arrives with encryption at rest, and its own test will cover it."""
+    tests above (MONITOR through each user's own relay), the operator's ``rekey`` included."""
     roles_run = {"test_app_and_worker_roles_run_with_an_empty_acl_log",
                  "test_plain_rq_worker_and_repair_loop_run_with_an_empty_acl_log",
                  "test_operator_role_lists_and_checks_a_live_fleet"}  # fmt: skip

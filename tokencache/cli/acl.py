@@ -50,11 +50,11 @@ _TEMPLATES = {
         "~{ns}:* ~rq:* &{ns}:fetched:* &rq:pubsub:* +ping +hello +info +client|setname +client|info +multi "
         "+exec +discard +watch +unwatch +evalsha +script|load +script|exists +subscribe +unsubscribe "
         "+publish +get +set +del +exists +expire +expireat +pexpire +persist +pttl +hget +hgetall +hmget "
-        "+hvals +hexists +hset +hdel +hincrby +hincrbyfloat +lrange +lpush +rpush +lrem +lmove +blmove "
+        "+hvals +hexists +hset +hdel +hincrby +hincrbyfloat +llen +lrange +lpush +rpush +lrem +lmove +blmove "
         "+smembers +sadd +srem +zadd +zrem +zscore +zrange +zrangebyscore +zremrangebyscore +xadd"
     ),
     "tokencache-operator": (
-        "+hello +info +get +exists +hget +hgetall +hmget +llen +smembers +zcard +zscore +zrange "
+        "+hello +info +get +exists +hget +hgetall +hmget +llen +smembers +zcard +zscore +zrange +zscan "
         "+zrangebyscore +xrevrange +xread %R~{ns}:* %R~{job} %R~rq:queue:{q} %R~rq:scheduled:{q} "
         "%R~rq:failed:{q} %R~rq:workers:{q} %R~rq:worker:* %R~rq:scheduler-lock:{q} %R~rq:scheduler:* "
         "(+hdel %W~{ns}:pools) " + REKEY_SELECTOR
