@@ -435,7 +435,8 @@ def test_operator_role_lists_and_checks_a_live_fleet(roles: Roles, key_file: Pat
         follow_audit(roles)
     ring = f"k1:{new_key()}"
     rekeyed = cli(roles, OPERATOR, "rekey", TOKENCACHE_ENCRYPTION_KEYS=ring)
-    assert rekeyed.returncode == 0 and "rewrote 2 under key 'k1'" in rekeyed.stdout, rekeyed
+    # The listed token at least; the hopeless one may have expired by now (then rekey skips it).
+    assert rekeyed.returncode == 0 and re.search(r"rewrote [12] under key 'k1'", rekeyed.stdout), rekeyed
     listed_token = admin.keys.token(admin.key_for(Token(token="x", scope=SCOPE, expires=soon(60))))
     assert roles.admin.hget(listed_token, "token").startswith(b"enc:k1:")
     assert roles.denials() == []
