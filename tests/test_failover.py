@@ -1,0 +1,160 @@
+"""A Sentinel failover under load: nothing restarts, no reader is handed an expired token.
+
+A primary, a replica and three sentinels (``SentinelSetup``); a ``tokencache worker`` pool and
+apps with and without the near cache, all on the ``redis+sentinel://`` URL; tokens living 20 s
+(refreshed 10 s before expiry). The primary is SIGKILLed. Stated bounds, from the moment every
+sentinel names the new master (``ELECTED_BOUND``): every read answers with a live token, and
+each refresh lands before its token expires, for two more lifetimes, with the same pool process
+and the same app objects. ``tokencache status`` goes green again within ``GREEN_BOUND``.
+
+The figures (reader unavailability window, misses, refresh lateness, time to green) are
+printed: ``.venv/bin/python -m pytest tests/test_failover.py -q -s -p no:cacheprovider``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tokencache import Token, TokenCacheError, TokenStore
+from tokencache.testing.emulator import Emulator
+from tokencache.testing.redisserver import SentinelSetup
+from tokencache.testing.workers import PoolProcess
+
+from .conftest import SCOPE, wait_for
+
+LIFETIME = 20
+REFRESH_BEFORE = 10
+ELECTED_BOUND = 5.0
+"""Seconds after the election by which every read works again (measured: about 1-2 s)."""
+GREEN_BOUND = 15.0
+"""Seconds after the election by which ``tokencache status`` exits 0 (measured: 3-6 s)."""
+NAMESPACE = "tc-failover"
+
+
+@dataclass
+class TimedReader:
+    """A thread calling ``store.find(info)`` every 50 ms, keeping when each answer came and what it was."""
+
+    store: TokenStore
+    info: object
+    reads: list[tuple[float, str, Token | None]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> TimedReader:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            try:
+                token = self.store.find(self.info)
+            except TokenCacheError:
+                self.reads.append((time.time(), "error", None))
+                continue
+            now = time.time()
+            outcome = "miss" if token is None else ("expired" if token.expires <= now else "ok")
+            self.reads.append((now, outcome, token))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def failures(self, since: float = 0.0) -> list[tuple[float, str]]:
+        return [(at, outcome) for at, outcome, _ in self.reads if at >= since and outcome != "ok"]
+
+    def lateness(self) -> list[float]:
+        """For each refresh seen: seconds from its due time (expires - margin) to the first read of it."""
+        late, previous = [], None
+        for at, _, token in self.reads:
+            if token is None or (previous is not None and token.token == previous.token):
+                continue
+            if previous is not None:
+                late.append(at - (previous.expires - REFRESH_BEFORE))
+            previous = token
+        return late
+
+
+@pytest.fixture
+def sentinels() -> Iterator[SentinelSetup]:
+    with SentinelSetup() as setup:
+        yield setup
+
+
+def status_green(url: str, tmp_path: Path) -> bool:
+    env = dict(
+        os.environ, TOKENCACHE_REDIS_URL=url, TOKENCACHE_NAMESPACE=NAMESPACE, TOKENCACHE_QUEUE=NAMESPACE
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "tokencache", "status"], env=env, capture_output=True, timeout=30
+    )
+    return out.returncode == 0
+
+
+def make_store(url: str, *, near_cache: bool = False) -> TokenStore:
+    return TokenStore.from_url(
+        url, namespace=NAMESPACE, queue=NAMESPACE, refresh_before=REFRESH_BEFORE, near_cache=near_cache
+    )
+
+
+def test_a_killed_primary_is_followed_with_no_restart_and_no_expired_token(
+    sentinels: SentinelSetup, emulator: Emulator, credentials_env: dict[str, str], tmp_path: Path
+) -> None:
+    emulator.config.lifetime = LIFETIME
+    url = sentinels.url
+    plain, near = make_store(url), make_store(url, near_cache=True)
+    infos: list[object] = [SCOPE, (credentials_env["named"], SCOPE)]
+    pool = PoolProcess.for_store(plain, url, workers=2).start(timeout=60)
+    readers: list[TimedReader] = []
+    try:
+        for info in infos:
+            plain.for_scope(info, timeout=30)
+        assert near.near_cache is not None and near.near_cache.wait_active(10)
+        readers = [TimedReader(store, info).start() for store in (plain, near) for info in infos]
+        wait_for(lambda: status_green(url, tmp_path), 30, 0.2, "status green before the failover")
+        killed_at = time.time()
+        old = sentinels.kill_master()
+        sentinels.wait_failover(old, timeout=30)
+        elected_at = time.time()
+        green_at = wait_for(lambda: status_green(url, tmp_path) and time.time(), 30, 0.2, "status green")
+        wait_for(lambda: time.time() > elected_at + 2 * LIFETIME + ELECTED_BOUND, 60, 0.5, "two lifetimes")
+        assert pool.poll() is None, pool.log_tail(40)
+    finally:
+        for reader in readers:
+            reader.stop()
+        pool.stop()
+        plain.close()
+        near.close()
+    late = [x for reader in readers for x in reader.lateness() if reader.reads]
+    report(readers, killed_at, elected_at, green_at, late)
+    for reader in readers:
+        assert not [f for f in reader.failures() if f[1] == "expired"], reader.failures()
+        assert reader.failures(since=elected_at + ELECTED_BOUND) == [], reader.failures()
+        seen = {token.token for at, _, token in reader.reads if token is not None and at > elected_at}
+        assert len(seen) >= 4, f"only {len(seen)} tokens read after the election: refreshes stopped"
+    assert green_at - elected_at <= GREEN_BOUND
+
+
+def report(
+    readers: list[TimedReader], killed: float, elected: float, green: float, late: list[float]
+) -> None:
+    failures = [f for reader in readers for f in reader.failures()]
+    last = max((at for at, _ in failures), default=killed)
+    kinds = {kind: sum(1 for _, k in failures if k == kind) for kind in ("miss", "error", "expired")}
+    print(
+        f"\nfailover: elected {elected - killed:.1f} s after the kill; reads failed until "
+        f"{last - killed:.1f} s after the kill ({last - elected:+.1f} s from the election); failed reads "
+        f"{kinds} of {sum(len(r.reads) for r in readers)}; refresh lateness max {max(late, default=0):.1f} s "
+        f"over {len(late)} refreshes; status green {green - elected:.1f} s after the election"
+    )
