@@ -158,3 +158,62 @@ def report(
         f"{kinds} of {sum(len(r.reads) for r in readers)}; refresh lateness max {max(late, default=0):.1f} s "
         f"over {len(late)} refreshes; status green {green - elected:.1f} s after the election"
     )
+
+
+FOLLOW_BOUND = 4.0
+"""Seconds after a forced failover's election by which writes, the near cache and the workers are on
+the new master. Sentinel demotes the old master, which stays writable meanwhile, only 8-10 s after."""
+
+
+def test_a_forced_failover_moves_writes_near_cache_and_workers_to_the_new_master_at_once(
+    sentinels: SentinelSetup, emulator: Emulator, credentials_env: dict[str, str]
+) -> None:
+    url = sentinels.url
+    plain, near = make_store(url), make_store(url, near_cache=True)
+    pool = PoolProcess.for_store(plain, url, workers=1).start(timeout=60)
+    try:
+        old_token = Token(token="ya29.before-failover", scope=SCOPE, expires=int(time.time()) + 600)
+        plain.store(old_token)
+        cache = near.near_cache
+        assert cache is not None and cache.wait_active(10)
+
+        def held(token: Token) -> bool:
+            return near.find(SCOPE) == token and token in cache._entries.values()
+
+        wait_for(lambda: held(old_token), 5, 0.05, "the near cache to hold the token")
+        plain.redis.set(f"{NAMESPACE}:probe", "before")
+        old = sentinels.master()
+        sentinels.sentinel().execute_command("SENTINEL", "FAILOVER", sentinels.service)
+        new = sentinels.wait_failover(old, timeout=30)
+        elected = time.monotonic()
+
+        # 1. A connection opened before the failover writes to the new master, not the old one.
+        plain.redis.set(f"{NAMESPACE}:probe", "after")
+        assert new.client().get(f"{NAMESPACE}:probe") == b"after"
+
+        # 2. The near cache drops what it held and tracks the new master: writes there reach it. (The
+        # first may also be read because something else dropped the entry; the second only by tracking.)
+        direct = TokenStore(new.client(), namespace=NAMESPACE, queue=NAMESPACE)
+        for n in (1, 2):
+            token = Token(token=f"ya29.after-failover-{n}", scope=SCOPE, expires=int(time.time()) + 600)
+            direct.store(token)
+            wait_for(lambda: held(token), FOLLOW_BOUND, 0.05, f"the near cache to hold write {n}")  # noqa: B023
+
+        # 3. The workers wait on the new master: a refresh enqueued there runs.
+        due = Token(token="ya29.due-now", scope=SCOPE, expires=int(time.time()) + REFRESH_BEFORE - 5)
+        plain.store(due, "https://www.googleapis.com/auth/userinfo.email")
+        left = FOLLOW_BOUND + 2 - (time.monotonic() - elected)
+        refreshed = wait_for(
+            lambda: (
+                (t := plain.find("https://www.googleapis.com/auth/userinfo.email")) and t.token != due.token
+            ),
+            max(left, 0.1),
+            0.05,
+            "the workers to refresh a token enqueued on the new master",
+        )
+        assert refreshed and old.client().info("replication")["role"] == "master"  # still not demoted
+        assert pool.poll() is None, pool.log_tail(40)
+    finally:
+        pool.stop()
+        plain.close()
+        near.close()

@@ -161,7 +161,8 @@ class FollowingConnection(sync_sentinel.SentinelManagedConnection):
             except ConnectionError:
                 master = None  # no sentinel answers: keep the node we have; the command says if it is gone
             if master is not None and _moved(pool, master, self):
-                self.disconnect()  # the send below reconnects, to the master the sentinels name
+                self.disconnect()
+                self.connect()  # to the master the sentinels name (a bare send would reopen the old node)
         super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call]
 
 
@@ -181,6 +182,7 @@ class AsyncFollowingConnection(async_sentinel.SentinelManagedConnection):
                 master = None
             if master is not None and _moved(pool, master, self):
                 await self.disconnect()
+                await self.connect()
         await super().send_packed_command(command, check_health)
 
 
