@@ -38,6 +38,7 @@ ELECTED_BOUND = 5.0
 GREEN_BOUND = 15.0
 """Seconds after the election by which ``tokencache status`` exits 0 (measured: 3-6 s)."""
 NAMESPACE = "tc-failover"
+EMAIL = "https://www.googleapis.com/auth/userinfo.email"
 
 
 @dataclass
@@ -201,7 +202,7 @@ def test_a_forced_failover_moves_writes_near_cache_and_workers_to_the_new_master
 
         # 3. The workers wait on the new master: a refresh enqueued there runs.
         due = Token(token="ya29.due-now", scope=SCOPE, expires=int(time.time()) + REFRESH_BEFORE - 5)
-        plain.store(due, "https://www.googleapis.com/auth/userinfo.email")
+        plain.store(due, EMAIL)
         left = FOLLOW_BOUND + 2 - (time.monotonic() - elected)
         refreshed = wait_for(
             lambda: (

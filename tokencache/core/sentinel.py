@@ -182,7 +182,7 @@ class AsyncFollowingConnection(async_sentinel.SentinelManagedConnection):
                 master = None
             if master is not None and _moved(pool, master, self):
                 await self.disconnect()
-                await self.connect()
+                await self.connect()  # type: ignore[no-untyped-call]
         await super().send_packed_command(command, check_health)
 
 
