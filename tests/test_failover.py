@@ -13,6 +13,7 @@ printed: ``.venv/bin/python -m pytest tests/test_failover.py -q -s -p no:cachepr
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -23,8 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import redis.asyncio
 
 from tokencache import Token, TokenCacheError, TokenStore
+from tokencache.core.connection import connect
 from tokencache.testing.emulator import Emulator
 from tokencache.testing.redisserver import SentinelSetup
 from tokencache.testing.workers import PoolProcess
@@ -183,6 +186,9 @@ def test_a_forced_failover_moves_writes_near_cache_and_workers_to_the_new_master
 
         wait_for(lambda: held(old_token), 5, 0.05, "the near cache to hold the token")
         plain.redis.set(f"{NAMESPACE}:probe", "before")
+        loop = asyncio.new_event_loop()
+        aclient = connect(url, client_class=redis.asyncio.Redis)
+        loop.run_until_complete(aclient.set(f"{NAMESPACE}:aprobe", "before"))
         old = sentinels.master()
         sentinels.sentinel().execute_command("SENTINEL", "FAILOVER", sentinels.service)
         new = sentinels.wait_failover(old, timeout=30)
@@ -191,6 +197,10 @@ def test_a_forced_failover_moves_writes_near_cache_and_workers_to_the_new_master
         # 1. A connection opened before the failover writes to the new master, not the old one.
         plain.redis.set(f"{NAMESPACE}:probe", "after")
         assert new.client().get(f"{NAMESPACE}:probe") == b"after"
+        loop.run_until_complete(aclient.set(f"{NAMESPACE}:aprobe", "after"))  # and on redis.asyncio
+        assert new.client().get(f"{NAMESPACE}:aprobe") == b"after"
+        loop.run_until_complete(aclient.aclose())
+        loop.close()
 
         # 2. The near cache drops what it held and tracks the new master: writes there reach it. (The
         # first may also be read because something else dropped the entry; the second only by tracking.)

@@ -196,11 +196,25 @@ class FollowingPool(sync_sentinel.SentinelConnectionPool, BlockingConnectionPool
     tokencache_url: str = ""
     """The URL it was built from (masked when shown), for messages and for the near cache's own connection."""
 
+    def disconnect(self, inuse_connections: bool = True) -> None:
+        """Also the sentinels' connections when closing (they would reopen when next asked)."""
+        super().disconnect(inuse_connections)
+        if inuse_connections:
+            for sentinel in self.sentinel_manager.sentinels:
+                sentinel.connection_pool.disconnect()
+
 
 class AsyncFollowingPool(async_sentinel.SentinelConnectionPool, AsyncBlockingPool):
     """:class:`FollowingPool` on redis.asyncio."""
 
     tokencache_url: str = ""
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        """Also the sentinels' connections when closing (an unclosed asyncio socket warns when collected)."""
+        await super().disconnect(inuse_connections)
+        if inuse_connections:
+            for sentinel in self.sentinel_manager.sentinels:
+                await sentinel.connection_pool.disconnect()
 
 
 def master_address(pool: Any) -> Address | None:
