@@ -325,3 +325,15 @@ def test_a_job_due_within_the_grace_is_left_to_run_by_itself(store: TokenStore) 
     assert repair(store) == {"ok": 1}
     store.redis.zadd(store.refresh_queue.scheduled.key, {job_id: now + 3600})
     assert repair(store) == {"enqueue": 1}
+
+
+def test_a_due_token_whose_job_record_is_gone_gets_it_back_before_it_is_overdue(store: TokenStore) -> None:
+    """A failover can lose a job record while the token stays; another token's batch may then keep
+    refreshing the token (it moves a member's job only if it is still scheduled), so it never comes
+    overdue: repair must rebuild the job as soon as the token is due, not wait for overdue."""
+    token, job_id = stored(store, expires_in=store.refresh_before + 1)  # due in 1 s: in repair's horizon
+    store.redis.delete(Job.key_for(job_id))
+    store.redis.zrem(store.refresh_queue.scheduled.key, job_id)
+    assert repair(store) == {"enqueue": 1}
+    assert queued(store) == [job_id]
+    assert repair(store) == {"ok": 1}  # once rebuilt, left alone
