@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -27,7 +28,9 @@ import pytest
 import redis.asyncio
 
 from tokencache import Token, TokenCacheError, TokenStore
+from tokencache.constants import LOCK_TTL
 from tokencache.core.connection import connect
+from tokencache.core.locks import Lock
 from tokencache.testing.emulator import Emulator
 from tokencache.testing.redisserver import SentinelSetup
 from tokencache.testing.workers import PoolProcess
@@ -228,3 +231,64 @@ def test_a_forced_failover_moves_writes_near_cache_and_workers_to_the_new_master
         pool.stop()
         plain.close()
         near.close()
+
+
+FILLER = 48 * 1024 * 1024
+"""Bytes written to the primary while its replica is stopped: more than the loopback socket buffers
+hold (a few MB), so whatever is written after it stays in the primary's memory, lost with it."""
+
+
+def test_writes_lost_with_the_primary_are_redone_and_no_reader_gets_an_expired_token(
+    sentinels: SentinelSetup, emulator: Emulator, credentials_env: dict[str, str]
+) -> None:
+    """The replica is stopped (SIGSTOP), the primary is sent more than the sockets buffer, then some
+    writes, then SIGKILLed: those writes never reach the replica, deterministically. The promoted
+    replica has the state from before them, and the fleet redoes what matters from it."""
+    url = sentinels.url
+    store = make_store(url)
+    pool = PoolProcess.for_store(store, url, workers=1).start(timeout=60)
+    reader: TimedReader | None = None
+    try:
+        now = int(time.time())
+        kept = Token(token="ya29.kept", scope=SCOPE, expires=now + 600)
+        due = Token(token="ya29.due", scope=EMAIL, expires=now + REFRESH_BEFORE + 8)  # due in 8 s
+        store.store(kept)
+        store.store(due)
+        lock = Lock(store.redis, store.keys.lock(store.key_for(kept)), LOCK_TTL)
+        assert lock.acquire()  # a refresh lock held when the primary dies
+        assert store.redis.execute_command("WAIT", 1, 5000) == 1  # all of that is on the replica
+        reader = TimedReader(store, EMAIL).start()
+        replica, primary = sentinels.replica(), sentinels.master()
+        assert replica.process is not None and primary.process is not None
+        replica.process.send_signal(signal.SIGSTOP)
+        try:
+            store.redis.set(f"{NAMESPACE}:filler", b"x" * FILLER)
+            store.store(Token(token="ya29.kept-2", scope=SCOPE, expires=now + 900))  # lost
+            store.store(Token(token="ya29.lost", scope=SCOPE, expires=now + 600, account="lost@x"))  # lost
+            store.store(Token(token="ya29.due-2", scope=EMAIL, expires=now + 900))  # a refresh, lost
+            sentinels.kill_master()
+        finally:
+            replica.process.send_signal(signal.SIGCONT)
+        sentinels.wait_failover(primary, timeout=30)
+        elected = time.time()
+        assert store.find(SCOPE) == kept  # the write before the loss, still valid
+        assert store.find(("lost@x", SCOPE)) is None  # gone with the primary: an app's miss refetches it
+        assert store.find(EMAIL) == due
+        assert not store.redis.exists(store.keys.lock(store.key_for(kept)))  # a lease: lapsed (0.5 s)
+        redone = wait_for(
+            lambda: (t := store.find(EMAIL)) and t.token not in (due.token, "ya29.due-2") and t,
+            due.expires - time.time(),
+            0.05,
+            "the lost refresh redone before the old token expires",
+        )
+        print(
+            f"\nlost refresh redone {time.time() - elected:.1f} s after the election, "
+            f"{due.expires - time.time():.1f} s before the old token expired"
+        )
+        assert redone.expires > due.expires
+    finally:
+        if reader is not None:
+            reader.stop()
+        pool.stop()
+        store.close()
+    assert not [f for f in reader.failures() if f[1] in ("expired", "miss")], reader.failures()
