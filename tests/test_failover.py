@@ -14,6 +14,7 @@ printed: ``.venv/bin/python -m pytest tests/test_failover.py -q -s -p no:cachepr
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio
+from rq.cli.helpers import get_redis_from_config, read_config_file
 
 from tokencache import Token, TokenCacheError, TokenStore
 from tokencache.constants import LOCK_TTL
@@ -292,3 +294,30 @@ def test_writes_lost_with_the_primary_are_redone_and_no_reader_gets_an_expired_t
         pool.stop()
         store.close()
     assert not [f for f in reader.failures() if f[1] in ("expired", "miss")], reader.failures()
+
+
+def test_plain_rq_worker_settings_follow_the_master(
+    sentinels: SentinelSetup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``rq worker -c workers.settings`` with a Sentinel URL: RQ builds its client from ``SENTINEL``
+    with tokencache's connection class, so its commands (and its forked scheduler's) follow too."""
+    monkeypatch.setenv("TOKENCACHE_REDIS_URL", sentinels.url)
+    import workers.settings
+
+    settings = read_config_file(
+        importlib.reload(importlib.import_module("tokencache.worker.settings")).__name__
+    )
+    assert (
+        settings["REDIS_URL"] is None and settings["SENTINEL"] == importlib.reload(workers.settings).SENTINEL
+    )
+    client = get_redis_from_config(settings)
+    client.set(f"{NAMESPACE}:rq-probe", "before")
+    old = sentinels.master()
+    sentinels.sentinel().execute_command("SENTINEL", "FAILOVER", sentinels.service)
+    new = sentinels.wait_failover(old, timeout=30)
+    client.set(f"{NAMESPACE}:rq-probe", "after")
+    assert new.client().get(f"{NAMESPACE}:rq-probe") == b"after"
+    client.close()
+    monkeypatch.undo()
+    importlib.reload(importlib.import_module("tokencache.worker.settings"))
+    importlib.reload(workers.settings)
