@@ -146,7 +146,7 @@ class AsyncFollowingSentinel(async_sentinel.Sentinel):
 def _moved(pool: Any, master: Address, conn: Any) -> bool:
     if master == (conn.host, conn.port):
         return False
-    log.warning("Redis master of %r moved to %s:%d: reconnecting", pool.service_name, *master)
+    log.info("Redis master of %r moved to %s:%d: reconnecting", pool.service_name, *master)
     return True
 
 
