@@ -337,15 +337,3 @@ def test_a_due_token_whose_job_record_is_gone_gets_it_back_before_it_is_overdue(
     assert repair(store) == {"enqueue": 1}
     assert queued(store) == [job_id]
     assert repair(store) == {"ok": 1}  # once rebuilt, left alone
-
-
-def test_a_queued_job_that_is_in_no_queue_is_re_enqueued(store: TokenStore) -> None:
-    """A worker's pop (LMOVE to RQ's intermediate list) kept on the promoted replica, its "started"
-    write lost: RQ says queued, nothing will run it. Once overdue, repair enqueues it again."""
-    _, job_id = stored(store)
-    assert repair(later(store, 95))["enqueue"] == 1  # the scheduler is dead: now queued
-    assert repair(later(store, 95)) == {"ok": 1}  # queued and in the queue: left to the workers
-    store.redis.lmove(store.refresh_queue.queue.key, f"{store.refresh_queue.queue.key}:intermediate")
-    assert status(store, job_id) == JobStatus.QUEUED and queued(store) == []
-    assert repair(later(store, 95)) == {"enqueue": 1}
-    assert queued(store) == [job_id]

@@ -72,7 +72,6 @@ class _Entry:
     overdue: bool  # due longer than REPAIR_GRACE ago: past the scheduler's normal jitter
     started: bool  # RQ says a worker runs its job now
     jobless: bool  # no job hash and nothing in RQ's schedule: its job record is gone
-    stranded: bool  # RQ says queued, but it is in no queue (see _stranded)
 
     @property
     def cached(self) -> bool:
@@ -175,34 +174,11 @@ def _due_entries(store: TokenStore, now: float) -> tuple[list[_Entry], list[byte
             if expires <= overdue_until or found.dead_suspect
         ]
         jobs = dict(zip(needed, fetch_jobs(store, needed), strict=True))
-        stranded = _stranded(store, jobs)
     due = [
-        _entry(
-            store,
-            key,
-            expires,
-            found,
-            jobs.get(store.keys.job_id(key)),
-            overdue=expires <= overdue_until,
-            stranded=store.keys.job_id(key) in stranded,
-        )
+        _entry(store, key, expires, found, jobs.get(store.keys.job_id(key)), overdue=expires <= overdue_until)
         for (key, expires), found in zip(entries, lookups, strict=True)
     ]
     return [entry for entry in due if entry is not None], junk
-
-
-def _stranded(store: TokenStore, jobs: dict[str, Job | RedisError | None]) -> set[str]:
-    """The overdue jobs RQ says are queued that are in no queue: a worker's pop (LMOVE) was kept and
-    its next write lost (a failover cut between them), or the worker died between the two."""
-    queued = [job_id for job_id, job in jobs.items() if isinstance(job, Job) and job.get_status(refresh=False)
-              == JobStatus.QUEUED]  # fmt: skip
-    if not queued:
-        return set()
-    with store.redis.pipeline(transaction=False) as pipe:
-        for job_id in queued:
-            pipe.lpos(store.refresh_queue.queue.key, job_id)
-        places = pipe.execute()
-    return {job_id for job_id, place in zip(queued, places, strict=True) if place is None}
 
 
 def _entry(
@@ -213,7 +189,6 @@ def _entry(
     job: Job | RedisError | None,
     *,
     overdue: bool,
-    stranded: bool = False,
 ) -> _Entry | None:
     """One due entry as repair judges it; None, reported, if its token key or job key holds another type."""
     if isinstance(found.fields, RedisError):
@@ -238,7 +213,6 @@ def _entry(
         overdue=overdue,
         started=found.job_status == JobStatus.STARTED.encode(),
         jobless=found.job_status is None and found.scheduled_at is None,
-        stranded=stranded,
     )
 
 
@@ -314,8 +288,6 @@ def _overdue_verdict(entry: _Entry, now: float) -> Verdict:
         return _failed_verdict(entry)
     if status == JobStatus.SCHEDULED:
         return _scheduled_verdict(entry, now)
-    if status == JobStatus.QUEUED and entry.stranded:
-        return Verdict.ENQUEUE  # popped by a worker that never said it started: nothing will run it
     if status in (JobStatus.QUEUED, JobStatus.STARTED):
         return Verdict.OK  # waiting for a worker, or (started since our read) running
     return Verdict.ENQUEUE  # finished without a repeat, stopped, canceled
