@@ -22,7 +22,7 @@ import redis
 
 from .common import Result, bench_env
 
-BENCHMARKS = ("find", "store", "memory", "audit", "burst", "fleet", "stampede", "recovery")
+BENCHMARKS = ("find", "store", "memory", "encryption", "audit", "burst", "fleet", "stampede", "recovery")
 """Module names under bench/, in the order they run."""
 
 

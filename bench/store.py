@@ -41,9 +41,13 @@ def run(env: BenchEnv, quick: bool) -> list[Result]:
         Token(token=ACCESS_TOKEN, scope=SCOPE, expires=expires, sub=f"user{i}@example.com")
         for i in range(TOKENS)
     ]
+    keys = [store.keys.token(store.key_for(t)) for t in tokens]
     hashes = [
-        (store.keys.token(store.key_for(t)), to_fields(t, refresh_at=t.expires - 10, refreshed_at=None))
-        for t in tokens
+        (
+            key,
+            to_fields(t, redis_key=key, ring=store.encryption, refresh_at=t.expires - 10, refreshed_at=None),
+        )
+        for key, t in zip(keys, tokens, strict=True)
     ]
     store.store(tokens[0])  # the job exists: later stores move it, as they mostly do
     commands_before = int(client.info("stats")["total_commands_processed"])

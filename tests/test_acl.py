@@ -11,11 +11,14 @@ empty and the workers' logs free of tracebacks; and what a role must not do is r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import re
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,15 +27,21 @@ from typing import Any
 
 import pytest
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from redis import Redis
 from rq.command import send_shutdown_command
 from rq.job import Job
 
 from tokencache import RedisUnavailableError, Token, TokenStore, aio
+from tokencache.cli import acl
 from tokencache.constants import FORGET_POOL
+from tokencache.crypto import new_key
+from tokencache.keys import Keys, TokenKey
 from tokencache.testing.emulator import TOKEN_PREFIX, Emulator
 from tokencache.testing.redisserver import EmbeddedRedis
 from tokencache.testing.workers import PoolProcess, isolated_env, stop_group
+from tokencache.validate import NAMESPACE_PATTERN
 
 from .conftest import SCOPE, wait_for
 
@@ -73,16 +82,103 @@ def extra_lines(user: str) -> list[list[str]]:
     return [line for line in documented_acl_lines() if line[2] == user and "reset" not in line]
 
 
+class Tap:
+    """A TCP relay in front of the server for one user: every connection through it is that user's, and the
+    relay knows the port each one reaches the server from, which is how MONITOR names a client."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.ports: set[int] = set()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            self.ports.add(server.getsockname()[1])
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+        source.close()  # each socket is one pipe's source: that pipe closes it
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+SUBCOMMANDS = {"client", "script", "acl", "config", "xinfo", "object", "memory", "function", "cluster"}
+
+
+class Monitor:
+    """Every command the server runs, by the user whose connection (a :class:`Tap`'s) sent it.
+
+    A script's commands (MONITOR's ``lua`` client) count for the user whose EVALSHA ran them."""
+
+    STOP = "acl-monitor-stop"
+
+    def __init__(self, server: EmbeddedRedis, taps: dict[str, Tap]) -> None:
+        self.client = Redis(host="127.0.0.1", port=server.port, username=ADMIN, password=ADMIN_PASSWORD)
+        self.taps = taps
+        self.lines: list[tuple[str, str]] = []
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(10)
+
+    def _watch(self) -> None:
+        with self.client.monitor() as monitor:
+            self.ready.set()
+            for entry in monitor.listen():
+                if self.STOP in entry["command"]:
+                    return
+                self.lines.append((entry["client_port"] or entry["client_address"], entry["command"]))
+
+    def stop(self, admin: Redis) -> dict[str, set[str]]:
+        admin.echo(self.STOP)
+        self.thread.join(10)
+        self.client.close()
+        users = {port: user for user, tap in self.taps.items() for port in tap.ports}
+        sent: dict[str, set[str]] = {user: set() for user in self.taps}
+        caller = None
+        for port, command in self.lines:
+            user = caller if port == "lua" else users.get(int(port)) if port.isdigit() else None
+            caller = user if port != "lua" else caller
+            if user is not None:
+                sent[user].add(command_name(command))
+        return sent
+
+
+def command_name(command: str) -> str:
+    """``client|setname`` for ``CLIENT SETNAME x``, ``get`` for ``GET k``: as ACL rules name commands."""
+    words = [word.strip('"').lower() for word in command.split(" ", 2)]
+    return f"{words[0]}|{words[1]}" if words[0] in SUBCOMMANDS and len(words) > 1 else words[0]
+
+
 @dataclass
 class Roles:
     """The module's redis-server with the documented users, and an admin client to look at it."""
 
     server: EmbeddedRedis
     admin: Redis
+    taps: dict[str, Tap]
 
     def url(self, user: str) -> str:
         password = next(rule[1:] for rule in role_lines()[user] if rule.startswith(">"))
-        return f"redis://{user}:{password}@127.0.0.1:{self.server.port}/0"
+        return f"redis://{user}:{password}@127.0.0.1:{self.taps[user].port}/0"
 
     def apply(self, lines: list[list[str]]) -> None:
         for line in lines:
@@ -117,11 +213,28 @@ def acl_server() -> Iterator[Roles]:
     admin = Redis(
         host="127.0.0.1", port=server.port, username=ADMIN, password=ADMIN_PASSWORD, socket_timeout=5
     )
-    roles = Roles(server, admin)
+    roles = Roles(server, admin, {user: Tap(server.port) for user in role_lines()})
     roles.apply(documented_acl_lines())
     yield roles
+    for tap in roles.taps.values():
+        tap.close()
     admin.close()
     server.stop()
+
+
+SENT: dict[str, set[str]] = {}
+"""Every command each role sent in the tests that run it as in production (see :func:`recorded`)."""
+RECORDED: set[str] = set()
+
+
+@pytest.fixture
+def recorded(request: pytest.FixtureRequest, roles: Roles) -> Iterator[Roles]:
+    """``roles``, with what each user sends recorded into :data:`SENT` (for the least-privilege check)."""
+    monitor = Monitor(roles.server, roles.taps)
+    yield roles
+    for user, commands in monitor.stop(roles.admin).items():
+        SENT.setdefault(user, set()).update(commands)
+    RECORDED.add(request.node.name)
 
 
 @pytest.fixture
@@ -140,9 +253,9 @@ def key_file(emulator: Emulator, tmp_path: Path) -> Path:
     return path
 
 
-def cli(roles: Roles, user: str, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(roles: Roles, user: str, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
     env = isolated_env(Path("/nonexistent"), TOKENCACHE_REDIS_URL=roles.url(user))
-    env.update(TOKENCACHE_NAMESPACE=NS, TOKENCACHE_QUEUE=NS)
+    env.update(TOKENCACHE_NAMESPACE=NS, TOKENCACHE_QUEUE=NS, **extra)
     return subprocess.run(
         [sys.executable, "-m", "tokencache", *args], env=env, capture_output=True, text=True, timeout=60
     )
@@ -226,6 +339,7 @@ def run_worker_failures(roles: Roles, emulator: Emulator) -> None:
         wait_for(lambda t=token: replaced(admin, t), 20, what=f"{token.scope} refreshed")  # type: ignore[misc]
 
 
+@pytest.mark.usefixtures("recorded")
 def test_app_and_worker_roles_run_with_an_empty_acl_log(
     roles: Roles, emulator: Emulator, key_file: Path, tmp_path: Path
 ) -> None:
@@ -242,6 +356,7 @@ def test_app_and_worker_roles_run_with_an_empty_acl_log(
     worker_log_is_clean((tmp_path / "pool.log").read_text())
 
 
+@pytest.mark.usefixtures("recorded")
 def test_plain_rq_worker_and_repair_loop_run_with_an_empty_acl_log(
     roles: Roles, key_file: Path, tmp_path: Path
 ) -> None:
@@ -288,6 +403,7 @@ def test_plain_rq_worker_and_repair_loop_run_with_an_empty_acl_log(
     assert "Received shutdown command" in text, text[-2000:]
 
 
+@pytest.mark.usefixtures("recorded")
 def test_operator_role_lists_and_checks_a_live_fleet(roles: Roles, key_file: Path, tmp_path: Path) -> None:
     admin = roles.store()
     admin.store(Token(token="ya29.acl-operator-listed", scope=SCOPE, expires=soon(3600)))
@@ -316,7 +432,31 @@ def test_operator_role_lists_and_checks_a_live_fleet(roles: Roles, key_file: Pat
         events = [json.loads(line)["event"] for line in trail.stdout.splitlines()]
         assert events.count("stored") == 2 and "gave_up" in events, events
         assert cli(roles, OPERATOR, "audit", "--event", "gave_up").returncode == 0
+        follow_audit(roles)
+    ring = f"k1:{new_key()}"
+    rekeyed = cli(roles, OPERATOR, "rekey", TOKENCACHE_ENCRYPTION_KEYS=ring)
+    assert rekeyed.returncode == 0 and "rewrote 2 under key 'k1'" in rekeyed.stdout, rekeyed
+    listed_token = admin.keys.token(admin.key_for(Token(token="x", scope=SCOPE, expires=soon(60))))
+    assert roles.admin.hget(listed_token, "token").startswith(b"enc:k1:")
     assert roles.denials() == []
+
+
+def follow_audit(roles: Roles) -> None:
+    """``tokencache audit --follow`` as the operator, until Redis shows it waiting in XREAD."""
+    env = isolated_env(Path("/nonexistent"), TOKENCACHE_REDIS_URL=roles.url(OPERATOR))
+    env.update(TOKENCACHE_NAMESPACE=NS, TOKENCACHE_QUEUE=NS)
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "tokencache", "audit", "--follow"], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(
+            lambda: any(c["user"] == OPERATOR and c["cmd"] == "xread" for c in roles.admin.client_list()),
+            30,
+            what="audit --follow to wait in XREAD",
+        )
+    finally:
+        stop_group(follower, 10)
 
 
 def test_status_works_without_info_and_says_unknown(roles: Roles, key_file: Path, tmp_path: Path) -> None:
@@ -389,7 +529,9 @@ def test_an_app_without_invalidate_gets_a_clear_error_from_invalidate(roles: Rol
     token = Token(token="ya29.acl-basic", scope=SCOPE, expires=soon(3600))
     roles.store().store(token)
     with TokenStore.from_url(roles.url(APP_NOINVALIDATE), namespace=NS, queue=NS) as basic:
-        with pytest.raises(RedisUnavailableError, match="no permissions to run the 'evalsha' command"):
+        with pytest.raises(
+            RedisUnavailableError, match=r"no permissions to run the '(hget|evalsha)' command"
+        ):
             basic.invalidate(SCOPE, token)
         assert basic.find(SCOPE) == token  # nothing evicted
 
@@ -401,3 +543,110 @@ def test_the_page_lines_target_the_environment_defaults() -> None:
     assert env.DEFAULT_NAMESPACE == NS
     text = " ".join(" ".join(line) for line in role_lines().values())
     assert f"rq:queue:{NS}" in text and f"%R~{NS}:token:*" in text
+
+
+ERROR_PATHS = {
+    "discard": "redis-py sends it only to abandon a transaction that failed half-way",
+    "unwatch": "redis-py sends it only when a WATCH transaction is reset before EXEC",
+}
+UNOBSERVABLE = {
+    APP: ERROR_PATHS,
+    APP_NOINVALIDATE: ERROR_PATHS,
+    WORKER: {
+        **ERROR_PATHS,
+        "hexists": "RQ checks a worker name already registered (a plain rq worker restarted with --name)",
+        "lmove": "RQ's dequeue without blocking: tokencache worker --burst",
+        "lpush": "RQ's scheduler enqueues a job marked enqueue_at_front so (no refresh job is; a planted one "
+        "must not stop the scheduler)",
+    },
+    OPERATOR: {},
+}
+"""Grants the role tests cannot make a role send, each kept for the reason given."""
+
+
+def granted_commands(line: list[str]) -> set[str]:
+    """The commands a role line grants (``+cmd`` anywhere, selectors included)."""
+    text = " ".join(line)
+    return {rule.strip("()").removeprefix("+") for rule in text.split() if rule.strip("(").startswith("+")}
+
+
+def test_every_granted_command_is_sent_by_its_role() -> None:
+    """Least privilege, not just enough: each command a role line grants was sent by that role in the role
+    tests above (MONITOR through each user's own relay), the operator's ``rekey`` included."""
+    roles_run = {"test_app_and_worker_roles_run_with_an_empty_acl_log",
+                 "test_plain_rq_worker_and_repair_loop_run_with_an_empty_acl_log",
+                 "test_operator_role_lists_and_checks_a_live_fleet"}  # fmt: skip
+    if not roles_run <= RECORDED:
+        pytest.skip("run the whole module: the role tests record what each role sends")
+    unused = {
+        user: sorted(granted_commands(line) - SENT[user] - UNOBSERVABLE[user].keys())
+        for user, line in role_lines().items()
+    }
+    assert unused == {user: [] for user in role_lines()}, json.dumps(unused)
+
+
+def test_the_page_lines_are_what_tokencache_acl_prints() -> None:
+    """The page prints ``tokencache acl``'s lines for the default namespace, and the command prints the
+    environment's: one generator for the page, the command and these tests."""
+    page = [" ".join(line) for line in role_lines().values()]
+    assert page == acl.role_lines(NS)
+    env = isolated_env(Path("/nonexistent"), TOKENCACHE_NAMESPACE="team-a")
+    env.pop("TOKENCACHE_QUEUE", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "tokencache", "acl"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and out.stdout.splitlines() == acl.role_lines("team-a"), out
+    assert "%W~rq:job:tc-dGVhbS1hO[g-v]*" in out.stdout and "tokencache:" not in out.stdout
+
+
+def test_an_app_user_cannot_touch_another_namespaces_jobs(roles: Roles) -> None:
+    """The app lines granted HSET/HDEL on every namespace's ``rq:job:tc-*``; now on its own namespace's."""
+    own = Keys(NS).job_id(TokenKey.of(None, "x", None))
+    other = Keys("team-b").job_id(TokenKey.of(None, "x", None))
+    users = {user: Redis.from_url(roles.url(user)) for user in (APP, APP_NOINVALIDATE)}
+    try:
+        for client in users.values():
+            client.hset(Job.key_for(own), "origin", NS)  # its own namespace's job: allowed
+            assert "no permissions" in refused(client, "HSET", Job.key_for(other), "origin", "nowhere")
+            assert "no permissions" in refused(client, "HDEL", Job.key_for(other), "origin")
+    finally:
+        for client in users.values():
+            client.close()
+    operator = Redis.from_url(roles.url(OPERATOR))
+    try:
+        assert "no permissions" in refused(operator, "HGETALL", Job.key_for(other))
+    finally:
+        operator.close()
+
+
+PIECES = ["tokencache", "default", ".iam.gserviceaccount.com", "T", "D", "S", "a", "-", "_", "9", "."]
+ABBREVIATED = st.lists(st.sampled_from(PIECES), min_size=1, max_size=5).map("".join)
+NAMESPACES = st.one_of(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,20}", fullmatch=True), ABBREVIATED).filter(
+    lambda name: NAMESPACE_PATTERN.fullmatch(name) is not None and name != "rq"
+)
+KEY_TEXT = st.one_of(
+    st.text(min_size=1, max_size=8).filter(str.strip), st.sampled_from(["default", "tokencache"])
+)
+SCOPES = st.one_of(
+    st.sampled_from(["https://www.googleapis.com/auth/cloud-platform", "email openid", "x"]), KEY_TEXT
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(a=NAMESPACES, b=NAMESPACES, account=KEY_TEXT, scope=SCOPES, sub=st.none() | KEY_TEXT)
+def test_the_job_pattern_matches_exactly_its_namespaces_jobs(
+    acl_server: Roles, a: str, b: str, account: str, scope: str, sub: str | None
+) -> None:
+    """Redis's own matcher (ACL DRYRUN) on a user whose only key is ``Keys(a).job_key_pattern``: every job
+    of ``a`` matches, no job of another namespace does (abbreviated names and base64 alignment included)."""
+    key = TokenKey.of(account, scope, sub)
+    admin = acl_server.admin
+    admin.execute_command("ACL", "SETUSER", "job-pattern-probe", "reset", "on", "nopass", "+hset",
+                          f"~{Keys(a).job_key_pattern}")  # fmt: skip
+    try:
+        for namespace in (a, b):
+            job_key = Job.key_for(Keys(namespace).job_id(key))
+            verdict = admin.execute_command("ACL", "DRYRUN", "job-pattern-probe", "HSET", job_key, "f", "v")
+            assert (verdict in (b"OK", "OK")) == (namespace == a), (a, namespace, job_key, verdict)
+    finally:
+        admin.execute_command("ACL", "DELUSER", "job-pattern-probe")

@@ -52,7 +52,12 @@ REJECTED = "rejected@tokencache-emulator.iam.gserviceaccount.com"
 
 def opaque(expires_in: float, tag: str = "0000", **kw: Any) -> Token:
     """A token that did not come from the emulator (so we can tell it from a fetched one)."""
-    return Token(token=f"ya29.audit-original-{tag}", scope=SCOPE, expires=int(time.time() + expires_in), **kw)
+    return Token(
+        token=f"ya29.audit-original-{tag.replace('@', '_at_')}",
+        scope=SCOPE,
+        expires=int(time.time() + expires_in),
+        **kw,
+    )
 
 
 def entries(store: TokenStore, event: str | None = None) -> list[dict[str, Any]]:
@@ -122,7 +127,9 @@ def test_batch_members_are_audited_each_as_batched(store: TokenStore) -> None:
     batched = {e["sub"]: e for e in entries(store, "fetched") if e["role"] == "worker"}
     assert sorted(batched) == ["a@example.com", "b@example.com"]
     for sub, entry in batched.items():
-        assert entry["outcome"] == "batched" and entry["fp"] == fingerprint(f"ya29.new-{sub}")
+        assert entry["outcome"] == "batched" and entry["fp"] == fingerprint(
+            f"ya29.new-{sub.replace('@', '_at_')}"
+        )
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])

@@ -33,7 +33,13 @@ LEADER = TokenKey.of(None, SCOPE, "leader@example.com")
 
 
 def original(sub: str, expires: int, account: str | None = None) -> Token:
-    return Token(token=f"ya29.original-{sub}", scope=SCOPE, expires=expires, sub=sub, account=account)
+    return Token(
+        token=f"ya29.original-{sub.replace('@', '_at_')}",
+        scope=SCOPE,
+        expires=expires,
+        sub=sub,
+        account=account,
+    )
 
 
 def key(sub: str, account: str | None = None) -> TokenKey:
@@ -60,7 +66,7 @@ class FakeFetch:
         if key.sub in self.fail or "*" in self.fail:
             raise RefreshError(f"token request for {key.encode()!r} failed: injected")
         return Token(
-            token=f"ya29.new-{key.sub}",
+            token=f"ya29.new-{(key.sub or '').replace('@', '_at_')}",
             scope=current.token.scope,
             expires=int(time.time()) + 3600,
             sub=key.sub,

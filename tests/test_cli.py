@@ -151,6 +151,8 @@ def test_plain_rq_worker_with_the_settings_module(store: TokenStore, workers: Wo
             "--burst",
             "--serializer",
             "rq.serializers.JSONSerializer",
+            "--job-class",
+            "tokencache.scheduling.RefreshJob",
         ],
         env=workers.env(),
         capture_output=True,

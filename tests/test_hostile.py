@@ -28,6 +28,7 @@ from rich.console import Console
 from tokencache import ConfigurationError, Token, TokenStore, aio
 from tokencache.app.reads import bad_keys
 from tokencache.cli import commands
+from tokencache.cli.text import printable
 from tokencache.core.connection import connect, mask_url
 from tokencache.testing.redisserver import free_port
 
@@ -74,6 +75,10 @@ def run(
         ("redis://:s3c%40r3t@host/0", "s3c%40r3t", "redis://:***@host/0"),
         ("redis://host/0?password=s3c%26r3t", "s3c%26r3t", "redis://host/0?password=***"),
         ("redis://host/0#password=SECRET", SECRET, None),
+        ("redis://h?password=se;cret", "se;cret", "redis://h?password=***"),  # redis-py splits on & only
+        ("foo://h/0?password=ab;cd&x=1", "ab;cd", "foo://h/0?password=***&x=1"),
+        ("redis://h/0?db=0;password=SECRET", SECRET, "redis://h/0?db=0;password=***"),
+        ("redis://h/0?password=a@SECRET&x=1", SECRET, "redis://h/0?password=***&x=1"),
         ("redis://user@host/0", None, "redis://user@host/0"),
         ("redis://host/0?client_name=a@b", None, "redis://host/0?client_name=a@b"),
         ("redis://u:SECRET@host/0?client_name=a@b", SECRET, "redis://u:***@b"),  # more than needed, safe
@@ -96,7 +101,7 @@ parts = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_siz
     user=st.text(st.characters(whitelist_categories=("L", "N")), max_size=6),
     password=parts,
     host=st.sampled_from(["localhost:6379", "h1:1,h2:2", "[::1]:6379", "redis", "/tmp/r.sock"]),
-    where=st.sampled_from(["userinfo", "raw userinfo", "password", "sentinel_password"]),
+    where=st.sampled_from(["userinfo", "raw userinfo", "password", "sentinel_password", "raw password"]),
     scheme=st.sampled_from(["redis://", "rediss://", "redis+sentinel://", "unix://", ""]),
 )
 def test_mask_url_never_shows_the_password(
@@ -107,13 +112,17 @@ def test_mask_url_never_shows_the_password(
             return f"{scheme}{user}:{quote(secret, safe='')}@{host}/0"
         if where == "raw userinfo":  # what people type: reserved characters left as they are
             return f"{scheme}{user}:{secret}@{host}/0"
+        if where == "raw password":  # redis-py's value runs to the next '&' ('#' ends the query)
+            return f"{scheme}{host}/0?db=0&password={secret}&socket_timeout=5"
         return f"{scheme}{host}/0?db=0&{where}={quote(secret, safe='')}&socket_timeout=5"
 
+    assume(where != "raw password" or not {"&", "#"} & set(password))  # those end the value, raw
     placeholder = build("\x00")
     forms = {password, quote(password, safe="")}
     assume(not any(form in placeholder for form in forms))  # it would show anyway, password or not
     masked = mask_url(build(password))
     assert not any(form in masked for form in forms), masked
+    assert masked == mask_url(build("x")), "a part of the password shows"  # no head or tail of it either
 
 
 @given(st.text())
@@ -201,6 +210,56 @@ def test_status_and_error_lines_escape_stored_text(store: TokenStore, redis_url:
     assert not any(c in token.stderr.rstrip("\n") for c in RAW) and "\\x1b[2J" in token.stderr
 
 
+@pytest.mark.parametrize(
+    "token",
+    ["ya29.a\x1b]0;pwned\x07", "ya29.a b", "ya29.a\nb", "ya29.\u202eab", "ya29.a=b", "==", "ya29.\u3164",
+     "ya29.ab%"],
+)  # fmt: skip
+def test_an_access_token_outside_the_b64token_alphabet_is_refused(token: str) -> None:
+    """RFC 6750: ``[A-Za-z0-9._~+/-]+=*``. The error names the field and never shows the value."""
+    with pytest.raises(ValueError, match=r"Token\.token") as raised:
+        Token(token=token, scope=SCOPE, expires=int(time.time()) + 600)
+    assert token not in str(raised.value) and "\x1b" not in str(raised.value)
+
+
+@pytest.mark.parametrize("token", ["ya29.a0AfB_-~+/x", "ya29.abc==", "A", "ya29.emu-x_Y-z"])
+def test_b64tokens_are_accepted(token: str) -> None:
+    assert Token(token=token, scope=SCOPE, expires=int(time.time()) + 600).token == token
+
+
+def test_a_stored_token_outside_the_alphabet_reads_as_malformed(store: TokenStore, redis_url: str) -> None:
+    """``tokencache token`` printed the stored field raw; a hash whose token is no b64token is a bad key:
+    skipped and reported (escaped), never handed out or printed."""
+    stored = Token(token="ya29.a0-forged-later-f3k", scope=SCOPE, expires=int(time.time()) + 600)
+    store.store(stored)
+    forged = "ya29.x\x1b]0;pwned\x07\x1b[2J"
+    store.redis.hset(store.keys.token(store.key_for(stored)), "token", forged)
+    with bad_keys.collect() as skipped:
+        assert store.find(SCOPE) is None and list(store.tokens()) == []
+    assert any("Token.token" in reason for reason in skipped.values()), skipped
+    out = run("token", SCOPE, "--timeout", "1", env=cli_env(store, redis_url))
+    assert forged not in out.stdout + out.stderr and "\x1b" not in out.stdout + out.stderr, repr(out)
+    assert out.returncode == 1, repr(out)
+    ls = run("ls", env=cli_env(store, redis_url))
+    assert ls.returncode == 0 and "Token.token" in ls.stderr and "\x1b" not in ls.stdout + ls.stderr, ls
+
+
+@pytest.mark.parametrize(
+    "char",
+    ["\x00", "\x1b", "\x7f", "\x9b", "\u00ad", "\u061c", "\u200b", "\u202e", "\u2028", "\u2029",
+     "\u2066", "\ufeff", "\U000e0041", "\U000e007f", "\u3164", "\u115f", "\u1160", "\uffa0", "\ue000",
+     "\U0001d173", "\u0378"],
+)  # fmt: skip
+def test_printable_escapes_every_control_format_and_invisible_character(char: str) -> None:
+    escaped = printable(f"a{char}b")
+    assert char not in escaped and escaped.startswith("a\\") and escaped.endswith("b"), escaped
+
+
+@pytest.mark.parametrize("text", ["plain", "ünïcödé", "日本語", "a b", "a\u00a0b", "emoji \U0001f600", "ǅ"])
+def test_printable_keeps_printable_text(text: str) -> None:
+    assert printable(text) == text
+
+
 # -- finding 7: absurd values, junk and ports ------------------------------------------------------------
 
 
@@ -262,6 +321,10 @@ def test_a_junk_index_member_is_skipped_and_counted(real_redis: Redis, redis_url
         (("worker", "--metrics-port", "99999"), "--metrics-port"),
         (("worker", "--metrics-port", "-1"), "--metrics-port"),
         (("worker", "--metrics-port", "0"), "--metrics-port"),
+        (("worker", "--metrics-host", "not a host"), "--metrics-host"),
+        (("worker", "--metrics-host", "-h"), "--metrics-host"),
+        (("worker", "--metrics-host", "a..b"), "--metrics-host"),
+        (("worker", "--metrics-host", "999.1.1.1:80"), "--metrics-host"),
     ],
 )
 def test_a_bad_port_is_one_line_naming_the_option(args: tuple[str, ...], option: str) -> None:

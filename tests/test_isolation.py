@@ -9,8 +9,10 @@ another namespace's keys.
 from __future__ import annotations
 
 import importlib
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -20,16 +22,19 @@ from redis import Redis
 from rq import Callback, Queue
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
-from rq.serializers import JSONSerializer
+from rq.serializers import DefaultSerializer, JSONSerializer
+from rq.webhook import Webhook
+from rq.worker import SimpleWorker
 
 from tokencache import ConfigurationError, FetchTimeoutError, Token, TokenStore, aio, env
 from tokencache.cli.health import check
-from tokencache.core.queue import REFRESH_FUNC, RefreshQueue
+from tokencache.core.queue import REFRESH_FUNC, RefreshJob, RefreshQueue
 from tokencache.core.sources import Sources
 from tokencache.keys import Keys, TokenKey
 from tokencache.testing.emulator import Emulator
 from tokencache.testing.redisserver import free_port
 from tokencache.testing.workers import PoolProcess, isolated_env
+from tokencache.worker.repair import repair
 
 from . import planted_job
 from .conftest import SCOPE, Workers, wait_for
@@ -163,10 +168,12 @@ def test_an_upgraded_pool_takes_over_the_refreshes_left_on_the_old_shared_queue(
     one in time (no worker serves the old queue any more)."""
     monkeypatch.delenv(env.QUEUE, raising=False)
     before = app_store(real_redis, "team-c", queue="tokencache")  # what a store wrote before the upgrade
-    token = Token(token="ya29.before-the-upgrade-0000", scope=SCOPE, expires=int(time.time()) + 16)
+    lifetime = 50  # past the pool's start (up to 30 s on a busy machine) and its first repair pass
+    token = Token(token="ya29.before-the-upgrade-0000", scope=SCOPE, expires=int(time.time()) + lifetime)
     before.store(token)
     key_file, email = team_key(emulator, tmp_path, "team-c")
     team_pool(pools, redis_url, tmp_path, "team-c", key_file)
+    assert token.expires - time.time() > 15, "the pool took too long to start for this test to mean anything"
     after = app_store(real_redis, "team-c")
 
     def refreshed() -> Token | None:
@@ -222,6 +229,125 @@ def test_a_planted_job_naming_another_function_or_a_callback_runs_nothing(
         result = job.latest_result()
         assert result is not None and REFRESH_FUNC in (result.exc_string or ""), result
     assert store.find(SCOPE) == due  # the planted refresh did not run either
+
+
+@pytest.fixture
+def hook() -> Iterator[tuple[str, threading.Event, list[str]]]:
+    """An HTTP endpoint on loopback: its URL, an event any request sets, and the requests it got."""
+    hit = threading.Event()
+    requests: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def _any(self) -> None:
+            requests.append(f"{self.command} {self.path}")
+            hit.set()
+            self.send_response(204)
+            self.end_headers()
+
+        do_GET = do_POST = _any
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/planted", hit, requests
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_planted_webhook_is_never_sent(
+    store: TokenStore, workers: Workers, hook: tuple[str, threading.Event, list[str]]
+) -> None:
+    """RQ 3 jobs carry webhooks as data and the worker sends them itself: any writer of ``rq:job:*``
+    (the app role) could make the credential-holding worker call any URL with chosen headers."""
+    url, hit, requests = hook
+    workers.start(1)
+    queue = Queue(store.refresh_queue.name, connection=store.redis, serializer=JSONSerializer)
+    due = Token(token="ya29.webhook-original-0000", scope=SCOPE, expires=int(time.time()) + 600)
+    store.store(due)
+    planted = [
+        queue.enqueue("os.getcwd", webhooks=[Webhook(url + "/refused", "failed", method="POST")]),
+        queue.enqueue(  # a genuine refresh job of a cached token, with webhooks added
+            REFRESH_FUNC, 10, job_id=store.keys.job_id(store.key_for(due)),
+            webhooks=[Webhook(url + "/refresh", status, headers={"Metadata-Flavor": "Google"})
+                      for status in ("finished", "failed")],
+        ),
+        queue.enqueue("os.getcwd"),  # a sentinel: once it ran, the one worker is done with the others
+    ]  # fmt: skip
+    for job in planted:
+        wait_for(lambda job=job: ran(store.redis, job.id), 20, what=f"job {job.id}")
+    assert not hit.is_set(), f"the worker sent a planted job's webhook: {requests}"
+    refresh = Job.fetch(planted[1].id, connection=store.redis, serializer=JSONSerializer)
+    assert refresh.get_status() == JobStatus.FAILED
+    result = refresh.latest_result()
+    assert result is not None and "webhook" in (result.exc_string or ""), result
+    assert store.find(SCOPE) == due  # the planted refresh did not run
+
+
+def test_a_store_clears_a_planted_webhook(store: TokenStore) -> None:
+    """A store() rewrites the token's job and clears the webhooks someone planted on it."""
+    due = Token(token="ya29.webhook-cleared-0000", scope=SCOPE, expires=int(time.time()) + 600)
+    job = store.store(due)
+    assert job is not None
+    store.redis.hset(job.key, "webhooks", '[{"url": "http://127.0.0.1:1/x", "job_status": "finished"}]')
+    store.store(due)
+    assert store.redis.hget(job.key, "webhooks") is None
+
+
+def test_refusal_leaves_no_expiry_on_the_owners_job(
+    real_redis: Redis, store: TokenStore, workers: Workers
+) -> None:
+    """A refused (failed) job gets EXPIRE failure_ttl on its hash; the owner's repair re-enqueues it under
+    the same id, which must PERSIST it, or 24 h later the live job's hash vanishes."""
+    workers.start(1)
+    owner = TokenStore(real_redis, namespace="team-b", sources=Sources(use_adc=False))
+    token = Token(token="ya29.team-b-ttl-0000", scope=SCOPE, expires=int(time.time()) + 5)  # overdue
+    owner.store(token)
+    key = owner.key_for(token)
+    job = RefreshQueue(real_redis, store.refresh_queue.name, owner.keys).enqueue(key, 10)  # planted
+    wait_for(lambda: ran(real_redis, job.id), 20, what="the refusal")
+    assert real_redis.hget(job.key, "status") == JobStatus.FAILED.encode()
+    assert real_redis.ttl(job.key) > 0  # what RQ's failed registry leaves
+    assert repair(owner)  # the owner's repair re-enqueues it on its own queue
+    assert real_redis.hget(job.key, "origin") == b"team-b"
+    assert real_redis.ttl(job.key) == -1, f"live job {job.id} expires in {real_redis.ttl(job.key)} s"
+    real_redis.expire(job.key, 100)
+    owner.store(token)  # a store() that reschedules it persists it too
+    assert real_redis.ttl(job.key) == -1
+
+
+def test_a_worker_without_the_refresh_job_class_refreshes_nothing_and_shows_in_status(
+    store: TokenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``rq worker`` without ``--job-class`` loads RQ's plain Job, which runs any function a job hash
+    names: the refresh fails loudly (naming the option) instead of running unguarded, and status says why."""
+    monkeypatch.setenv(env.NAMESPACE, store.keys.namespace)
+    token = Token(token="ya29.plain-worker-0000", scope=SCOPE, expires=int(time.time()) + 5)  # overdue
+    store.store(token)
+    job = store.refresh_queue.enqueue(store.key_for(token), 10)
+    plain = Queue(store.refresh_queue.name, connection=store.redis, serializer=JSONSerializer)
+    SimpleWorker([plain], connection=store.redis, serializer=JSONSerializer).work(burst=True)
+    failed = Job.fetch(job.id, connection=store.redis, serializer=JSONSerializer)
+    assert failed.get_status() == JobStatus.FAILED
+    result = failed.latest_result()
+    assert result is not None and "--job-class tokencache.scheduling.RefreshJob" in (result.exc_string or "")
+    assert store.find(SCOPE) == token
+    store.redis.delete(store.keys.token(store.key_for(token)))  # as it expires, still indexed
+    health = check(store, "redis://test")
+    assert any("--job-class" in problem for problem in health.problems), health.problems
+
+
+def test_refresh_jobs_are_always_json(store: TokenStore) -> None:
+    """``rq worker --job-class RefreshJob`` without ``--serializer`` reads jobs with RQ's pickle default:
+    RefreshJob never unpickles what a job hash holds."""
+    job = store.store(Token(token="ya29.json-only-0000", scope=SCOPE, expires=int(time.time()) + 600))
+    assert job is not None
+    store.redis.hset(job.key, "meta", '{"failures": 2}')
+    loaded = RefreshJob.fetch(job.id, connection=store.redis, serializer=DefaultSerializer)
+    assert loaded.serializer is JSONSerializer and loaded.meta == {"failures": 2}
+    assert RefreshJob(connection=store.redis).serializer is JSONSerializer
 
 
 # -- finding 2: namespace names ----------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 The layers, lowest first (docs/design.md draws them):
 
-    leaves    errors constants validate env token keys outcomes metrics
+    leaves    errors constants validate env token keys outcomes metrics crypto
     core      tokencache.core      (connections, record, locks, scripts, the refresh queue, sources)
     app       tokencache.app       (the sync app-side store and what its asyncio twin shares)
     aio | worker | adapters        (siblings: none imports another)
@@ -22,7 +22,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tokencache"
 
-LEAVES = ("errors", "constants", "validate", "env", "token", "keys", "outcomes", "metrics")
+LEAVES = ("errors", "constants", "validate", "env", "token", "keys", "outcomes", "metrics", "crypto")
 RANKS: dict[str, int] = {
     **{f"tokencache.{leaf}": 0 for leaf in LEAVES},
     "tokencache.core": 1,

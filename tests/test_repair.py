@@ -184,7 +184,12 @@ def bad_keys_counted(where: str) -> float:
 
 def with_a_lost_job(store: TokenStore, sub: str, expires_in: int) -> Token:
     """A token whose refresh job was lost (its RQ hash and its schedule entry gone)."""
-    token = Token(token=f"ya29.lost-{sub}", scope=SCOPE, expires=int(time.time()) + expires_in, sub=sub)
+    token = Token(
+        token=f"ya29.lost-{sub.replace('@', '_at_')}",
+        scope=SCOPE,
+        expires=int(time.time()) + expires_in,
+        sub=sub,
+    )
     job = store.store(token)
     assert job is not None
     store.redis.delete(job.key)
@@ -325,6 +330,23 @@ def test_a_job_due_within_the_grace_is_left_to_run_by_itself(store: TokenStore) 
     assert repair(store) == {"ok": 1}
     store.redis.zadd(store.refresh_queue.scheduled.key, {job_id: now + 3600})
     assert repair(store) == {"enqueue": 1}
+
+
+def test_a_queued_job_no_worker_will_run_is_enqueued_again(store: TokenStore) -> None:
+    """RQ's worker pops a job id off the queue while idle; a stop signal landing before the job starts
+    (a rolling restart's SIGTERM) ends the worker with the job popped and never run: its status stays
+    ``queued`` and nothing holds it. Repair re-enqueues such a job once the queue is empty."""
+    _, job_id = stored(store)
+    store.redis.zrem(store.refresh_queue.scheduled.key, job_id)
+    store.redis.hset(
+        Job.key_for(job_id), mapping={"status": "queued", "enqueued_at": "2020-01-01T00:00:00.000000Z"}
+    )
+    store.redis.rpush(store.refresh_queue.queue.key, job_id)  # still in the queue: a worker will run it
+    assert repair(later(store, 95))["enqueue"] == 0
+    store.redis.delete(store.refresh_queue.queue.key)  # popped by a worker that then stopped
+    assert repair(later(store, 95))["enqueue"] == 1
+    assert queued(store) == [job_id] and status(store, job_id) == JobStatus.QUEUED
+    assert repair(later(store, 95))["enqueue"] == 0  # in the queue again: left to the workers
 
 
 def test_a_due_token_whose_job_record_is_gone_gets_it_back_before_it_is_overdue(store: TokenStore) -> None:

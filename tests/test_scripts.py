@@ -104,6 +104,18 @@ def invalidate(client: Redis) -> list[Any]:
             audited(client)]  # fmt: skip
 
 
+def rekey(client: Redis) -> list[Any]:
+    client.delete("tc-scripts:token")
+    absent = scripts.REKEY(client, ["tc-scripts:token"], ["enc:k1:old", "enc:k2:new"])
+    client.hset("tc-scripts:token", mapping={"token": "enc:k1:old", "scope": "s"})
+    client.expire("tc-scripts:token", 600)
+    changed = scripts.REKEY(client, ["tc-scripts:token"], ["enc:k1:other", "enc:k2:new"])
+    written = scripts.REKEY(client, ["tc-scripts:token"], ["enc:k1:old", "enc:k2:new"])
+    again = scripts.REKEY(client, ["tc-scripts:token"], ["enc:k1:old", "enc:k2:new"])  # run twice: one write
+    fields = client.hgetall("tc-scripts:token")
+    return [absent, changed, written, again, fields, client.ttl("tc-scripts:token") > 590]
+
+
 EXPECTED: dict[str, tuple[Callable[[Redis], list[Any]], list[Any]]] = {
     "release": (release, [0, 1, 0]),
     "extend": (extend, [0, 1, True]),
@@ -116,6 +128,7 @@ EXPECTED: dict[str, tuple[Callable[[Redis], list[Any]], list[Any]]] = {
     ),
     # Only the eviction is audited, with the evicted token's expires from its hash.
     "invalidate": (invalidate, [0, 1, 2, [b"100", b"100", 100.0], 3, False, [[b"e", b"1000", b"f"]]]),
+    "rekey": (rekey, [0, 0, 1, 1, {b"token": b"enc:k2:new", b"scope": b"s"}, True]),
 }
 
 

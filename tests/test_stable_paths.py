@@ -29,7 +29,7 @@ PUBLIC = {
         "for_scope", "delete", "invalidate", "tokens", "default_store", "reset_default_store", "Credentials",
         "BearerAuth", "TokenCacheError", "RedisUnavailableError", "RefreshError", "FetchTimeoutError",
         "ConfigurationError", "UnknownAccountError", "RateLimitedError", "CredentialsRejectedError",
-        "WrongTypeError", "RefusedJobError",
+        "WrongTypeError", "RefusedJobError", "EncryptionError", "Keyring",
     },
     "tokencache.aio": {
         "TokenStore", "aclose_default", "default_store", "delete", "find", "for_scope", "invalidate", "store",

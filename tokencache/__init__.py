@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from tokencache.errors import (
     ConfigurationError,
     CredentialsRejectedError,
+    EncryptionError,
     FetchTimeoutError,
     RateLimitedError,
     RedisUnavailableError,
@@ -38,9 +39,11 @@ if TYPE_CHECKING:
         tokens,
     )
     from tokencache.app.tokenstore import TokenStore
+    from tokencache.crypto import Keyring
 
 _LAZY = {
     "TokenStore": "tokencache.app.tokenstore",
+    "Keyring": "tokencache.crypto",
     "store": "tokencache.app.defaults",
     "find": "tokencache.app.defaults",
     "for_scope": "tokencache.app.defaults",
@@ -79,6 +82,7 @@ __all__ = [  # noqa: RUF022 - grouped by purpose, as the reader meets them
     "normalize_scope",
     # the store
     "TokenStore",
+    "Keyring",
     # module-level calls on a default store from the environment
     "store",
     "find",
@@ -102,6 +106,7 @@ __all__ = [  # noqa: RUF022 - grouped by purpose, as the reader meets them
     "UnknownAccountError",
     "WrongTypeError",
     "RefusedJobError",
+    "EncryptionError",
 ]
 
 __version__ = "0.1.0"

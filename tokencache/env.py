@@ -38,6 +38,10 @@ QUEUE = "TOKENCACHE_QUEUE"
 NEAR_CACHE = "TOKENCACHE_NEAR_CACHE"
 """``1`` turns on the near cache of the default stores (see :mod:`tokencache.app.nearcache`)."""
 
+ENCRYPTION_KEYS = "TOKENCACHE_ENCRYPTION_KEYS"
+"""Opt-in encryption at rest: ``id:key`` entries (AES-256 keys in base64), the first encrypts, all decrypt
+(see :mod:`tokencache.crypto`); unset: tokens are stored in plaintext."""
+
 CREDENTIALS = "TOKENCACHE_CREDENTIALS"
 """Extra key files or folders of them (``os.pathsep``-separated), one account each."""
 

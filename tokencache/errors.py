@@ -12,6 +12,7 @@ __all__ = [
     "HOPELESS",
     "ConfigurationError",
     "CredentialsRejectedError",
+    "EncryptionError",
     "FetchTimeoutError",
     "RateLimitedError",
     "RedisUnavailableError",
@@ -66,6 +67,18 @@ class RefusedJobError(TokenCacheError):
 
 class ConfigurationError(TokenCacheError, ValueError):
     """The environment or the arguments describe an unusable setup."""
+
+
+class EncryptionError(TokenCacheError):
+    """A stored token this process cannot decrypt: its key is not in the ring, or it fails authentication."""
+
+    def __init__(self, message: str, key_id: str) -> None:
+        super().__init__(message)
+        self.key_id = key_id
+        """The id of the key the token is encrypted with (never the key)."""
+
+    def __reduce__(self) -> tuple[type[EncryptionError], tuple[str, str]]:
+        return type(self), (str(self), self.key_id)
 
 
 class UnknownAccountError(ConfigurationError, LookupError):

@@ -60,6 +60,7 @@ __all__ = [
     "DEFAULT_ACCOUNT",
     "Keys",
     "TokenKey",
+    "job_id_pattern",
     "normalize_scope",
     "parse_info",
     "parse_job_id",
@@ -129,10 +130,57 @@ _MARKER = re.compile("|".join(_ABBREVIATIONS))
 
 
 def _job_name(namespace: str, key: TokenKey) -> str:
-    text = ":".join((_escape(namespace), key.encode()))
+    text = _abbreviate(":".join((_escape(namespace), key.encode())))
+    return _JOB_ID_PREFIX + base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+_B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def job_id_pattern(namespace: str) -> str:
+    """A Redis glob (ACL key patterns, ``SCAN MATCH``) matching exactly the job ids of ``namespace``.
+
+    Every id of the namespace encodes a text that starts with the same prefix, the namespace as
+    :func:`_job_name` abbreviates it and a ``:`` (no abbreviated string holds a ``:``, and a namespace
+    holds no ``%`` or ``:``, so that prefix is the text up to its first ``:`` and no two namespaces share
+    it). Base64 turns 3 bytes into 4 characters: the prefix's whole groups give fixed characters, and a
+    prefix whose length is not a multiple of 3 fixes some bits of one more character, which a
+    character class of the 16 (one byte left over) or 4 (two) characters with those bits stands for.
+    """
+    check_namespace(namespace)
+    prefix = (_abbreviate(_escape(namespace)) + ":").encode()
+    whole = len(prefix) - len(prefix) % 3
+    fixed = base64.urlsafe_b64encode(prefix[:whole]).decode()
+    rest = prefix[whole:]
+    if not rest:
+        return f"{_JOB_ID_PREFIX}{fixed}*"
+    bits = int.from_bytes(rest, "big")
+    known = 8 * len(rest)  # bits of the next characters that the prefix fixes
+    chars = ""
+    while known >= 6:
+        known -= 6
+        chars += _B64URL[(bits >> known) & 0x3F]
+    free = 6 - known  # the next character's bits that belong to the token key
+    high = (bits & ((1 << known) - 1)) << free
+    return f"{_JOB_ID_PREFIX}{fixed}{chars}[{_glob_class(_B64URL[high : high + (1 << free)])}]*"
+
+
+def _glob_class(chars: str) -> str:
+    """``chars`` (consecutive in the base64url alphabet) as a glob class: runs of letters or digits as
+    ranges, ``-`` escaped (inside ``[]`` it would make a range)."""
+    runs: list[str] = []
+    for char in chars:
+        if runs and runs[-1][-1].isalnum() and char.isalnum() and ord(char) == ord(runs[-1][-1]) + 1:
+            runs[-1] += char
+        else:
+            runs.append(char)
+    return "".join(f"{run[0]}-{run[-1]}" if len(run) > 2 else "\\-" if run == "-" else run for run in runs)
+
+
+def _abbreviate(text: str) -> str:
     for marker, long in _ABBREVIATIONS.items():
         text = text.replace(long, marker)
-    return _JOB_ID_PREFIX + base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+    return text
 
 
 def parse_job_id(job_id: str) -> tuple[str, TokenKey]:
@@ -217,6 +265,12 @@ class Keys:
         if not redis_key.startswith(self.token_prefix):
             raise ValueError(f"{redis_key!r} is not a token key of namespace {self.namespace!r}")
         return TokenKey.decode(redis_key[len(self.token_prefix) :])
+
+    @property
+    def job_key_pattern(self) -> str:
+        """The glob of this namespace's refresh job hashes (``rq:job:<id>``), and of no other namespace's:
+        what an ACL key pattern names (docs/security.md, ``tokencache acl``)."""
+        return "rq:job:" + job_id_pattern(self.namespace)
 
     def job_id(self, key: TokenKey) -> str:
         """The refresh job's RQ id: names the namespace and ``key`` reversibly, in RQ's alphabet."""

@@ -64,6 +64,22 @@ def _require_text(name: str, value: object, *, optional: bool = False) -> None:
         raise ValueError(f"Token.{name} must not be empty")
 
 
+_B64TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+"""RFC 6750's b64token, what an access token in an ``Authorization: Bearer`` header is made of."""
+
+
+def _require_b64token(value: str) -> None:
+    """Refuse an access token outside RFC 6750's alphabet, naming where, never showing the value:
+    printed by ``tokencache token`` or sent in a header, a control character in it would do harm."""
+    if _B64TOKEN.fullmatch(value):
+        return
+    bad = next(i for i, char in enumerate(value) if not _B64TOKEN.fullmatch(char))  # '=' inside counts
+    raise ValueError(
+        "Token.token must be an RFC 6750 b64token ([A-Za-z0-9._~+/-]+ then '=' padding); "
+        f"character {bad + 1} of {len(value)} is not"
+    )
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Token:
     """An OAuth2 access token as cached for the whole fleet."""
@@ -77,6 +93,7 @@ class Token:
 
     def __post_init__(self) -> None:
         _require_text("token", self.token)
+        _require_b64token(self.token)
         _require_text("type", self.type)
         _require_text("scope", self.scope)
         _require_text("sub", self.sub, optional=True)

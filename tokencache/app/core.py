@@ -10,6 +10,7 @@ more than ``async`` and ``await``.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 import uuid
@@ -42,10 +43,12 @@ from tokencache.core.connection import is_wrong_type, unavailable
 from tokencache.core.notify import error_message, ok_message, parse
 from tokencache.core.pipeline import Pipeline
 from tokencache.core.queue import RefreshQueue, utc
-from tokencache.core.record import REJECTED, Bookkeeping, MalformedRecord, from_fields, to_fields
+from tokencache.core.record import REJECTED, Bookkeeping, MalformedRecord, read_fields, to_fields
 from tokencache.core.sources import Sources, default_sources
+from tokencache.crypto import Keyring, key_id
 from tokencache.errors import (
     ConfigurationError,
+    EncryptionError,
     FetchTimeoutError,
     RateLimitedError,
     RedisUnavailableError,
@@ -88,6 +91,11 @@ class TokenRecord:
     key: TokenKey
     token: Token
     bookkeeping: Bookkeeping
+    key_id: str | None = None
+    """The id of the key the stored token is encrypted with; None: it is stored in plaintext."""
+    unreadable: EncryptionError | None = None
+    """Why this process cannot decrypt the stored token (``token.token`` then holds the ciphertext, and
+    nothing hands it out); None when it could."""
 
 
 class StoreCore:
@@ -108,8 +116,12 @@ class StoreCore:
         clock: Clock,
         sources: Sources | None,
         audit: Audit | None = None,
+        encryption: object = None,
     ) -> None:
         self.keys = Keys(env.namespace() if namespace is None else namespace)
+        self.encryption = Keyring.of(encryption)
+        """The key ring tokens are written and read with (from ``TOKENCACHE_ENCRYPTION_KEYS`` by default,
+        so that a fleet configured by its environment agrees); with no key, tokens are stored in plaintext."""
         self.refresh_before = check_refresh_before(
             env.refresh_before() if refresh_before is None else refresh_before
         )
@@ -122,7 +134,7 @@ class StoreCore:
         entries kept (a refresh worker and the CLI say otherwise)."""
         self._sources = sources
         self._key_memo = KeyMemo(self.keys)
-        self._token_memo = TokenMemo()
+        self._token_memo = TokenMemo(self.encryption)
 
     @property
     def sources(self) -> Sources:
@@ -172,7 +184,13 @@ class StoreCore:
         now = int(self.clock())
         refresh_at = self.due_at(token, fetched=fetched)
         redis_key = self.keys.token(key)
-        fields = to_fields(token, refresh_at=refresh_at, refreshed_at=now if fetched else None)
+        fields = to_fields(
+            token,
+            redis_key=redis_key,
+            ring=self.encryption,
+            refresh_at=refresh_at,
+            refreshed_at=now if fetched else None,
+        )
         pipe.delete(redis_key)
         pipe.hset(redis_key, mapping=fields)
         pipe.expireat(redis_key, token.expires)
@@ -233,12 +251,28 @@ class StoreCore:
 
     # -- invalidate: a token an API rejected (the twins run the script, then ask the workers) ------
 
-    def invalidate_call(self, key: TokenKey, token: object) -> tuple[list[str], list[EncodableT]]:
-        """KEYS and ARGV of :data:`~tokencache.core.scripts.INVALIDATE` for ``token`` (Token or string)."""
-        keys = [self.keys.token(key), self.keys.index, self.keys.invalidated(key), self.keys.audit]
-        rejected = rejected_token(token)
+    def invalidate_call(
+        self, key: TokenKey, rejected: str, stored: bytes | None
+    ) -> tuple[list[str], list[EncodableT]] | None:
+        """KEYS and ARGV of :data:`~tokencache.core.scripts.INVALIDATE` if ``stored`` (the hash's ``token``
+        field as read just before) holds the ``rejected`` access token; None if it does not.
+
+        The comparison is made here, on the decrypted value (an encrypted field never equals the token
+        itself), and the script compares the field with the very value read, so a token replaced
+        in between is left alone. EncryptionError if this process cannot decrypt the field.
+        """
+        if stored is None:
+            return None
+        redis_key = self.keys.token(key)
+        try:
+            text = stored.decode()
+        except UnicodeDecodeError:
+            return None  # not a token tokencache wrote: not the reported one
+        if not hmac.compare_digest(self.encryption.open(text, redis_key).encode(), rejected.encode()):
+            return None
+        keys = [redis_key, self.keys.index, self.keys.invalidated(key), self.keys.audit]
         entry = self.audit.entry(Event.INVALIDATED, key, outcome=Invalidation.EVICTED.value, token=rejected)
-        args: list[EncodableT] = [rejected, int(self.clock()), int(INVALIDATE_EVERY * 1000)]
+        args: list[EncodableT] = [stored, int(self.clock()), int(INVALIDATE_EVERY * 1000)]
         return keys, [*args, *self.audit.script_args(entry)]
 
     def invalidated(self, key: TokenKey, token: object, reply: object) -> Invalidation:
@@ -287,12 +321,12 @@ class StoreCore:
             return None
         redis_key = self.keys.token(key)
         try:
-            found = TokenRecord(key, from_fields(raw), Bookkeeping.of(raw))
+            token, unreadable = read_fields(raw, redis_key=redis_key, ring=self.encryption)
         except MalformedRecord as e:
             bad_keys.skip(redis_key, f"malformed token hash: {e}", where)
             return None
         bad_keys.good(redis_key)
-        return found
+        return TokenRecord(key, token, Bookkeeping.of(raw), key_id(raw[b"token"].decode()), unreadable)
 
     def read_error(
         self, client: Redis | AsyncRedis, redis_key: str, error: RedisError, where: metrics.Where
@@ -347,7 +381,14 @@ class StoreCore:
         return f"not a token key of namespace {self.keys.namespace!r}, in its index (repair drops it)"
 
     def listable(self, found: TokenRecord, now: float) -> bool:
-        """Whether ``tokens()`` lists a record: only a token that may still be handed out."""
+        """Whether ``tokens()`` lists a record: only a token that may still be handed out.
+
+        One this process cannot decrypt is skipped and reported (logged once, counted) like a bad key:
+        one token encrypted with a key this process lacks must not stop a listing.
+        """
+        if found.unreadable is not None:
+            bad_keys.skip(self.keys.token(found.key), str(found.unreadable), "listing")
+            return False
         if found.bookkeeping.rejected_at is not None:
             return False
         return found.token.freshness(self.refresh_before, now) is not Freshness.INVALID

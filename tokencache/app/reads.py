@@ -7,7 +7,8 @@ the HGETALL reply into a validated :class:`Token`. Both give the same answer
 for the same input, so each is remembered: the key per ``(info, sub)``, the
 token per hash key for as long as Redis returns the very same fields.
 Validation still runs once for every new input, and a malformed hash is
-never remembered.
+never remembered. With encryption on, the same memo means a token is
+decrypted once per write, not once per ``find()``.
 
 A third memo remembers the opposite: the keys a read had to skip because they
 are malformed or hold another Redis type (:data:`bad_keys`). Every read that
@@ -27,6 +28,7 @@ from contextvars import ContextVar
 from tokencache import metrics
 from tokencache.constants import MEMO_LIMIT
 from tokencache.core.record import from_fields
+from tokencache.crypto import Keyring
 from tokencache.keys import Keys, TokenKey, parse_info
 from tokencache.token import Token
 
@@ -67,18 +69,20 @@ class KeyMemo:
 
 
 class TokenMemo:
-    """Hash key -> (the HGETALL reply it was parsed from, the Token)."""
+    """Hash key -> (the HGETALL reply it was parsed from, the Token, decrypted with ``ring``)."""
 
-    def __init__(self, limit: int = MEMO_LIMIT) -> None:
+    def __init__(self, ring: Keyring, limit: int = MEMO_LIMIT) -> None:
+        self._ring = ring
         self._limit = limit
         self._memo: dict[str, tuple[Mapping[bytes, bytes], Token]] = {}
 
     def parse(self, redis_key: str, raw: Mapping[bytes, bytes]) -> Token:
-        """The Token in ``raw``, or MalformedRecord (see :func:`tokencache.core.record.from_fields`)."""
+        """The Token in ``raw``; MalformedRecord or EncryptionError (see
+        :func:`tokencache.core.record.from_fields`)."""
         hit = self._memo.get(redis_key)
         if hit is not None and hit[0] == raw:
             return hit[1]
-        token = from_fields(raw)
+        token = from_fields(raw, redis_key=redis_key, ring=self._ring)
         bad_keys.good(redis_key)
         if len(self._memo) >= self._limit:
             self._memo.clear()

@@ -16,12 +16,13 @@ from redis import Redis
 from rq.job import Job
 
 from tokencache import metrics
-from tokencache.app.core import Clock, Raw, StoreCore, TokenRecord
+from tokencache.app.core import Clock, Raw, StoreCore, TokenRecord, rejected_token
 from tokencache.app.fleet import FleetFetch, Flights
 from tokencache.core import scripts
 from tokencache.core.audit import Audit
 from tokencache.core.connection import connect, raise_other_errors, redis_errors
 from tokencache.core.sources import Sources
+from tokencache.crypto import Keyring
 from tokencache.keys import TokenKey, parse_info
 from tokencache.outcomes import Invalidation
 from tokencache.token import Token
@@ -44,6 +45,7 @@ class TokenStore(StoreCore):
         sources: Sources | None = None,
         near_cache: bool = False,
         audit: Audit | None = None,
+        encryption: Keyring | str | None = None,
     ) -> None:
         if not isinstance(redis, Redis):
             raise TypeError(f"redis must be a redis.Redis client, not {type(redis).__name__}")
@@ -55,6 +57,7 @@ class TokenStore(StoreCore):
             clock=clock,
             sources=sources,
             audit=audit,
+            encryption=encryption,
         )
         self.redis = redis
         self._flights = Flights()
@@ -70,9 +73,11 @@ class TokenStore(StoreCore):
         queue: str | None = None,
         sources: Sources | None = None,
         near_cache: bool = False,
+        encryption: Keyring | str | None = None,
         **redis_options: Any,
     ) -> TokenStore:
         """A store on the Redis at ``url`` (``None`` reads ``TOKENCACHE_REDIS_URL``)."""
+        encryption = Keyring.of(encryption)  # a bad ring fails before a connection is made
         redis = connect(url, **redis_options)
         return cls(
             redis,
@@ -81,6 +86,7 @@ class TokenStore(StoreCore):
             queue=queue,
             sources=sources,
             near_cache=near_cache,
+            encryption=encryption,
         )
 
     def close(self) -> None:
@@ -128,10 +134,12 @@ class TokenStore(StoreCore):
         it) and refetched once for the whole fleet; a token already replaced is left alone, and a key
         evicts at most once per ``INVALIDATE_EVERY`` seconds. True if this call evicted it.
         """
-        key = parse_info(info, sub)
-        keys, args = self.invalidate_call(key, token)
+        key, rejected = parse_info(info, sub), rejected_token(token)
         with redis_errors(self.redis):
-            result = self.invalidated(key, token, scripts.INVALIDATE(self.redis, keys, args))
+            stored = cast(bytes | None, self.redis.hget(self.keys.token(key), "token"))
+            call = self.invalidate_call(key, rejected, stored)
+            reply = scripts.INVALIDATE(self.redis, *call) if call is not None else 0
+            result = self.invalidated(key, token, reply)
             if result is Invalidation.EVICTED:
                 with self.redis.pipeline(transaction=True) as pipe:
                     pipe.multi()  # before any command: RQ's enqueue_job() would start the transaction itself

@@ -1,4 +1,4 @@
-"""The ``tokencache`` command: token, ls, status, audit, worker, emulator, demo.
+"""The ``tokencache`` command: token, ls, status, audit, rekey, keygen, worker, emulator, demo.
 
 Conventions of the tools operators already use: ``token`` prints the token
 and nothing else (like ``gcloud auth print-access-token``); ``ls``/``status``
@@ -18,8 +18,10 @@ tab-separated output or send an escape sequence to the terminal.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -80,6 +82,22 @@ def _port(lowest: int) -> Callable[[str], int]:
         return value
 
     return port
+
+
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+
+
+def _host(text: str) -> str:
+    """An argparse type: an IP address or a host name to listen on (anything else fails at bind time,
+    after the pool has started, with a traceback)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        if not _HOSTNAME.fullmatch(text):
+            raise argparse.ArgumentTypeError(f"{text!r} is not an IP address or a host name") from None
+    return text
 
 
 def _store(args: argparse.Namespace, role: Role = Role.OPERATOR) -> TokenStore:
@@ -153,8 +171,16 @@ def _ls_row(record: TokenRecord, now: float) -> dict[str, Any]:
         "refresh_in": None if book.refresh_at is None else int(book.refresh_at - now),
         "last_refresh": _last_refresh(record, now),
         "failures": book.failures,
-        "token": mask(record.token.token),
+        "encrypted_with": record.key_id,
+        "token": _shown(record),
     }
+
+
+def _shown(record: TokenRecord) -> str:
+    """The token, masked; for one this process cannot decrypt, the id of the key it lacks."""
+    if record.unreadable is not None:
+        return f"(encrypted: {record.unreadable.key_id})"
+    return mask(record.token.token)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -198,15 +224,34 @@ def _status_rows(h: Health) -> list[tuple[str, str]]:
         ("worker pools", f"{h.pools} alive" + (f", {len(h.dead_pools)} stopped" if h.dead_pools else "")),
         ("workers", f"{h.workers} alive ({h.rq_registrations} RQ registrations)"),
         ("scheduler", "running" if h.scheduler else "NOT RUNNING"),
-        ("tokens cached", str(h.tokens)),
+        ("index entries", str(h.tokens)),
         ("refreshes scheduled / queued", f"{h.scheduled} / {h.queued}"),
         ("refreshes overdue", str(len(h.overdue))),
         ("refreshes failed (gave up)", str(h.failed)),
         ("tokens failing to refresh", str(len(h.failing))),
         ("bad keys skipped", str(len(h.skipped))),
+        ("tokens by encryption key", _by_key(h.encryption) or "-"),
+        ("tokens not decryptable here", str(len(h.undecryptable))),
         ("tokens expired, not replaced", str(len(h.expired))),
         ("jobs of other namespaces refused", str(len(h.refused))),
     ]
+
+
+def _by_key(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name} {n}" for name, n in sorted(counts.items()))
+
+
+def cmd_acl(args: argparse.Namespace) -> int:
+    """Print the Redis users' ``ACL SETUSER`` lines for the environment's namespace and queue (no Redis)."""
+    from tokencache.cli.acl import role_lines
+
+    namespace = env.namespace()
+    try:
+        lines = role_lines(namespace, env.queue_name(namespace))
+    except ValueError as e:
+        raise SystemExit(f"tokencache acl: {e}") from None
+    print("\n".join(lines))
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -235,6 +280,32 @@ def cmd_audit(args: argparse.Namespace) -> int:
     printer(entries)
     if args.follow:
         printer(audit.follow(store.redis, store.keys.audit, newest, wanted))
+    return 0
+
+
+def cmd_rekey(args: argparse.Namespace) -> int:
+    """Rewrite every cached token under the key ring's first entry; exit 1 if any could not be decrypted."""
+    from tokencache.cli.rekey import rekey
+
+    store = _store(args)
+    done = rekey(store, dry_run=args.dry_run)
+    writer = store.encryption.writer
+    verb = "would rewrite" if args.dry_run else "rewrote"
+    under = f"under key {writer!r}" if writer else "in plaintext"
+    for failure in done.failed:
+        print(f"tokencache: cannot decrypt {failure}", file=sys.stderr)
+    print(
+        f"{verb} {done.rewritten} {under}, {done.current} already current, {done.skipped} skipped, "
+        f"{len(done.failed)} failed ({done.seconds:.2f}s)"
+    )
+    return EXIT_ERROR if done.failed else 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """Print a new ring entry ``id:key`` (a random AES-256 key in base64) for TOKENCACHE_ENCRYPTION_KEYS."""
+    from tokencache.crypto import check_key_id, new_key
+
+    print(f"{check_key_id(args.id, '--id')}:{new_key()}")
     return 0
 
 
@@ -299,6 +370,18 @@ def _add_data_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser(
+        "rekey", parents=[common], help="rewrite every token under the first key of the ring (rotation)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="count what would be rewritten, write nothing")
+    p.set_defaults(func=cmd_rekey)
+
+    p = sub.add_parser("keygen", help=f"print a new id:key entry for ${env.ENCRYPTION_KEYS}")
+    p.add_argument(
+        "--id", default=time.strftime("k%Y%m%d", time.gmtime()), help="key id (default: kYYYYMMDD)"
+    )
+    p.set_defaults(func=cmd_keygen)
+
 
 def _add_audit_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
@@ -323,6 +406,7 @@ def _add_process_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--metrics-host",
+        type=_host,
         default=METRICS_HOST,
         help=f"address of the metrics page (default {METRICS_HOST}: it is unauthenticated; 0.0.0.0: all)",
     )
@@ -356,6 +440,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data_commands(sub, common)
     _add_audit_command(sub, common)
+    p = sub.add_parser(
+        "acl",
+        parents=[common],
+        help="print the Redis users' ACL SETUSER lines for this namespace (docs/security.md)",
+    )
+    p.set_defaults(func=cmd_acl)
     _add_process_commands(sub, common)
     return parser
 

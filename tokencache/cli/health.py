@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, NamedTuple, cast
 
@@ -50,6 +51,7 @@ from tokencache.core.connection import raise_other_errors, redis_errors
 from tokencache.core.pipeline import per_entry
 from tokencache.core.queue import job_target
 from tokencache.core.record import field_number
+from tokencache.crypto import PLAINTEXT
 from tokencache.keys import TokenKey
 from tokencache.worker.repair import fetch_jobs, overdue
 from tokencache.worker.scheduler import scheduler_running
@@ -77,6 +79,8 @@ class Health:
     rq_registrations: int
     scheduler: bool
     tokens: int
+    """Members of the namespace's index (ZCARD, one read however many): cached tokens, plus any junk
+    member someone wrote, which ``ls`` reports and skips; hence shown as "index entries"."""
     scheduled: int
     queued: int
     overdue: list[str]
@@ -90,6 +94,11 @@ class Health:
     """Cached tokens that expired more than a repair grace ago without a replacement."""
     refused: list[str] = field(default_factory=list)
     """Jobs of other namespaces that failed on this queue (refused by a worker that does not serve them)."""
+    encryption: dict[str, int] = field(default_factory=dict)
+    """Cached tokens by the id of the key they are encrypted with (``plaintext``): a rotation's progress."""
+    undecryptable: list[str] = field(default_factory=list)
+    """``key: why`` of cached tokens this process cannot decrypt (told, not a problem: status needs no
+    key, and a token's next refresh replaces one that fails authentication)."""
     problems: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -308,6 +317,28 @@ def _token_key(store: TokenStore, member: bytes) -> TokenKey | None:
         return None
 
 
+@dataclass
+class _Tokens:
+    """What one walk through the cached tokens tells: failing refreshes, and how they are stored."""
+
+    failing: list[str] = field(default_factory=list)
+    by_key: Counter[str] = field(default_factory=Counter)
+    undecryptable: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, store: TokenStore, now: float) -> _Tokens:
+        found = cls()
+        for record in store.records():
+            if record.token.expires <= now:
+                continue
+            if record.bookkeeping.failures:
+                found.failing.append(record.key.encode())
+            found.by_key[record.key_id or PLAINTEXT] += 1
+            if record.unreadable is not None:
+                found.undecryptable.append(f"{record.key.encode()}: {record.unreadable}")
+        return found
+
+
 def check(store: TokenStore, redis_url: str) -> Health:
     """Look at Redis, the workers, the scheduler and the refresh registries of ``store``'s namespace."""
     rq = store.refresh_queue
@@ -316,9 +347,7 @@ def check(store: TokenStore, redis_url: str) -> Health:
         version, memory = _server(store)
         live, dead = _pools(store, now)
         registrations = _registrations(store)
-        failing = [
-            r.key.encode() for r in store.records() if r.bookkeeping.failures and r.token.expires > now
-        ]
+        tokens = _Tokens.of(store, now)
         health = Health(
             redis_url=redis_url,
             redis_version=version,
@@ -337,10 +366,12 @@ def check(store: TokenStore, redis_url: str) -> Health:
             queued=rq.queue.count,
             overdue=[key.encode() for key in overdue(store)],
             failed=len(gave_up := _failed_that_matter(store, failed_jobs := _failed_jobs(store))),
-            failing=failing,
+            failing=tokens.failing,
             gave_up=gave_up,
             expired=_expired(store, now),
             refused=_refused(store, failed_jobs),
+            encryption=dict(tokens.by_key),
+            undecryptable=tokens.undecryptable,
         )
     health = replace(health, skipped=dict(skipped))  # complete now that every read is done
     return Health(**{**health.as_dict(), "problems": _problems(health)})

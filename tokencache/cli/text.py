@@ -7,26 +7,35 @@ output, and an escape sequence would reach the operator's terminal.
 
 from __future__ import annotations
 
-import re
+import unicodedata
 
 __all__ = ["cell", "printable"]
 
-_UNPRINTABLE = re.compile(
-    "[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb]"
-)
-"""C0 and C1 controls, DEL, and the invisible format characters that reorder or hide text in a terminal
-(bidi overrides, zero-width characters, line and paragraph separators)."""
+_INVISIBLE_FILLERS = frozenset("\u115f\u1160\u3164\uffa0")
+"""Hangul fillers: letters by category (Lo), yet they print as blank space a name could hide behind."""
 _NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _unprintable(char: str) -> bool:
+    """Every control, format, private-use, surrogate and unassigned character (category C*: C0 and C1
+    controls, DEL, bidi overrides, zero-width characters, tag characters), the line and paragraph
+    separators (Zl, Zp) and the invisible fillers: what reorders, hides or forges text in a terminal."""
+    category = unicodedata.category(char)
+    return category[0] == "C" or category in ("Zl", "Zp") or char in _INVISIBLE_FILLERS
 
 
 def printable(text: str) -> str:
     """``text`` with control and invisible format characters escaped (``\\t``, ``\\x1b``, ``\\u202e``)."""
-    return _UNPRINTABLE.sub(_escape, text)
+    if text.isprintable() and not _INVISIBLE_FILLERS.intersection(text):  # the common case, fast
+        return text
+    return "".join(_escape(char) if _unprintable(char) else char for char in text)
 
 
-def _escape(match: re.Match[str]) -> str:
-    char = match.group()
-    return _NAMED.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+def _escape(char: str) -> str:
+    code = ord(char)
+    if char in _NAMED:
+        return _NAMED[char]
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def cell(text: str) -> str:

@@ -59,7 +59,10 @@ C = TypeVar("C", Redis, AsyncRedis)
 
 MASK = "***"
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-_QUERY_PARAM = re.compile(r"([?&#;])([^=&#;]*)=([^&#;]*)")
+_QUERY_PARAM = re.compile(r"([?&#])([^=&#]*)=([^&#]*)")
+"""A query parameter as redis-py reads it (``parse_qs`` splits on ``&`` only: ``;`` is in the value)."""
+_SEMICOLON_PARAM = re.compile(r"(;)([^=&#;]*)=([^&#;]*)")
+"""A ``;``-separated parameter, as other parsers split (``?a=1;password=x``): masked too, never less."""
 
 
 def mask_url(url: str) -> str:
@@ -67,9 +70,10 @@ def mask_url(url: str) -> str:
     each query parameter whose name contains ``password`` (``?password=``, ``sentinel_password``).
 
     It never raises and parses nothing it does not need (no port, no host list), so comma-separated
-    Sentinel hosts, IPv6 literals, a bad port or a URL without a scheme still come back masked. The user
-    part ends at the URL's last ``@``, so ``@ / ? #`` typed raw into a password are masked with it (a
-    rare ``@`` in a query value masks more than needed, never less).
+    Sentinel hosts, IPv6 literals, a bad port or a URL without a scheme still come back masked. Query
+    passwords are masked first, up to the next ``&`` or ``#`` (``;`` included, as redis-py reads it),
+    then the user part, which ends at the URL's last ``@``, so ``@ / ? #`` typed raw into a password
+    are masked with it (a rare ``@`` in another query value masks more than needed, never less).
     """
     return _masked(url)[0]
 
@@ -80,13 +84,15 @@ def _masked(url: str) -> tuple[str, list[str]]:
     head = scheme.group() if scheme else ""
     rest = url[len(head) :]
     secrets: list[str] = []
+    for pattern in (_QUERY_PARAM, _SEMICOLON_PARAM):  # before the user part: a raw '@' in a query password
+        rest = pattern.sub(lambda m: _mask_param(m, secrets), rest)
     at = rest.rfind("@")  # the last one: '@', '/', '?' or '#' typed raw into a password stay inside
     if at >= 0:
         user, colon, password = rest[:at].partition(":")
         if colon:
             secrets.append(password)
             rest = f"{user}:{MASK}{rest[at:]}"
-    return head + _QUERY_PARAM.sub(lambda m: _mask_param(m, secrets), rest), [
+    return head + rest, [
         form for secret in secrets if secret for form in {secret, unquote(secret), unquote_plus(secret)}
     ]
 

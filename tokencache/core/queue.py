@@ -81,7 +81,9 @@ class RefreshJob(Job):
     this class that names another function, an instance or any callback fails
     with :class:`RefusedJobError` before anything is imported. A plain ``rq
     worker`` needs ``--job-class tokencache.scheduling.RefreshJob`` (or
-    ``RQ_JOB_CLASS``) for this guard and for the memory saving.
+    ``RQ_JOB_CLASS``): the refresh function refuses to run under any other
+    job class. It never sends a webhook (RQ 3 sends those a job hash lists)
+    and always uses the JSON serializer.
     """
 
     UNSET: ClassVar[tuple[str, ...]] = (
@@ -105,7 +107,14 @@ class RefreshJob(Job):
         "repeat_intervals",
     )
     _RUN_ONLY: ClassVar[tuple[str, ...]] = RUN_RECORD[:-2]
-    CLEARED: ClassVar[tuple[str, ...]] = tuple(dict.fromkeys(UNSET + RUN_RECORD + ("meta",)))
+    CLEARED: ClassVar[tuple[str, ...]] = tuple(dict.fromkeys(UNSET + RUN_RECORD + ("meta", "webhooks")))
+
+    def __init__(
+        self, id: str | None = None, connection: Redis | None = None, serializer: Any = None
+    ) -> None:
+        """RQ's Job, always with the JSON serializer: refresh jobs are JSON, and a ``rq worker --job-class``
+        without ``--serializer`` must never unpickle what a job hash holds (its meta, say)."""
+        super().__init__(id, connection=connection, serializer=JSONSerializer)
 
     @property
     def func(self) -> Any:
@@ -115,15 +124,21 @@ class RefreshJob(Job):
 
     def _check_allowed(self) -> None:
         callbacks = (self._success_callback_name, self._failure_callback_name, self._stopped_callback_name)
-        if self.func_name == REFRESH_FUNC and self.instance is None and not any(callbacks):
+        plain = self.instance is None and not any(callbacks) and not self.webhooks
+        if self.func_name == REFRESH_FUNC and plain:
             return
         extras = [f"callback {name!r}" for name in callbacks if name]
         extras += ["an instance"] if self.instance is not None else []
+        extras += [f"{len(self.webhooks)} webhook(s)"] if self.webhooks else []
         named = f"function {self.func_name!r}" + "".join(f", {extra}" for extra in extras)
         raise RefusedJobError(
             f"job {self.id!r} names {named}: a tokencache worker runs only {REFRESH_FUNC}, without an "
-            "instance or callbacks; refused, nothing imported or run"
+            "instance, callbacks or webhooks; refused, nothing imported, run or sent"
         )
+
+    def send_webhooks(self, status: Any, *, exc_string: str | None = None) -> None:
+        """Never: RQ 3 keeps webhooks in the job hash as data and the worker sends them itself, so a
+        planted one would make a credential-holding worker call any URL; refresh jobs have none."""
 
     # Never a callback: refresh jobs have none, and a planted one must not run even when the job fails.
     @property
@@ -195,6 +210,7 @@ class RefreshQueue:
     def schedule(self, pipe: Pipeline, key: TokenKey, refresh_before: int, at: datetime) -> Job:
         """Add (or move) the token's one refresh job to ``at`` inside ``pipe``'s transaction."""
         job = self._job(pipe, key, refresh_before, JobStatus.SCHEDULED)
+        pipe.persist(job.key)  # a failed run left RQ's failure_ttl on the hash: this job lives on
         return self.queue.schedule_job(job, at.astimezone(UTC), pipeline=_for_rq(pipe))
 
     def cancel(self, pipe: Pipeline, key: TokenKey) -> None:
@@ -217,6 +233,7 @@ class RefreshQueue:
         job = self._job(pipe, key, refresh_before, JobStatus.QUEUED)
         pipe.zrem(self.scheduled.key, job.id)
         pipe.lrem(self.queue.key, 0, job.id)
+        pipe.persist(job.key)  # as in schedule(): no expiry a failed (or refused) run left
         return self.queue.enqueue_job(job, pipeline=_for_rq(pipe))
 
     def enqueue(self, key: TokenKey, refresh_before: int) -> Job:

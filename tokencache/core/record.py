@@ -13,6 +13,10 @@ and the fleet evicted it (``invalidate()``): the hash stays, so that repair and
 the refresh job still see the token, but nobody is handed it. A successful
 write drops them all. The refresh
 job's id is not stored: it is derived from the key (:meth:`Keys.job_id`).
+
+With encryption on (:mod:`tokencache.crypto`), the ``token`` field holds the access token encrypted
+under the hash's own Redis key, and only it: every other field stays readable. So every write and
+read here takes that key and the process's :class:`~tokencache.crypto.Keyring`.
 """
 
 from __future__ import annotations
@@ -20,9 +24,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from tokencache.crypto import Keyring
+from tokencache.errors import EncryptionError
 from tokencache.token import Token
 
-__all__ = ["REJECTED", "Bookkeeping", "MalformedRecord", "field_number", "from_fields", "to_fields"]
+__all__ = [
+    "REJECTED",
+    "Bookkeeping",
+    "MalformedRecord",
+    "field_number",
+    "from_fields",
+    "read_fields",
+    "to_fields",
+]
 
 TOKEN_FIELDS = ("token", "type", "scope", "sub", "account", "expires")
 REJECTED = b"rejected_at"
@@ -42,10 +56,13 @@ def field_number(raw: bytes | None) -> float | None:
         return None
 
 
-def to_fields(token: Token, *, refresh_at: int, refreshed_at: int | None) -> dict[str, str]:
-    """The hash of a token being written, bookkeeping reset (``refreshed_at``: when it was fetched)."""
+def to_fields(
+    token: Token, *, redis_key: str, ring: Keyring, refresh_at: int, refreshed_at: int | None
+) -> dict[str, str]:
+    """The hash of a token being written to ``redis_key``, bookkeeping reset (``refreshed_at``: when it
+    was fetched); the access token encrypted if ``ring`` writes encrypted."""
     fields = {
-        "token": token.token,
+        "token": ring.seal(token.token, redis_key),
         "type": token.type,
         "scope": token.scope,
         "sub": token.sub or "",
@@ -68,9 +85,33 @@ def _text(raw: Mapping[bytes, bytes], name: str) -> str:
         raise MalformedRecord(f"field {name!r} is not UTF-8") from e
 
 
-def from_fields(raw: Mapping[bytes, bytes]) -> Token:
-    """The Token stored in ``raw`` (an HGETALL reply), or MalformedRecord saying what is wrong."""
-    values = {name: _text(raw, name) for name in TOKEN_FIELDS}
+def from_fields(raw: Mapping[bytes, bytes], *, redis_key: str, ring: Keyring) -> Token:
+    """The Token stored in ``raw`` (an HGETALL reply of ``redis_key``), decrypted; MalformedRecord saying
+    what is wrong, or EncryptionError naming the key id if ``ring`` cannot decrypt it."""
+    values = _values(raw)
+    values["token"] = ring.open(values["token"], redis_key)
+    return _token(values)
+
+
+def read_fields(
+    raw: Mapping[bytes, bytes], *, redis_key: str, ring: Keyring
+) -> tuple[Token, EncryptionError | None]:
+    """As :func:`from_fields`, for readers that need every other field even when ``ring`` cannot decrypt
+    the token (listings, the refresh job): then the Token holds the stored (encrypted) value, and the
+    error says why. MalformedRecord as from_fields."""
+    values = _values(raw)
+    try:
+        values["token"] = ring.open(values["token"], redis_key)
+    except EncryptionError as e:
+        return _token(values), e
+    return _token(values), None
+
+
+def _values(raw: Mapping[bytes, bytes]) -> dict[str, str]:
+    return {name: _text(raw, name) for name in TOKEN_FIELDS}
+
+
+def _token(values: dict[str, str]) -> Token:
     try:
         expires = int(values["expires"])
     except ValueError:

@@ -34,6 +34,7 @@ __all__ = [
     "EXTEND",
     "INVALIDATE",
     "RECORD_FAILURE",
+    "REKEY",
     "RELEASE",
     "REPLACE_IF_INDEXED",
     "LuaScript",
@@ -215,5 +216,28 @@ if ARGV[4] ~= '0' then
     redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', unpack(entry))
 end
 return 1
+""",
+)
+
+REKEY = LuaScript(
+    "rekey",
+    """
+-- Re-encrypt a token in place (tokencache rekey): only if its token field still holds what was read,
+-- so a token refreshed meanwhile (already written under the ring's first key) is left as it is. The
+-- other fields and the hash's EXPIREAT stay.
+-- KEYS[1]  the token hash
+-- ARGV[1]  the token field as read
+-- ARGV[2]  the same token encrypted under the ring's first key (or in plaintext)
+-- returns  1 if rewritten (or rewritten already: a pipeline run again after NOSCRIPT), 0 if the
+--          field changed (or the hash went) since it was read
+local stored = redis.call('HGET', KEYS[1], 'token')
+if stored == ARGV[1] then
+    redis.call('HSET', KEYS[1], 'token', ARGV[2])
+    return 1
+end
+if stored == ARGV[2] then
+    return 1
+end
+return 0
 """,
 )

@@ -19,6 +19,11 @@ its token back. Only a hopeless error (configuration, credentials the endpoint
 rejects) stops the job, which then fails into RQ's failed registry with the reason
 in its meta. A rate-limited answer puts the whole account on hold for its
 ``Retry-After`` (``{ns}:backoff:{account}``), which every fetcher honours.
+
+A refresh reads only the hash's clear fields (scope, account, expiry, bookkeeping), never the
+access token, so a token this worker cannot decrypt (encrypted with a key its ring lacks, or
+failing authentication) is refreshed all the same, with a warning: the new token, written
+under this worker's ring, replaces what nobody could use.
 """
 
 from __future__ import annotations
@@ -66,6 +71,9 @@ from tokencache.worker.writes import hold_left, record_failure, replace_if_index
 __all__ = ["Refresher", "backoff", "refresh"]
 
 log = logging.getLogger(__name__)
+
+JOB_CLASS = "tokencache.scheduling.RefreshJob"
+"""The job class a worker must load refresh jobs with (``rq worker --job-class``): the stable path."""
 
 
 _DOUBLINGS = 30
@@ -138,7 +146,16 @@ class Refresher:
         return Outcome.REFRESHED, max(MIN_DELAY, self.store.due_at(token, fetched=True) - self.store.clock())
 
     def fetch(self, current: TokenRecord | None) -> Token:
-        """A new token from the key's source (RefreshError if it lives too short to be worth storing)."""
+        """A new token from the key's source (RefreshError if it lives too short to be worth storing).
+
+        Also a batch member's fetch. A stored token this worker cannot decrypt is refreshed all the same
+        (see the module docstring), and said so."""
+        if current is not None and current.unreadable is not None:
+            log.warning(
+                "refreshing %s, whose stored token this worker cannot read: %s",
+                self.key.encode(),
+                current.unreadable,
+            )
         token = self.sources.fetch(self.key, scope=self._scope(current), account=self._account(current))
         if token.expires_in(self.store.clock()) <= EXPIRY_SKEW + 1:
             raise RefreshError(f"the token endpoint returned a token that lives {token.expires_in():.0f}s")
@@ -228,6 +245,20 @@ def _remember_failures(job: Job, failures: int) -> None:
         job.meta["failures"] = 0  # RQ's own Job never writes an empty meta, so reset it explicitly
 
 
+def _check_job_class(job: Job) -> None:
+    """Refuse to run under RQ's plain Job: such a worker runs any function a job hash names, so it must show
+    up (failed registry, ``tokencache status``) instead of refreshing tokens unguarded."""
+    if isinstance(job, RefreshJob):
+        return
+    error = ConfigurationError(
+        f"refresh job {job.id} ran as {type(job).__name__}, not {JOB_CLASS}: this worker would run any "
+        f"function a job hash names. Start plain rq worker with --job-class {JOB_CLASS} (or "
+        f"RQ_JOB_CLASS={JOB_CLASS}); tokencache worker always uses it"
+    )
+    _mark_gave_up(job, error)
+    raise error
+
+
 def _check_served(job: Job, namespace: str) -> None:
     """Refuse a job of a namespace this worker does not serve (``TOKENCACHE_NAMESPACE``): the worker's
     credentials are its own namespace's, and a token of another namespace must never be fetched with them.
@@ -267,6 +298,7 @@ def refresh(refresh_before: int, **old_format: object) -> str:
     job = get_current_job()
     if not isinstance(job, Job):
         raise RuntimeError("tokencache.refresh.refresh runs inside an RQ worker")
+    _check_job_class(job)
     namespace, key = job_target(job)
     _check_served(job, namespace)
     store = TokenStore(

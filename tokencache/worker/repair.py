@@ -25,13 +25,17 @@ kept alive (re-enqueued if its job is lost) until it succeeds, a ``delete()``
 removes it, or it gives up on a hopeless error. Repair drops only placeholders
 nobody waits for any more whose refresh is lost or gave up, and never moves a
 refresh that is backing off (failures in the hash, or its account on hold).
+
+A job RQ calls ``queued`` is lost too when the queue is empty: an idle RQ worker
+pops a job id before it starts the job, and a stop signal in between (a rolling
+restart) ends the worker with the job popped and never run.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import NamedTuple, cast
 
@@ -71,7 +75,8 @@ class _Entry:
     job: Job | None  # read only where a verdict needs it: overdue, or started with its lock free
     overdue: bool  # due longer than REPAIR_GRACE ago: past the scheduler's normal jitter
     started: bool  # RQ says a worker runs its job now
-    jobless: bool  # no job hash and nothing in RQ's schedule: its job record is gone
+    jobless: bool = False  # no job hash and nothing in RQ's schedule: its job record is gone
+    queue_empty: bool = False  # the refresh queue held no job when the pass read it (see _queued_verdict)
 
     @property
     def cached(self) -> bool:
@@ -174,11 +179,12 @@ def _due_entries(store: TokenStore, now: float) -> tuple[list[_Entry], list[byte
             if expires <= overdue_until or found.dead_suspect
         ]
         jobs = dict(zip(needed, fetch_jobs(store, needed), strict=True))
+        queue_empty = bool(needed) and not store.redis.llen(store.refresh_queue.queue.key)
     due = [
         _entry(store, key, expires, found, jobs.get(store.keys.job_id(key)), overdue=expires <= overdue_until)
         for (key, expires), found in zip(entries, lookups, strict=True)
     ]
-    return [entry for entry in due if entry is not None], junk
+    return [replace(entry, queue_empty=queue_empty) for entry in due if entry is not None], junk
 
 
 def _entry(
@@ -288,9 +294,24 @@ def _overdue_verdict(entry: _Entry, now: float) -> Verdict:
         return _failed_verdict(entry)
     if status == JobStatus.SCHEDULED:
         return _scheduled_verdict(entry, now)
-    if status in (JobStatus.QUEUED, JobStatus.STARTED):
-        return Verdict.OK  # waiting for a worker, or (started since our read) running
+    if status == JobStatus.QUEUED:
+        return _queued_verdict(entry, now)
+    if status == JobStatus.STARTED:
+        return Verdict.OK  # started since our read: running
     return Verdict.ENQUEUE  # finished without a repeat, stopped, canceled
+
+
+def _queued_verdict(entry: _Entry, now: float) -> Verdict:
+    """A queued job waits for a worker, unless the queue is empty: then a worker popped it and stopped
+    before running it (RQ pops while idle, and a warm stop landing in between ends the worker with
+    the job popped: a rolling restart's SIGTERM), and nothing will ever run it. A job enqueued within
+    the grace may be one a live worker popped and is about to start: left to it."""
+    job = entry.job
+    if not entry.queue_empty or job is None or job.enqueued_at is None:
+        return Verdict.OK
+    enqueued = job.enqueued_at if job.enqueued_at.tzinfo else job.enqueued_at.replace(tzinfo=UTC)
+    waited = (datetime.fromtimestamp(now, UTC) - enqueued).total_seconds()
+    return Verdict.ENQUEUE if waited > REPAIR_GRACE else Verdict.OK
 
 
 def _enqueue(store: TokenStore, entry: _Entry) -> None:

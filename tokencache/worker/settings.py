@@ -10,6 +10,8 @@ the workers serve one namespace and refuse the jobs of any other.
 Give ``--job-class``: with it the workers run nothing but the refresh (a job
 naming any other function is refused), and a job rescheduled after its run
 sheds RQ's record of that run (docs/performance.md has the bytes per token).
+Without it the refresh function refuses to run (a ConfigurationError naming
+the option, in the failed registry and ``tokencache status``).
 
 A ``redis+sentinel://`` URL in ``TOKENCACHE_REDIS_URL`` becomes RQ's own
 ``SENTINEL`` setting (``REDIS_URL`` is then None, which is how RQ picks it),

@@ -88,9 +88,12 @@ def replace_if_indexed(
     """
     now = int(store.clock())
     refresh_at = store.due_at(token, fetched=True)
-    fields = flat(to_fields(token, refresh_at=refresh_at, refreshed_at=now))
+    redis_key = store.keys.token(key)
+    fields = flat(
+        to_fields(token, redis_key=redis_key, ring=store.encryption, refresh_at=refresh_at, refreshed_at=now)
+    )
     entry = store.audit.entry(Event.FETCHED, key, outcome=outcome, token=token.token, expires=token.expires)
-    keys = [store.keys.token(key), store.keys.index, store.keys.want(key), store.keys.error(key)]
+    keys = [redis_key, store.keys.index, store.keys.want(key), store.keys.error(key)]
     args: list[EncodableT] = [token.expires, store.keys.channel(key), ok_message(), len(fields), *fields]
     args += store.audit.script_args(entry)
 

@@ -1,0 +1,166 @@
+"""Turning encryption on and rotating its key under a running fleet, with no miss and no error.
+
+A real fleet changes its configuration one process at a time: each phase here starts a new worker
+pool with the new ring before the old pool stops (a rolling restart), and switches the app readers
+to the new ring one by one while both pools run, so every mix of neighbouring rings meets every
+token. The workers refresh short-lived tokens throughout, so tokens are rewritten under whatever
+ring their refresher holds while the apps read them.
+
+The phases are the documented procedures (docs/encryption.md): turn on (``plaintext,k1`` everywhere,
+then ``k1`` everywhere, then ``rekey``) and rotate (``k1,k2``, then ``k2,k1``, then ``rekey``, then
+``k2``). Each reader calls ``find()`` on every token in a loop: a ``None`` is a miss, anything
+raised an error, and both must stay at zero.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from tokencache import Token, TokenStore
+from tokencache.cli.rekey import Rekeyed, rekey
+from tokencache.core.sources import Sources
+from tokencache.crypto import new_key
+from tokencache.testing.emulator import Emulator
+from tokencache.testing.workers import PoolProcess
+
+from .conftest import SCOPE, Workers
+
+K1, K2 = new_key(), new_key()
+PHASES = [
+    # (what the phase does, the ring every process holds by its end, rekey after it)
+    ("plaintext fleet", "", False),
+    ("turn on 1/2: decrypt k1, write plaintext", f"plaintext,k1:{K1}", False),
+    ("turn on 2/2: write k1; rekey encrypts the rest", f"k1:{K1}", True),
+    ("rotate 1/3: add k2 second", f"k1:{K1},k2:{K2}", False),
+    ("rotate 2/3: k2 first; rekey re-encrypts", f"k2:{K2},k1:{K1}", True),
+    ("rotate 3/3: drop k1", f"k2:{K2}", False),
+]
+TOKENS = 40
+READERS = 4
+"""App readers; every other one with a near cache (which a rekey's rewrite of a token invalidates)."""
+LIFETIME = 14
+"""Seconds a token from the emulator lives: its refresh comes at half-life, so every phase sees
+refreshes under the rings of both of its pools."""
+HOLD = 3.0
+"""Seconds each phase runs once every process holds its ring."""
+
+
+@dataclass
+class Reader:
+    """An app process's reads: ``find()`` on every token in a loop, on a store of its current ring."""
+
+    redis_url: str
+    namespace: str
+    ring: str
+    near_cache: bool
+    reads: int = 0
+    misses: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        ring, store = self.ring, self._store(self.ring)
+        while not self.stop.is_set():
+            if self.ring != ring:  # restarted with the new configuration
+                store.close()
+                ring, store = self.ring, self._store(self.ring)
+            self._round(store, ring)
+            time.sleep(0.01)
+        store.close()
+
+    def _store(self, ring: str) -> TokenStore:
+        return TokenStore.from_url(
+            self.redis_url,
+            namespace=self.namespace,
+            sources=Sources(use_adc=False),
+            encryption=ring,
+            near_cache=self.near_cache,
+        )
+
+    def _round(self, store: TokenStore, ring: str) -> None:
+        for i in range(TOKENS):
+            try:
+                if store.find(SCOPE, f"u{i}") is None:
+                    self.misses.append(
+                        f"u{i} at {time.time():.2f}, ring {ring.split(',')[0].split(':')[0]!r}"
+                    )
+            except Exception as e:
+                self.errors.append(f"u{i}: {e!r}")
+            self.reads += 1
+
+
+@pytest.mark.timeout(400)
+def test_turning_encryption_on_and_rotating_under_a_running_fleet(
+    store: TokenStore, workers: Workers, emulator: Emulator, redis_url: str
+) -> None:
+    emulator.config.lifetime = LIFETIME
+    expires = int(time.time()) + LIFETIME
+    for i in range(TOKENS):
+        store.store(Token(token=f"ya29.seed-{i:03}-0000", scope=SCOPE, expires=expires, sub=f"u{i}"))
+    readers = [
+        Reader(redis_url, store.keys.namespace, PHASES[0][1], near_cache=i % 2 == 1) for i in range(READERS)
+    ]
+    threads = [threading.Thread(target=r.run, daemon=True) for r in readers]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    try:
+        rekeys, issued = _run_phases(workers, redis_url, store.keys.namespace, readers, emulator)
+    finally:
+        for reader in readers:
+            reader.stop.set()
+        for thread in threads:
+            thread.join(10)
+    misses, errors = [m for r in readers for m in r.misses], [e for r in readers for e in r.errors]
+    print(f"\n{len(PHASES)} phases in {time.monotonic() - started:.1f}s: {sum(r.reads for r in readers)} "
+          f"reads, {len(misses)} misses, {len(errors)} errors; tokens issued per phase {issued}")  # fmt: skip
+    for name, done in rekeys:
+        print(f"rekey after '{name}': {done.rewritten} rewritten, {done.current} already current, "
+              f"{done.skipped} skipped, {len(done.failed)} failed, in {done.seconds:.3f}s")  # fmt: skip
+    assert errors == [] and misses == [], (errors[:5], misses[:5])
+    assert sum(issued) >= TOKENS, "the workers refreshed every token during the run"
+    for _, done in rekeys:  # skipped: refreshed between the read and the write, under the new key already
+        assert not done.failed and done.rewritten > 0
+        assert done.rewritten + done.current + done.skipped == TOKENS
+    final = TokenStore(store.redis, namespace=store.keys.namespace, encryption=PHASES[-1][1])
+    assert [r.key_id for r in final.records()] == ["k2"] * TOKENS
+    assert all(r.unreadable is None for r in final.records())
+
+
+def _run_phases(
+    workers: Workers, redis_url: str, namespace: str, readers: list[Reader], emulator: Emulator
+) -> tuple[list[tuple[str, Rekeyed]], list[int]]:
+    """Every phase after the first, a rolling restart each; the rekey runs and the tokens issued per phase."""
+    pool = _pool(workers, redis_url, PHASES[0][1])
+    rekeys: list[tuple[str, Rekeyed]] = []
+    issued = [emulator.stats()["issued"]]
+    for name, ring, then_rekey in PHASES[1:]:
+        pool = _switch(workers, redis_url, pool, readers, ring)
+        if then_rekey:
+            with TokenStore.from_url(redis_url, namespace=namespace, encryption=ring) as operator:
+                rekeys.append((name, rekey(operator)))
+        time.sleep(HOLD)
+        issued.append(emulator.stats()["issued"] - sum(issued))
+    return rekeys, issued
+
+
+def _pool(workers: Workers, redis_url: str, ring: str) -> PoolProcess:
+    pool = PoolProcess(redis_url, 2, env={**workers.env(), "TOKENCACHE_ENCRYPTION_KEYS": ring})
+    workers.pools.append(pool)
+    return pool.start(wait=True, timeout=60)
+
+
+def _switch(
+    workers: Workers, redis_url: str, old: PoolProcess, readers: list[Reader], ring: str
+) -> PoolProcess:
+    """A rolling restart onto ``ring``: a new pool starts, the readers move one by one, the old pool stops."""
+    new = _pool(workers, redis_url, ring)
+    for reader in readers:
+        reader.ring = ring
+        time.sleep(0.2)
+    old.stop()
+    return new
