@@ -137,7 +137,9 @@ def test_mask_url_never_raises(url: str) -> None:
         f"redis://localhost:6379/0?password={SECRET}&socket_timeout=abc",
         f"redis://:{SECRET}@localhost:notaport/0",
         f"redis://localhost:6379/0?socket_timeout=x&sentinel_password={SECRET}",
-        f"redis+sentinel://u:{SECRET}@h1:1,h2:2/svc",
+        f"redis+sentinel://u:{SECRET}@h1:bad,h2:2/svc",
+        f"redis+sentinel://u:{SECRET}@h1:1,h2:2",
+        f"rediss+sentinel://u:{SECRET}@h1/svc?socket_timeout=x",
     ],
 )
 def test_a_bad_url_error_never_shows_the_password(url: str) -> None:

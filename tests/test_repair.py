@@ -347,3 +347,15 @@ def test_a_queued_job_no_worker_will_run_is_enqueued_again(store: TokenStore) ->
     assert repair(later(store, 95))["enqueue"] == 1
     assert queued(store) == [job_id] and status(store, job_id) == JobStatus.QUEUED
     assert repair(later(store, 95))["enqueue"] == 0  # in the queue again: left to the workers
+
+
+def test_a_due_token_whose_job_record_is_gone_gets_it_back_before_it_is_overdue(store: TokenStore) -> None:
+    """A failover can lose a job record while the token stays; another token's batch may then keep
+    refreshing the token (it moves a member's job only if it is still scheduled), so it never comes
+    overdue: repair must rebuild the job as soon as the token is due, not wait for overdue."""
+    _, job_id = stored(store, expires_in=store.refresh_before + 1)  # due in 1 s: in repair's horizon
+    store.redis.delete(Job.key_for(job_id))
+    store.redis.zrem(store.refresh_queue.scheduled.key, job_id)
+    assert repair(store) == {"enqueue": 1}
+    assert queued(store) == [job_id]
+    assert repair(store) == {"ok": 1}  # once rebuilt, left alone

@@ -220,6 +220,16 @@ HEALTH_CHECK_INTERVAL = 30
 SOCKET_TIMEOUT = 5.0
 """Seconds before a Redis call gives up: long enough for a loaded server, short enough for a request."""
 
+FOLLOW_EVERY = 0.5
+"""Seconds a connection to a Sentinel-managed primary trusts the sentinels' last word on which node is
+the master before it asks again (before its next command). After a failover the old master stays
+writable until Sentinel demotes it (8-10 s measured): a write sent to it then is lost, so each
+connection checks at most this long after the switch and moves to the new master."""
+
+SENTINEL_TIMEOUT = 1.0
+"""Seconds one question to one sentinel may take: a dead sentinel must not stall a command for long
+(the others are asked in turn)."""
+
 INDEX_PAGE = 500
 """Index entries read per round trip when listing every token (``tokens()``, ``ls``)."""
 

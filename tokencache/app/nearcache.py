@@ -47,9 +47,11 @@ import redis
 import redis.connection
 from redis._parsers import _RESP3Parser
 from redis.asyncio import Redis as AsyncRedis
+from redis.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
 
 from tokencache.constants import (
     EXPIRY_SKEW,
+    FOLLOW_EVERY,
     LEASE,
     NEAR_MAX_ENTRIES,
     NEAR_POLL,
@@ -59,6 +61,8 @@ from tokencache.constants import (
     RETRY_MAX,
     RETRY_MIN,
 )
+from tokencache.core.connection import connect
+from tokencache.core.sentinel import master_moved
 from tokencache.errors import ConfigurationError
 from tokencache.token import Token
 
@@ -187,6 +191,18 @@ def tracking_connection_factory(client: redis.Redis | AsyncRedis) -> Callable[[]
     could be a push; the reader pings itself instead.
     """
     pool = client.connection_pool
+    sentinel_url = getattr(pool, "tokencache_url", "")
+    if sentinel_url:
+        # A sync twin of the pool (the reader is a thread), whose manager asks the sentinels where the
+        # master is. Its connections do not move by themselves: a silent move would lose tracking, so
+        # the reader checks (master_moved) and starts over, emptying the cache.
+        pool = connect(sentinel_url).connection_pool
+        kwargs = dict(pool.connection_kwargs)
+        kwargs.update(protocol=3, parser_class=_RESP3Parser, health_check_interval=0, socket_keepalive=True)
+        kwargs["socket_timeout"] = NEAR_READ_TIMEOUT
+        tls = issubclass(pool.connection_class, redis.SSLConnection)
+        sentinel_class: Any = SentinelManagedSSLConnection if tls else SentinelManagedConnection
+        return lambda: sentinel_class(**kwargs)
     kwargs = dict(pool.connection_kwargs)
     kwargs.update(protocol=3, parser_class=_RESP3Parser, health_check_interval=0, socket_keepalive=True)
     if kwargs.get("socket_timeout") is None:
@@ -220,6 +236,7 @@ class _Reader(threading.Thread):
         self._connect = cache.connection
         self._prefix = cache.prefix
         self._warned = False
+        self._tracked = False  # whether the last session got as far as tracking
 
     def _cache(self) -> NearCache:
         cache = self._cache_ref()
@@ -237,6 +254,8 @@ class _Reader(threading.Thread):
                 return
             except (redis.RedisError, OSError) as e:
                 self._report(e)
+                if self._tracked:  # it worked until now (a failover, a restart): try again soon
+                    delay, self._tracked = RETRY_MIN, False
             except Exception:  # a bug or a surprise must not end the near cache for good
                 log.exception("near cache reader failed; starting over (find() reads Redis meanwhile)")
             finally:
@@ -268,6 +287,7 @@ class _Reader(threading.Thread):
             conn.send_command("CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", self._prefix)
             self._reply(conn)  # OK (a refusal raises ResponseError)
             self._cache()._set_active(True)
+            self._tracked = True
             if self._warned:
                 log.warning("near cache on again: Redis tracking is back")
                 self._warned = False
@@ -284,8 +304,13 @@ class _Reader(threading.Thread):
 
     def _listen(self, conn: Any) -> None:
         ping_sent: float | None = None
+        followed = time.monotonic()
         while not self._closed.is_set():
             now = time.monotonic()
+            if now - followed > FOLLOW_EVERY:
+                followed = now
+                if master_moved(conn):  # writes now go elsewhere, unseen: start over on the new master
+                    raise redis.ConnectionError("the Redis master moved (a Sentinel failover)")
             if conn.can_read(timeout=NEAR_POLL):
                 reply = conn.read_response(push_request=True)
                 if not self._apply(reply):

@@ -43,8 +43,6 @@ from rq import worker_registration
 from rq.exceptions import DeserializationError
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
-from rq.scheduler import SCHEDULER_KEY_TEMPLATE, RQScheduler
-from rq.utils import utcparse
 
 from tokencache.app.reads import WRONG_TYPE, bad_keys
 from tokencache.app.tokenstore import TokenStore
@@ -56,6 +54,7 @@ from tokencache.core.record import field_number
 from tokencache.crypto import PLAINTEXT
 from tokencache.keys import TokenKey
 from tokencache.worker.repair import fetch_jobs, overdue
+from tokencache.worker.scheduler import scheduler_running
 
 __all__ = ["UNKNOWN", "Health", "check"]
 
@@ -190,23 +189,6 @@ def _registrations(store: TokenStore) -> int:
         for key in keys:
             pipe.exists(key)
         return sum(1 for there in pipe.execute() if there)
-
-
-def _scheduler_running(store: TokenStore, now: float) -> bool:
-    """Whether the scheduler holding RQ's lock for the refresh queue beat in the last SCHEDULER_TTL s."""
-    holder = cast(bytes | None, store.redis.get(RQScheduler.get_locking_key(store.refresh_queue.name)))
-    if holder is None:
-        return False
-    pid, beat = cast(
-        list[bytes | None],
-        store.redis.hmget(SCHEDULER_KEY_TEMPLATE % holder.decode(), ["pid", "last_heartbeat"]),
-    )
-    if beat is None:
-        return pid is not None  # an RQ that writes no beats: trust its lock, as before
-    try:
-        return now - utcparse(beat.decode()).timestamp() <= SCHEDULER_TTL
-    except ValueError:
-        return True  # a beat we cannot read: the lock is all we have
 
 
 def _target(store: TokenStore, job: Job | None) -> TokenKey | None:
@@ -378,7 +360,7 @@ def check(store: TokenStore, redis_url: str) -> Health:
             # so they count only where no tokencache pool ever ran (plain 'rq worker').
             workers=sum(live.values()) if live or dead else registrations,
             rq_registrations=registrations,
-            scheduler=_scheduler_running(store, now),
+            scheduler=scheduler_running(store.redis, store.refresh_queue.name, now),
             tokens=int(store.redis.zcard(store.keys.index)),
             scheduled=rq.scheduled.get_job_count(cleanup=False),
             queued=rq.queue.count,

@@ -7,6 +7,7 @@ never imports this package. The parts:
 - :class:`Emulator`, :class:`EmulatorConfig` (:mod:`.emulator`): Google's token endpoint and
   metadata server on a local port, issuing key files google-auth accepts;
 - :class:`EmbeddedRedis`, :func:`free_port` (:mod:`.redisserver`): a throw-away redis-server;
+  :class:`SentinelSetup`: a primary, a replica and three sentinels, for failover tests;
 - :class:`PoolProcess` (:mod:`.workers`): ``tokencache worker -n N`` in a subprocess, with a
   readiness check that waits until a stop signal can no longer be lost;
 - :class:`StartBarrier`, :func:`arrive` (:mod:`.barrier`): release N processes at one instant;
@@ -24,13 +25,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from tokencache.testing.barrier import StartBarrier, arrive
     from tokencache.testing.emulator import Emulator, EmulatorConfig
-    from tokencache.testing.redisserver import EmbeddedRedis, free_port
+    from tokencache.testing.redisserver import EmbeddedRedis, SentinelSetup, free_port
     from tokencache.testing.workers import PoolError, PoolProcess, isolated_env
 
 __all__ = [  # noqa: RUF022 - grouped by part, as the docstring lists them
     "Emulator",
     "EmulatorConfig",
     "EmbeddedRedis",
+    "SentinelSetup",
     "free_port",
     "PoolProcess",
     "PoolError",
@@ -43,6 +45,7 @@ _HOMES = {
     "Emulator": "emulator",
     "EmulatorConfig": "emulator",
     "EmbeddedRedis": "redisserver",
+    "SentinelSetup": "redisserver",
     "free_port": "redisserver",
     "PoolProcess": "workers",
     "PoolError": "workers",

@@ -10,6 +10,7 @@ carry the CA and the client's certificate.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -26,7 +27,7 @@ from redis import Redis
 
 from tokencache.errors import ConfigurationError
 
-__all__ = ["EmbeddedRedis", "ServerTLS", "free_port"]
+__all__ = ["EmbeddedRedis", "SentinelSetup", "ServerTLS", "free_port"]
 
 INSTALL_HINT = (
     "redis-server is not installed: install Debian's package with "
@@ -176,3 +177,149 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc: object | TracebackType) -> None:
         self.stop()
+
+
+class SentinelSetup:
+    """A primary, a replica and three sentinels (``redis-server --sentinel``), each on a free port.
+
+    ``url`` is the ``redis+sentinel://`` URL of the service. The sentinels judge a node down after
+    ``down_after_ms`` (1 s: a failover in tests takes seconds, not the default minute), and the
+    nodes sync with no diskless delay, so a replica is in sync well under a second after it starts.
+    """
+
+    def __init__(
+        self, *, service: str = "tokencache", down_after_ms: int = 1000, failover_timeout_ms: int = 5000
+    ) -> None:
+        self.service = service
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        node_args = ["--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"]
+        self.nodes = [EmbeddedRedis(args=node_args)]
+        self.nodes.append(
+            EmbeddedRedis(args=[*node_args, "--replicaof", "127.0.0.1", str(self.nodes[0].port)])
+        )
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self._sentinels: list[subprocess.Popen[bytes]] = []
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{self.service}/0"
+
+    def sentinel(self, index: int = 0) -> Redis:
+        """A client of one sentinel (for SENTINEL commands)."""
+        return Redis(
+            host="127.0.0.1", port=self.sentinel_ports[index], socket_timeout=5, decode_responses=True
+        )
+
+    def master(self) -> EmbeddedRedis:
+        """The node every sentinel names as master now (ConfigurationError if they disagree)."""
+        addresses: list[Any] = [
+            self.sentinel(i).sentinel_get_master_addr_by_name(self.service) for i in range(3)
+        ]
+        ports = {int(address[1]) for address in addresses}
+        nodes = [node for node in self.nodes if node.port in ports]
+        if len(ports) != 1 or not nodes:
+            raise ConfigurationError(f"the sentinels do not agree on one master: ports {sorted(ports)}")
+        return nodes[0]
+
+    def replica(self) -> EmbeddedRedis:
+        """The node that is not the master."""
+        master = self.master()
+        return next(node for node in self.nodes if node is not master)
+
+    def start(self, timeout: float = 30.0) -> SentinelSetup:
+        """Start the nodes and the sentinels; return once all see each other and the replica is in sync."""
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            node.start()
+        self._wait(lambda: _in_sync(self.nodes[1]), deadline, "the replica to sync")
+        folder = Path(self._dir())
+        for index, port in enumerate(self.sentinel_ports):
+            conf = folder / f"sentinel-{index}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {folder}\nlogfile {folder}/sentinel-{index}.log\n"
+                f"sentinel monitor {self.service} 127.0.0.1 {self.nodes[0].port} 2\n"
+                f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}\n"
+                f"sentinel parallel-syncs {self.service} 1\n"
+            )
+            self._sentinels.append(
+                subprocess.Popen(
+                    [str(self.nodes[0].executable), str(conf), "--sentinel"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
+        self._wait(self._sentinels_ready, deadline, "the sentinels to see each other and the replica")
+        return self
+
+    def _sentinels_ready(self) -> bool:
+        for index in range(3):
+            state: Any = self.sentinel(index).sentinel_master(self.service)
+            if int(state["num-other-sentinels"]) < 2 or int(state["num-slaves"]) < 1:
+                return False
+        return True
+
+    def kill_master(self) -> EmbeddedRedis:
+        """SIGKILL the master (no shutdown, no last sync): the node that was killed."""
+        node = self.master()
+        assert node.process is not None
+        node.process.send_signal(signal.SIGKILL)
+        node.process.wait(5)
+        return node
+
+    def wait_failover(self, old: EmbeddedRedis, timeout: float = 30.0) -> EmbeddedRedis:
+        """Wait until every sentinel names another master than ``old`` and it answers as master."""
+
+        def promoted() -> bool:
+            master = self.master()
+            return master is not old and master.client().info("replication")["role"] == "master"
+
+        self._wait(promoted, time.monotonic() + timeout, "the sentinels to promote a new master")
+        return self.master()
+
+    @staticmethod
+    def _wait(ready: Any, deadline: float, what: str) -> None:
+        while time.monotonic() < deadline:
+            try:
+                if ready():
+                    return
+            except (OSError, redis.RedisError, ConfigurationError):
+                pass  # not up yet, or mid-failover
+            time.sleep(0.05)
+        raise ConfigurationError(f"timed out waiting for {what}")
+
+    def _dir(self) -> str:
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="tokencache-sentinel-")
+        return self._tmp.name
+
+    def stop(self) -> None:
+        """Stop the sentinels and the nodes and remove their folders."""
+        for process in self._sentinels:
+            if process.poll() is None:
+                process.kill()
+                process.wait(5)
+        self._sentinels = []
+        for node in self.nodes:
+            node.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> SentinelSetup:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object | TracebackType) -> None:
+        self.stop()
+
+
+def _in_sync(replica: EmbeddedRedis) -> bool:
+    return bool(replica.client().info("replication").get("master_link_status") == "up")

@@ -24,6 +24,7 @@ import socket
 import time
 from typing import Any
 
+import redis
 from redis import Redis
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker, Worker
@@ -34,10 +35,12 @@ from tokencache.app.tokenstore import TokenStore
 from tokencache.constants import METRICS_HOST, REPAIR_INTERVAL, RESEND_STOP_EVERY, STOP_TIMEOUT
 from tokencache.core.connection import redis_errors
 from tokencache.core.queue import RefreshJob
+from tokencache.core.sentinel import master_address
 from tokencache.core.sources import default_sources
 from tokencache.errors import TokenCacheError
 from tokencache.validate import check_count
 from tokencache.worker.repair import repair_if_leader, retry_gave_up
+from tokencache.worker.scheduler import SchedulerKeeper
 from tokencache.worker.scrape import serve_worker_metrics
 
 __all__ = ["RefreshPool", "run_pool"]
@@ -62,17 +65,44 @@ class RefreshPool(WorkerPool):
         self._stop_requested_at: float | None = None
         self._heartbeat_withdrawn = False
         self._next_resend = RESEND_STOP_EVERY
+        self._master: tuple[str, int] | None = None
+        self.scheduler = SchedulerKeeper(store.redis, store.refresh_queue.name)
 
     def check_workers(self, respawn: bool = True) -> None:
+        self._follow_master()
         super().check_workers(respawn=respawn)
         try:
             self._heartbeat()
+            if not self._burst and self.status != self.Status.STOPPED:
+                self.scheduler.check(time.time())
             repair_if_leader(self.store, REPAIR_INTERVAL)
         except TokenCacheError as e:
             log.warning("repair pass skipped: %s", e)
         except Exception:
             # Supervision (respawning workers, the next repair) must outlive any one bad pass.
             log.exception("repair pass failed")
+
+    def _follow_master(self) -> None:
+        """Behind Sentinel: restart the workers when the master moved (they wait on the old one).
+
+        A worker blocked in its queue wait sends nothing, so its connection cannot notice the
+        failover (core/sentinel.py); it would wait on the old master, for minutes. Stopped (warm: a
+        busy worker finishes its refresh), it is respawned by the next supervision pass, on the new
+        master. Its scheduler stops with it; :class:`SchedulerKeeper` sees that one runs again.
+        """
+        try:
+            master = master_address(self.store.redis.connection_pool)
+        except redis.ConnectionError:
+            return  # no master elected yet: look again next pass
+        if master is None or master == self._master:
+            return
+        if self._master is not None and self.status != self.Status.STOPPED:
+            log.warning(
+                "Redis master moved from %s:%d to %s:%d: restarting the workers", *self._master, *master
+            )
+            for data in list(self.worker_dict.values()):
+                self.stop_worker(data)
+        self._master = master
 
     def _heartbeat(self) -> None:
         """Tell ``tokencache status`` this pool is alive, and with how many live workers."""
@@ -85,6 +115,7 @@ class RefreshPool(WorkerPool):
         # not touch Redis (that would deadlock). The main loop withdraws the heartbeat instead.
         if self._stop_requested_at is None:
             self._stop_requested_at = time.monotonic()
+        self.scheduler.stop()
         super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
 
     def all_workers_have_stopped(self) -> bool:

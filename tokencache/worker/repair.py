@@ -75,6 +75,7 @@ class _Entry:
     job: Job | None  # read only where a verdict needs it: overdue, or started with its lock free
     overdue: bool  # due longer than REPAIR_GRACE ago: past the scheduler's normal jitter
     started: bool  # RQ says a worker runs its job now
+    jobless: bool = False  # no job hash and nothing in RQ's schedule: its job record is gone
     queue_empty: bool = False  # the refresh queue held no job when the pass read it (see _queued_verdict)
 
     @property
@@ -217,6 +218,7 @@ def _entry(
         job=job,
         overdue=overdue,
         started=found.job_status == JobStatus.STARTED.encode(),
+        jobless=found.job_status is None and found.scheduled_at is None,
     )
 
 
@@ -260,10 +262,18 @@ def _lost_verdict(entry: _Entry) -> Verdict:
 
 
 def _verdict(entry: _Entry, now: float) -> Verdict:
-    """What to do with one due token: a dead refresh at once, anything else once it is overdue."""
+    """What to do with one due token: a dead refresh or a lost job at once, anything else once overdue.
+
+    A due token with no job at all is rebuilt at once, not once overdue: another token's batch may
+    keep refreshing it before it ever comes overdue (the batch moves a member's job only if it is
+    still in RQ's schedule), and a job record lost in a failover would then never come back.
+    Rebuilding early costs nothing: the job finds the token fresh and reschedules itself.
+    """
     if entry.started:
         return _started_verdict(entry, now)
-    return _overdue_verdict(entry, now) if entry.overdue else Verdict.OK
+    if entry.overdue:
+        return _overdue_verdict(entry, now)
+    return _lost_verdict(entry) if entry.jobless else Verdict.OK
 
 
 def _started_verdict(entry: _Entry, now: float) -> Verdict:

@@ -13,12 +13,24 @@ sheds RQ's record of that run (docs/performance.md has the bytes per token).
 Without it the refresh function refuses to run (a ConfigurationError naming
 the option, in the failed registry and ``tokencache status``).
 
+A ``redis+sentinel://`` URL in ``TOKENCACHE_REDIS_URL`` becomes RQ's own
+``SENTINEL`` setting (``REDIS_URL`` is then None, which is how RQ picks it),
+with tokencache's connection class: the workers' commands, the refreshes and
+RQ's scheduler follow the master across a failover (docs/operations.md#sentinel).
+
 Plain ``rq worker`` does not run tokencache's repair pass; run
 ``python -m tokencache.worker.repairloop`` beside it (any number of copies: one
 pass a second runs fleet-wide).
 """
 
-from tokencache import env
+from typing import Any
 
-REDIS_URL = env.redis_url()
+from tokencache import env
+from tokencache.core.connection import parse_sentinel_url
+
+_url = env.redis_url()
+_sentinel = parse_sentinel_url(_url)
+
+REDIS_URL: str | None = _url if _sentinel is None else None
+SENTINEL: dict[str, Any] | None = None if _sentinel is None else _sentinel.rq_settings()
 QUEUES = [env.queue_name()]
