@@ -7,9 +7,9 @@ token. The workers refresh short-lived tokens throughout, so tokens are rewritte
 ring their refresher holds while the apps read them.
 
 The phases are the documented procedures (docs/encryption.md): turn on (``plaintext,k1`` everywhere,
-then ``k1`` everywhere, then ``rekey``) and rotate (``k1,k2``, then ``k2,k1``, then ``rekey``, then
-``k2``). Each reader calls ``find()`` on every token in a loop: a ``None`` is a miss, anything
-raised an error, and both must stay at zero.
+then ``k1,plaintext`` everywhere, then ``rekey``, then ``k1``: a ring of keys alone refuses plaintext)
+and rotate (``k1,k2``, then ``k2,k1``, then ``rekey``, then ``k2``). Each reader calls ``find()`` on
+every token in a loop: a ``None`` is a miss, anything raised an error, and both must stay at zero.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ K1, K2 = new_key(), new_key()
 PHASES = [
     # (what the phase does, the ring every process holds by its end, rekey after it)
     ("plaintext fleet", "", False),
-    ("turn on 1/2: decrypt k1, write plaintext", f"plaintext,k1:{K1}", False),
-    ("turn on 2/2: write k1; rekey encrypts the rest", f"k1:{K1}", True),
+    ("turn on 1/3: decrypt k1, write plaintext", f"plaintext,k1:{K1}", False),
+    ("turn on 2/3: write k1, read plaintext; rekey encrypts the rest", f"k1:{K1},plaintext", True),
+    ("turn on 3/3: drop plaintext", f"k1:{K1}", False),
     ("rotate 1/3: add k2 second", f"k1:{K1},k2:{K2}", False),
     ("rotate 2/3: k2 first; rekey re-encrypts", f"k2:{K2},k1:{K1}", True),
     ("rotate 3/3: drop k1", f"k2:{K2}", False),

@@ -78,6 +78,13 @@ ERROR_TTL = 2.0
 """Seconds a failed fetch's error is kept: waiters that subscribed after it was published still see
 it, and callers in that window fail at once instead of stampeding a failing endpoint."""
 
+INVALIDATE_ATTEMPTS = 3
+"""Times ``invalidate()`` runs its compare-and-evict script when the ``token`` field changed between its
+read and the script but still decrypts to the rejected token (a ``tokencache rekey`` re-encrypted it in
+between). Each retry needs another such rewrite within one round trip: a rekey rewrites a token once, so
+two attempts would do; the third covers a rekey racing a second one (two operators), and the bound
+keeps a field rewritten in a loop by someone with the key from holding a caller forever."""
+
 INVALIDATE_EVERY = 30.0
 """Seconds during which a token key, once an API's rejection (401) has evicted its token, refuses another
 eviction (``{ns}:invalidated:…``, ``SET NX PX``). A genuine revocation is replaced at once; an API that

@@ -142,9 +142,7 @@ class TokenStore(StoreCore):
         """
         key, rejected = parse_info(info, sub), rejected_token(token)
         with redis_errors(self.redis):
-            stored = cast(bytes | None, await self.redis.hget(self.keys.token(key), "token"))
-            call = self.invalidate_call(key, rejected, stored)
-            reply = await scripts.INVALIDATE.on_async(self.redis)(*call) if call is not None else 0
+            reply = await self._evict(key, rejected)
             result = self.invalidated(key, token, reply)
             if result is Invalidation.EVICTED:
                 with Recorder(self.redis) as pipe:
@@ -152,6 +150,23 @@ class TokenStore(StoreCore):
                     self.refetch_commands(pipe, key)
                     await pipe.execute()
         return result is Invalidation.EVICTED
+
+    async def _evict(self, key: TokenKey, rejected: str) -> object:
+        """The invalidate script's reply (0 if the stored field never held ``rejected``), run again while
+        a rekey re-encrypts the field between our read and the script (see ``invalidate_again``)."""
+        stored = await self._token_field(key)
+        call, reply, attempt = self.invalidate_call(key, rejected, stored), 0, 0
+        while call is not None:
+            attempt += 1
+            reply = await scripts.INVALIDATE.on_async(self.redis)(*call)
+            if not self.invalidate_again(reply, attempt):
+                break
+            reread = await self._token_field(key)
+            call, stored = self.invalidate_retry(key, rejected, stored, reread), reread
+        return reply
+
+    async def _token_field(self, key: TokenKey) -> bytes | None:
+        return cast(bytes | None, await self.redis.hget(self.keys.token(key), "token"))
 
     # -- reading -------------------------------------------------------------
 

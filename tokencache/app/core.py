@@ -35,6 +35,7 @@ from tokencache.constants import (
     EXPIRY_SKEW,
     FLEET_POLL,
     INDEX_PAGE,
+    INVALIDATE_ATTEMPTS,
     INVALIDATE_EVERY,
     WANT_TTL,
 )
@@ -274,6 +275,22 @@ class StoreCore:
         entry = self.audit.entry(Event.INVALIDATED, key, outcome=Invalidation.EVICTED.value, token=rejected)
         args: list[EncodableT] = [stored, int(self.clock()), int(INVALIDATE_EVERY * 1000)]
         return keys, [*args, *self.audit.script_args(entry)]
+
+    def invalidate_again(self, reply: object, attempt: int) -> bool:
+        """Whether the twin reads the ``token`` field again after the script's ``reply`` to its
+        ``attempt``-th call: only after 0 ("not the stored token"), which a rekey between the read and the
+        script also answers (the same token, re-encrypted), and at most :data:`INVALIDATE_ATTEMPTS` calls."""
+        return Invalidation.of_reply(reply) is Invalidation.NOT_STORED and attempt < INVALIDATE_ATTEMPTS
+
+    def invalidate_retry(
+        self, key: TokenKey, rejected: str, stored: bytes | None, reread: bytes | None
+    ) -> tuple[list[str], list[EncodableT]] | None:
+        """The script's call again if the field changed from ``stored`` to ``reread`` and still holds the
+        ``rejected`` token (a rekey rewrote it); None if the "not the stored token" answer stands (it was
+        replaced by another token, deleted, or left as it was)."""
+        if reread is None or reread == stored:
+            return None
+        return self.invalidate_call(key, rejected, reread)
 
     def invalidated(self, key: TokenKey, token: object, reply: object) -> Invalidation:
         """What the script did, counted and logged (the token masked); this process's near cache forgets
