@@ -169,6 +169,12 @@ STOP_AFTER_FAILURES = 3
 REPAIR_INTERVAL = 1.0
 """Seconds between repair passes of the fleet (the pool's supervision loop ticks once a second)."""
 
+AUDIT_AHEAD = 60.0
+"""Seconds the audit stream's last id may be ahead of ``tokencache status``'s clock before it says the
+stream is wedged or forged. ``XADD *`` ids are the Redis server's milliseconds, and a fleet's clocks
+agree within well under a second under NTP: a minute leaves room for a badly kept host, while an id
+written on purpose to stop the trail (the largest, ``18446744073709551615-…``) is ages ahead."""
+
 REPAIR_GRACE = 3.0
 """Seconds a refresh may be late before repair steps in: the scheduler polls every second with
 whole-second scores, so anything later than this is not normal jitter."""

@@ -25,7 +25,7 @@ from tokencache.aio.listing import listing
 from tokencache.aio.recorder import Recorder, offline_client
 from tokencache.app.core import Clock, Raw, StoreCore, TokenRecord, rejected_token
 from tokencache.core import scripts
-from tokencache.core.audit import Audit
+from tokencache.core.audit import Audit, script_result
 from tokencache.core.connection import connect, raise_other_errors, redis_errors
 from tokencache.core.sources import Sources
 from tokencache.crypto import Keyring
@@ -120,7 +120,7 @@ class TokenStore(StoreCore):
         """
         with redis_errors(self.redis), Recorder(self.redis) as pipe:
             job = self.write_commands(pipe, key, token, fetched=fetched)
-            await pipe.execute()
+            self.written(await pipe.execute(raise_on_error=False))
         self._forget(key)
         return job
 
@@ -158,7 +158,7 @@ class TokenStore(StoreCore):
         call, reply, attempt = self.invalidate_call(key, rejected, stored), 0, 0
         while call is not None:
             attempt += 1
-            reply = await scripts.INVALIDATE.on_async(self.redis)(*call)
+            reply = script_result(await scripts.INVALIDATE.on_async(self.redis)(*call), self.keys.audit)
             if not self.invalidate_again(reply, attempt):
                 break
             reread = await self._token_field(key)

@@ -39,7 +39,7 @@ from tokencache.constants import (
     INVALIDATE_EVERY,
     WANT_TTL,
 )
-from tokencache.core.audit import Audit, Event
+from tokencache.core.audit import Audit, Event, audit_failed
 from tokencache.core.connection import is_wrong_type, unavailable
 from tokencache.core.notify import error_message, ok_message, parse
 from tokencache.core.pipeline import Pipeline
@@ -201,8 +201,19 @@ class StoreCore:
         pipe.publish(self.keys.channel(key), ok_message())
         event, outcome = (Event.FETCHED, "miss") if fetched else (Event.STORED, "")
         entry = self.audit.entry(event, key, outcome=outcome, token=token.token, expires=token.expires)
-        self.audit.append(pipe, self.keys.audit, entry)
+        self.audit.append(pipe, self.keys.audit, entry)  # last: see written()
         return job
+
+    def written(self, replies: list[Any]) -> None:
+        """Check the replies of :meth:`write_commands`, executed with ``raise_on_error=False``: an error
+        of the write raises; one of its audit entry (the last command, when the trail is on) is logged
+        and counted, and the write stands (:func:`~tokencache.core.audit.audit_failed` says why)."""
+        audited = bool(self.audit.maxlen) and bool(replies)
+        for reply in replies[:-1] if audited else replies:
+            if isinstance(reply, Exception):
+                raise reply
+        if audited and isinstance(replies[-1], Exception):
+            audit_failed(self.keys.audit, replies[-1])
 
     def failure_commands(
         self,

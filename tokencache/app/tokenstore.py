@@ -19,7 +19,7 @@ from tokencache import metrics
 from tokencache.app.core import Clock, Raw, StoreCore, TokenRecord, rejected_token
 from tokencache.app.fleet import FleetFetch, Flights
 from tokencache.core import scripts
-from tokencache.core.audit import Audit
+from tokencache.core.audit import Audit, script_result
 from tokencache.core.connection import connect, raise_other_errors, redis_errors
 from tokencache.core.sources import Sources
 from tokencache.crypto import Keyring
@@ -114,7 +114,7 @@ class TokenStore(StoreCore):
         """
         with redis_errors(self.redis), self.redis.pipeline(transaction=True) as pipe:
             job = self.write_commands(pipe, key, token, fetched=fetched)
-            pipe.execute()
+            self.written(pipe.execute(raise_on_error=False))
         self._forget(key)
         return job
 
@@ -152,7 +152,7 @@ class TokenStore(StoreCore):
         call, reply, attempt = self.invalidate_call(key, rejected, stored), 0, 0
         while call is not None:
             attempt += 1
-            reply = scripts.INVALIDATE(self.redis, *call)
+            reply = script_result(scripts.INVALIDATE(self.redis, *call), self.keys.audit)
             if not self.invalidate_again(reply, attempt):
                 break
             reread = self._token_field(key)
