@@ -26,7 +26,7 @@ from rq.job import Job, JobStatus
 
 from tokencache import ConfigurationError, RedisUnavailableError, Token, TokenStore, aio
 from tokencache.cli.text import cell
-from tokencache.constants import AUDIT_FOLLOW_BLOCK, AUDIT_MAXLEN
+from tokencache.constants import AUDIT_FOLLOW_BLOCK, AUDIT_MAXLEN, AUDIT_MAXLEN_LIMIT
 from tokencache.core.audit import FIELDS, Audit, Event, Role, parse_entry
 from tokencache.core.sources import Sources
 from tokencache.keys import TokenKey
@@ -256,6 +256,22 @@ def test_zero_turns_the_trail_off_and_a_bad_value_names_the_variable(
         monkeypatch.setenv("TOKENCACHE_AUDIT_MAXLEN", bad)
         with pytest.raises(ConfigurationError, match=f"TOKENCACHE_AUDIT_MAXLEN='{bad}'"):
             TokenStore(real_redis, namespace="tc-audit-off")
+
+
+def test_a_maxlen_beyond_the_limit_is_refused_at_configuration(
+    real_redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2**63 and up were accepted, then every store() failed inside Redis after writing."""
+    for too_many in (str(2**63), str(AUDIT_MAXLEN_LIMIT + 1)):
+        monkeypatch.setenv("TOKENCACHE_AUDIT_MAXLEN", too_many)
+        with pytest.raises(
+            ConfigurationError, match=f"TOKENCACHE_AUDIT_MAXLEN={too_many} is more than 10,000,000"
+        ):
+            TokenStore(real_redis, namespace="tc-audit-limit")
+    monkeypatch.setenv("TOKENCACHE_AUDIT_MAXLEN", str(AUDIT_MAXLEN_LIMIT))
+    store = TokenStore(real_redis, namespace="tc-audit-limit")
+    store.store(opaque(3600))
+    assert store.audit.maxlen == AUDIT_MAXLEN_LIMIT and real_redis.xlen(store.keys.audit) == 1
 
 
 def test_a_bad_value_stops_the_pool_at_start_and_never_a_refresh_job(

@@ -23,6 +23,7 @@ import google.auth.exceptions
 import pytest
 import requests
 from redis import Redis
+from rq.job import Job
 
 from tokencache import (
     ConfigurationError,
@@ -146,7 +147,7 @@ BAD_RINGS = [
     ("k1:c2hvcnQ", "key 'k1' must be 32 bytes, got 5"),
     (f"k1:{K1[:-8]}", "key 'k1' must be 32 bytes"),
     ("k1:not base64!", "key 'k1' is not base64"),
-    (f"bad id:{K1}", "entry 1 has key id 'bad id'"),
+    (f"bad id:{K1}", "entry 1 has a key id of 6 characters, not shown"),
     (f"plaintext:{K1}", "entry 1 has key id 'plaintext'"),
     (f"{'x' * 33}:{K1}", "ids are 1 to 32"),
 ]
@@ -167,7 +168,22 @@ def test_a_bad_ring_is_a_configuration_error_naming_the_variable_and_id_never_a_
         TokenStore(real_redis, namespace=NS, encryption=ring)
 
 
+URLSAFE_K1 = base64.urlsafe_b64encode(base64.b64decode(K1)).decode().rstrip("=")
+
+
+@pytest.mark.parametrize("key", [K1, URLSAFE_K1], ids=["standard", "urlsafe-unpadded"])
+def test_a_reversed_ring_entry_never_echoes_the_key(key: str) -> None:
+    """``key:id`` instead of ``id:key``: the "id" is the key, so only its length and a hint are told."""
+    with pytest.raises(ConfigurationError) as caught:
+        Keyring.parse(f"{key}:k1")
+    assert key not in str(caught.value) and key[:8] not in str(caught.value), str(caught.value)
+    assert f"a key id of {len(key)} characters, not shown (an entry written key:id?" in str(caught.value)
+    with pytest.raises(ConfigurationError, match="entry 1 has key id 'plaintext'"):  # a valid id is shown
+        Keyring.parse(f"plaintext:{K1}")
+
+
 def test_the_encryption_argument_is_checked(real_redis: Redis) -> None:
+
     with pytest.raises(TypeError, match="encryption must be a Keyring, a string of id:key entries or None"):
         TokenStore(real_redis, encryption=123)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="key id 'k1' has no key"):
@@ -478,9 +494,14 @@ def test_tokens_skip_and_report_what_cannot_be_decrypted_and_records_show_it(
 
 
 def test_repair_passes_over_a_token_it_cannot_decrypt(real_redis: Redis, k1: TokenStore) -> None:
-    k1.store(token(life=3))  # due: repair judges it
-    repair(store_with(real_redis, RING_2))  # reads no token field: nothing to fail on
-    repair(store_with(real_redis, ""))
+    """Repair reads no token field: a ring without the token's key (or no ring) re-enqueues its lost job."""
+    k1.store(token(life=3))  # due at once: repair judges it
+    job_key = Job.key_for(k1.keys.job_id(k1.key_for_info(SCOPE)))
+    queue = k1.refresh_queue
+    for ring in (RING_2, ""):
+        real_redis.delete(job_key, queue.queue.key, queue.scheduled.key)  # the refresh job lost
+        assert repair(store_with(real_redis, ring))["enqueue"] == 1
+        assert real_redis.exists(job_key)
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

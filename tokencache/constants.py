@@ -278,6 +278,12 @@ AUDIT_MAXLEN = 10_000
 165 bytes an entry (measured: ``python -m bench --only audit``), less than 1,000 cached tokens take,
 and a day of history for a fleet of 400 tokens that live an hour (one fetch each an hour)."""
 
+AUDIT_MAXLEN_LIMIT = 10_000_000
+"""The most entries ``TOKENCACHE_AUDIT_MAXLEN`` may ask for: about 1.7 GB of Redis at 165 bytes an entry,
+more than a trail needs (a year of a 1,000-token fleet's hourly fetches is 8.8 million) and less than
+any Redis can be asked to hold by mistake. Without a bound, 2**63 and up were accepted and every audited
+write failed inside Redis (MAXLEN out of range)."""
+
 AUDIT_FOLLOW_BLOCK = 1.0
 """Seconds one read of ``tokencache audit --follow`` blocks for new entries: short, so that Ctrl-C and a
 dead server are noticed at once; the loop reads again right away."""

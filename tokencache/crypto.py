@@ -230,11 +230,21 @@ def _check_id(source: str, position: int, name: str, *, plaintext: bool) -> None
     if plaintext and name == PLAINTEXT:
         return
     if not _ID.fullmatch(name) or name == PLAINTEXT:
-        shown = f"key id {name!r}" if name else "an empty key id"
+        shown = _shown_id(name)
         raise ConfigurationError(
             f"{source}: entry {position} has {shown}: ids are 1 to 32 of A-Z a-z 0-9 _ . - "
             f"({PLAINTEXT!r} is reserved, and takes no key)"
         )
+
+
+def _shown_id(name: str) -> str:
+    """A key id for an error message: only one a ring could hold is echoed; anything else may be the key
+    itself (an entry written ``key:id``), so only its length is told."""
+    if not name:
+        return "an empty key id"
+    if _ID.fullmatch(name):
+        return f"key id {name!r}"
+    return f"a key id of {len(name)} characters, not shown (an entry written key:id? entries are id:key)"
 
 
 @functools.lru_cache(maxsize=8)
