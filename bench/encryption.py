@@ -3,10 +3,12 @@
     .venv/bin/python -m bench --only encryption [--quick]
 
 * **find()**: ops/s of ``find()`` on a store whose ring encrypts (``k1``) against ``find()`` of the same
-  token stored in plaintext, on the same Redis, alternating rounds. Target ≥ 0.8. ``find()`` decrypts
-  a token once per write, not once per call (the token memo, :mod:`tokencache.app.reads`), so a
-  second pair of rows measures the path that does decrypt: ``find()`` with the memo emptied before
-  every call, encrypted against plaintext (that path also parses and validates the whole hash).
+  token stored in plaintext, on the same Redis, alternating rounds. Target ≥ 0.8 **on the path that
+  decrypts**: ``find()`` with the token memo (:mod:`tokencache.app.reads`) emptied before every call, as
+  the first read after every write is (that path also parses and validates the whole hash). The memo-hit
+  path, where ``find()`` decrypts nothing, is reported beside it. Each case's ops/s is the median of
+  many short alternating rounds (a shared machine's noise hits both cases alike), and the extra cost is
+  given in µs per decrypting read, with ``Keyring.open`` alone timed in-process.
 * **memory**: ``used_memory`` growth per cached token (the commands of ``store()``, everything
   included, as in ``bench/memory.py``) with the ring against without it, same run, same tokens;
   and at ``hash-max-listpack-value 256`` and 512 (an encrypted 185-character token is a
@@ -19,11 +21,12 @@
 from __future__ import annotations
 
 import time
+import timeit
 
 from tokencache import Token, TokenStore
 from tokencache.cli.rekey import rekey
 from tokencache.core.connection import connect
-from tokencache.crypto import new_key
+from tokencache.crypto import Keyring, new_key
 
 from . import memory
 from .common import ACCESS_TOKEN, SCOPE, BenchEnv, Result, alternate, ops_per_second
@@ -53,7 +56,7 @@ def _cold(store: TokenStore, sub: str) -> object:
 
 def find(env: BenchEnv, quick: bool) -> list[Result]:
     plain, sealed = _stores(env)
-    window, rounds = (0.3, 7) if quick else (0.5, 21)
+    window, rounds = (0.25, 11) if quick else (0.3, 41)
     medians = alternate(
         {
             "plain": lambda: ops_per_second(lambda: plain.find(SCOPE, "plain"), window),
@@ -66,14 +69,28 @@ def find(env: BenchEnv, quick: bool) -> list[Result]:
     plain.close()
     sealed.close()
     note = f"ops/s, median of {rounds} alternating rounds of {window} s; a {len(ACCESS_TOKEN)}-char token"
-    ratio, cold = medians["sealed"] / medians["plain"], medians["sealed cold"] / medians["plain cold"]
+    hit, cold = medians["sealed"] / medians["plain"], medians["sealed cold"] / medians["plain cold"]
+    extra_us = 1e6 / medians["sealed cold"] - 1e6 / medians["plain cold"]
     return [
-        Result(BENCH, "find() ops/s, encrypted", medians["sealed"], "ops/s", "plaintext find()",
-               medians["plain"], "ratio >= 0.8", ratio >= 0.8, note, goal=0.8),
-        Result(BENCH, "find() ops/s, encrypted, memo emptied each call", medians["sealed cold"], "ops/s",
-               "plaintext, memo emptied", medians["plain cold"], note=note + "; the decrypting path",
-               extra={"ratio": cold}),
+        Result(BENCH, "find() ops/s, encrypted, memo emptied each call (decrypts every call)",
+               medians["sealed cold"], "ops/s", "plaintext, memo emptied", medians["plain cold"],
+               "ratio >= 0.8", cold >= 0.8, f"{note}; {extra_us:.1f} µs more per read", goal=0.8,
+               extra={"extra_us_per_read": extra_us}),
+        Result(BENCH, "find() ops/s, encrypted, memo hit (no decrypt)", medians["sealed"], "ops/s",
+               "plaintext find()", medians["plain"], note=note, extra={"ratio": hit}),
+        _decrypt_cost(quick),
     ]  # fmt: skip
+
+
+def _decrypt_cost(quick: bool) -> Result:
+    """µs per ``Keyring.open`` of a sealed token, in-process: the best of several repeats (the least
+    disturbed by the rest of the machine)."""
+    ring, redis_key = Keyring.parse(RING_1), f"{NS}:token:default:{SCOPE}:"
+    sealed = ring.seal(ACCESS_TOKEN, redis_key)
+    number = 2_000 if quick else 20_000
+    best = min(timeit.repeat(lambda: ring.open(sealed, redis_key), number=number, repeat=5)) / number
+    note = f"best of 5 repeats of {number:,} calls; AES-256-GCM of a {len(ACCESS_TOKEN)}-char token"
+    return Result(BENCH, "decrypt (Keyring.open), µs per call", best * 1e6, "µs", note=note)
 
 
 def _memory(env: BenchEnv, quick: bool) -> list[Result]:
