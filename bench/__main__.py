@@ -56,9 +56,16 @@ def print_table(results: list[Result]) -> None:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)))
 
 
-def write_chart(results: list[Result], path: Path) -> None:
-    """Left: ratios to the same-run baseline (goal ticks). Right: share of a budget used (1 = the limit)."""
-    import matplotlib
+def write_chart(results: list[Result], path: Path) -> bool:
+    """Left: ratios to the same-run baseline (goal ticks). Right: share of a budget used (1 = the limit).
+
+    False, said on stderr, where matplotlib is not installed (it is a chart, not a result: the table and
+    the JSON stand; ``--replot`` draws it later)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no chart (install it, then --replot)", file=sys.stderr)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -67,7 +74,7 @@ def write_chart(results: list[Result], path: Path) -> None:
     budget = [r for r in results if r.limit]
     panels = [p for p in (speed, budget) if p]
     if not panels:
-        return
+        return False
     fig, axes = plt.subplots(
         len(panels),
         1,
@@ -88,6 +95,7 @@ def write_chart(results: list[Result], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def _bars(ax: Any, rows: list[Result], values: list[float], marks: list[float | None], *, log: bool) -> None:
@@ -112,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.replot:
         saved = json.loads((args.out / "results.json").read_text())["results"]
         rows = [Result(**{k: v for k, v in r.items() if k != "ratio"}) for r in saved]
-        write_chart(rows, args.out / "results.png")
-        return 0
+        return 0 if write_chart(rows, args.out / "results.png") else 1
     results: list[Result] = []
     timings: dict[str, float] = {}
     with bench_env() as env:
@@ -138,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.json").write_text(
         json.dumps({"meta": meta, "results": [r.as_dict() for r in results]}, indent=2) + "\n"
     )
-    write_chart(results, args.out / "results.png")
-    print(f"wrote {args.out / 'results.json'} and {args.out / 'results.png'}", file=sys.stderr)
+    charted = write_chart(results, args.out / "results.png")
+    wrote = f" and {args.out / 'results.png'}" if charted else ""
+    print(f"wrote {args.out / 'results.json'}{wrote}", file=sys.stderr)
     return 0 if all(r.met is not False for r in results) else 1
 
 

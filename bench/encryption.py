@@ -3,26 +3,30 @@
     .venv/bin/python -m bench --only encryption [--quick]
 
 * **find()**: ops/s of ``find()`` on a store whose ring encrypts (``k1``) against ``find()`` of the same
-  token stored in plaintext, on the same Redis, alternating rounds. Target ≥ 0.8. ``find()`` decrypts
-  a token once per write, not once per call (the token memo, :mod:`tokencache.app.reads`), so a
-  second pair of rows measures the path that does decrypt: ``find()`` with the memo emptied before
-  every call, encrypted against plaintext (that path also parses and validates the whole hash).
+  token stored in plaintext, on the same Redis, alternating rounds. Target ≥ 0.8 **on the path that
+  decrypts**: ``find()`` with the token memo (:mod:`tokencache.app.reads`) emptied before every call, as
+  the first read after every write is (that path also parses and validates the whole hash). The memo-hit
+  path, where ``find()`` decrypts nothing, is reported beside it. Each case's ops/s is the median of
+  many short alternating rounds (a shared machine's noise hits both cases alike), and the extra cost is
+  given in µs per decrypting read, with ``Keyring.open`` alone timed in-process.
 * **memory**: ``used_memory`` growth per cached token (the commands of ``store()``, everything
   included, as in ``bench/memory.py``) with the ring against without it, same run, same tokens;
   and at ``hash-max-listpack-value 256`` and 512 (an encrypted 185-character token is a
   ~290-character field, past 256).
 * **rotation**: ``tokencache rekey``'s own function over N stored tokens: plaintext to ``k1`` (turning
-  encryption on), then ``k1`` to ``k2`` (a rotation); tokens and seconds.
+  encryption on, under ``k1,plaintext`` as the procedure says), then ``k1`` to ``k2`` (a rotation);
+  tokens and seconds.
 """
 
 from __future__ import annotations
 
 import time
+import timeit
 
 from tokencache import Token, TokenStore
 from tokencache.cli.rekey import rekey
 from tokencache.core.connection import connect
-from tokencache.crypto import new_key
+from tokencache.crypto import Keyring, new_key
 
 from . import memory
 from .common import ACCESS_TOKEN, SCOPE, BenchEnv, Result, alternate, ops_per_second
@@ -30,7 +34,7 @@ from .common import ACCESS_TOKEN, SCOPE, BenchEnv, Result, alternate, ops_per_se
 BENCH = "encryption"
 NS = "bench-crypt"
 K1, K2 = new_key(), new_key()
-RING_1, ROTATED = f"k1:{K1}", f"k2:{K2},k1:{K1}"
+RING_1, TURN_ON, ROTATED = f"k1:{K1}", f"k1:{K1},plaintext", f"k2:{K2},k1:{K1}"
 
 
 def _stores(env: BenchEnv) -> tuple[TokenStore, TokenStore]:
@@ -52,7 +56,7 @@ def _cold(store: TokenStore, sub: str) -> object:
 
 def find(env: BenchEnv, quick: bool) -> list[Result]:
     plain, sealed = _stores(env)
-    window, rounds = (0.3, 7) if quick else (0.5, 21)
+    window, rounds = (0.25, 11) if quick else (0.3, 41)
     medians = alternate(
         {
             "plain": lambda: ops_per_second(lambda: plain.find(SCOPE, "plain"), window),
@@ -65,14 +69,28 @@ def find(env: BenchEnv, quick: bool) -> list[Result]:
     plain.close()
     sealed.close()
     note = f"ops/s, median of {rounds} alternating rounds of {window} s; a {len(ACCESS_TOKEN)}-char token"
-    ratio, cold = medians["sealed"] / medians["plain"], medians["sealed cold"] / medians["plain cold"]
+    hit, cold = medians["sealed"] / medians["plain"], medians["sealed cold"] / medians["plain cold"]
+    extra_us = 1e6 / medians["sealed cold"] - 1e6 / medians["plain cold"]
     return [
-        Result(BENCH, "find() ops/s, encrypted", medians["sealed"], "ops/s", "plaintext find()",
-               medians["plain"], "ratio >= 0.8", ratio >= 0.8, note, goal=0.8),
-        Result(BENCH, "find() ops/s, encrypted, memo emptied each call", medians["sealed cold"], "ops/s",
-               "plaintext, memo emptied", medians["plain cold"], note=note + "; the decrypting path",
-               extra={"ratio": cold}),
+        Result(BENCH, "find() ops/s, encrypted, memo emptied each call (decrypts every call)",
+               medians["sealed cold"], "ops/s", "plaintext, memo emptied", medians["plain cold"],
+               "ratio >= 0.8", cold >= 0.8, f"{note}; {extra_us:.1f} µs more per read", goal=0.8,
+               extra={"extra_us_per_read": extra_us}),
+        Result(BENCH, "find() ops/s, encrypted, memo hit (no decrypt)", medians["sealed"], "ops/s",
+               "plaintext find()", medians["plain"], note=note, extra={"ratio": hit}),
+        _decrypt_cost(quick),
     ]  # fmt: skip
+
+
+def _decrypt_cost(quick: bool) -> Result:
+    """µs per ``Keyring.open`` of a sealed token, in-process: the best of several repeats (the least
+    disturbed by the rest of the machine)."""
+    ring, redis_key = Keyring.parse(RING_1), f"{NS}:token:default:{SCOPE}:"
+    sealed = ring.seal(ACCESS_TOKEN, redis_key)
+    number = 2_000 if quick else 20_000
+    best = min(timeit.repeat(lambda: ring.open(sealed, redis_key), number=number, repeat=5)) / number
+    note = f"best of 5 repeats of {number:,} calls; AES-256-GCM of a {len(ACCESS_TOKEN)}-char token"
+    return Result(BENCH, "decrypt (Keyring.open), µs per call", best * 1e6, "µs", note=note)
 
 
 def _memory(env: BenchEnv, quick: bool) -> list[Result]:
@@ -103,7 +121,7 @@ def rotation(env: BenchEnv, quick: bool) -> list[Result]:
     plain = TokenStore(env.client(), namespace=memory.NAMESPACE, queue=memory.QUEUE, encryption="")
     memory.write_tokens(plain, batch)
     results = []
-    for label, ring in (("plaintext -> k1 (turning it on)", RING_1), ("k1 -> k2 (a rotation)", ROTATED)):
+    for label, ring in (("plaintext -> k1 (turning it on)", TURN_ON), ("k1 -> k2 (a rotation)", ROTATED)):
         done = rekey(TokenStore(env.client(), namespace=memory.NAMESPACE, encryption=ring))
         assert done.rewritten == len(batch) and not done.failed, done
         note = f"{len(batch) / done.seconds:,.0f} tokens/s; {done.current} current, {done.skipped} skipped"

@@ -433,10 +433,13 @@ def test_operator_role_lists_and_checks_a_live_fleet(roles: Roles, key_file: Pat
         assert events.count("stored") == 2 and "gave_up" in events, events
         assert cli(roles, OPERATOR, "audit", "--event", "gave_up").returncode == 0
         follow_audit(roles)
-    ring = f"k1:{new_key()}"
+    ring = f"k1:{new_key()},plaintext"  # turning encryption on: the ring still reads plaintext
     rekeyed = cli(roles, OPERATOR, "rekey", TOKENCACHE_ENCRYPTION_KEYS=ring)
-    # The listed token at least; the hopeless one may have expired by now (then rekey skips it).
-    assert rekeyed.returncode == 0 and re.search(r"rewrote [12] under key 'k1'", rekeyed.stdout), rekeyed
+    # The listed token, and the hopeless one unless its hash expired (5 s) before the rekey ran: skipped.
+    said = r"rewrote (\d) under key 'k1', 0 already current, (\d) skipped, 0 failed"
+    done = re.search(said, rekeyed.stdout)
+    assert rekeyed.returncode == 0 and done and int(done[1]) >= 1, rekeyed
+    assert int(done[1]) + int(done[2]) == 2, rekeyed
     listed_token = admin.keys.token(admin.key_for(Token(token="x", scope=SCOPE, expires=soon(60))))
     assert roles.admin.hget(listed_token, "token").startswith(b"enc:k1:")
     assert roles.denials() == []
@@ -458,6 +461,54 @@ def follow_audit(roles: Roles) -> None:
         )
     finally:
         stop_group(follower, 10)
+
+
+WEDGE = "18446744073709551615-18446744073709551615"
+"""The largest stream id: after it, every ``XADD *`` fails."""
+
+
+def test_a_wedged_audit_stream_fails_no_write_and_status_flags_it(
+    roles: Roles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An app user can make every later XADD fail (an entry with the largest id, MAXLEN 0): each audited
+    write (store, a refresh's write, an eviction, a give-up) still goes through, warns and is counted."""
+    from prometheus_client import REGISTRY
+
+    from tokencache.core.audit import Audit, Role
+    from tokencache.worker.writes import record_failure, replace_if_indexed
+
+    def failed_entries() -> float:
+        return REGISTRY.get_sample_value("tokencache_audit_failed_total") or 0.0
+
+    before = failed_entries()
+    app = Redis.from_url(roles.url(APP))
+    assert app.xadd(f"{NS}:audit", {"event": "x"}, id=WEDGE, maxlen=0)  # MAXLEN 0 empties the trail too
+    app.close()
+    admin, key = roles.store(), TokenKey.of(None, SCOPE, None)
+    with caplog.at_level("WARNING", logger="tokencache.core.audit"):
+        admin.store(Token(token="ya29.after-wedge", scope=SCOPE, expires=soon(3600)))
+        asyncio.run(_aio_store(roles, Token(token="ya29.after-wedge-aio", scope=SCOPE, expires=soon(3600))))
+        worker = TokenStore(roles.admin, namespace=NS, queue=NS, audit=Audit(10_000, Role.WORKER))
+        refreshed = Token(token="ya29.refreshed", scope=SCOPE, expires=soon(3600))
+        assert replace_if_indexed(worker, key, refreshed, outcome="due")
+        assert record_failure(worker, key, "boom", gave_up=True, current=refreshed) == 1
+        with TokenStore.from_url(roles.url(APP), namespace=NS, queue=NS) as reporter:
+            assert reporter.invalidate(SCOPE, "ya29.refreshed")
+    assert roles.admin.hget(admin.keys.token(key), "rejected_at") is not None  # the eviction stood
+    assert failed_entries() - before == 5
+    assert caplog.text.count("the audit entry was not appended") == 5 and "exhausted" in caplog.text
+    health = json.loads(cli(roles, OPERATOR, "status", "--json").stdout)
+    assert health["audit_ahead"] > 10**9 and any("audit stream's last id" in p for p in health["problems"])
+    roles.admin.rename(f"{NS}:audit", f"{NS}:audit:wedged")  # the documented recovery
+    admin.store(Token(token="ya29.after-recovery", scope=SCOPE, expires=soon(3600)))
+    assert failed_entries() - before == 5 and roles.admin.xlen(f"{NS}:audit") == 1
+    assert roles.denials() == []
+
+
+async def _aio_store(roles: Roles, token: Token) -> None:
+    url = f"redis://{ADMIN}:{ADMIN_PASSWORD}@127.0.0.1:{roles.server.port}/0"
+    async with aio.TokenStore.from_url(url, namespace=NS, queue=NS) as store:
+        await store.store(token, sub="aio")
 
 
 def test_status_works_without_info_and_says_unknown(roles: Roles, key_file: Path, tmp_path: Path) -> None:

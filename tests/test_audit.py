@@ -8,6 +8,7 @@ token's fingerprint, never the token; the stream stays bounded; ``tokencache aud
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import signal
@@ -23,9 +24,9 @@ import pytest
 from redis import Redis
 from rq.job import Job, JobStatus
 
-from tokencache import ConfigurationError, Token, TokenStore, aio
+from tokencache import ConfigurationError, RedisUnavailableError, Token, TokenStore, aio
 from tokencache.cli.text import cell
-from tokencache.constants import AUDIT_FOLLOW_BLOCK, AUDIT_MAXLEN
+from tokencache.constants import AUDIT_FOLLOW_BLOCK, AUDIT_MAXLEN, AUDIT_MAXLEN_LIMIT
 from tokencache.core.audit import FIELDS, Audit, Event, Role, parse_entry
 from tokencache.core.sources import Sources
 from tokencache.keys import TokenKey
@@ -219,6 +220,29 @@ def test_the_stream_stays_within_its_cap_on_both_write_paths(real_redis: Redis) 
     assert entries(store)[-1]["fp"] == fingerprint("ya29.lua-999")
 
 
+@pytest.fixture(params=["sync", "async"])
+def real_ts(request: pytest.FixtureRequest, real_redis: Redis) -> Iterator[TokenStore]:
+    yield from sync_or_async_store(request, real_redis, "tc-audit-wedge")
+
+
+def test_a_refused_audit_entry_never_fails_its_write_and_other_errors_still_raise(
+    real_ts: TokenStore, real_redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stream wedged by an entry with the largest id refuses every ``XADD *``: store()'s MULTI checks
+    its XADD's reply alone (EXEC does not roll back: the write was made), and the scripts use pcall."""
+    stream = real_ts.keys.audit
+    real_redis.xadd(stream, {"event": "x"}, id="18446744073709551615-18446744073709551615", maxlen=0)
+    t = opaque(3600)
+    with caplog.at_level(logging.WARNING, logger="tokencache.core.audit"):
+        real_ts.store(t)
+        assert real_ts.find(SCOPE) == t
+        assert real_ts.invalidate(SCOPE, t)  # the INVALIDATE script's XADD, by pcall
+    assert caplog.text.count("the audit entry was not appended") == 2 and "exhausted" in caplog.text
+    real_redis.set(real_ts.keys.index, "not a sorted set")
+    with pytest.raises(RedisUnavailableError, match="WRONGTYPE"):  # the write's own error still raises
+        real_ts.store(opaque(3600, "1111"))
+
+
 def test_zero_turns_the_trail_off_and_a_bad_value_names_the_variable(
     real_redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -232,6 +256,22 @@ def test_zero_turns_the_trail_off_and_a_bad_value_names_the_variable(
         monkeypatch.setenv("TOKENCACHE_AUDIT_MAXLEN", bad)
         with pytest.raises(ConfigurationError, match=f"TOKENCACHE_AUDIT_MAXLEN='{bad}'"):
             TokenStore(real_redis, namespace="tc-audit-off")
+
+
+def test_a_maxlen_beyond_the_limit_is_refused_at_configuration(
+    real_redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2**63 and up were accepted, then every store() failed inside Redis after writing."""
+    for too_many in (str(2**63), str(AUDIT_MAXLEN_LIMIT + 1)):
+        monkeypatch.setenv("TOKENCACHE_AUDIT_MAXLEN", too_many)
+        with pytest.raises(
+            ConfigurationError, match=f"TOKENCACHE_AUDIT_MAXLEN={too_many} is more than 10,000,000"
+        ):
+            TokenStore(real_redis, namespace="tc-audit-limit")
+    monkeypatch.setenv("TOKENCACHE_AUDIT_MAXLEN", str(AUDIT_MAXLEN_LIMIT))
+    store = TokenStore(real_redis, namespace="tc-audit-limit")
+    store.store(opaque(3600))
+    assert store.audit.maxlen == AUDIT_MAXLEN_LIMIT and real_redis.xlen(store.keys.audit) == 1
 
 
 def test_a_bad_value_stops_the_pool_at_start_and_never_a_refresh_job(

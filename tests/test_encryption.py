@@ -2,8 +2,9 @@
 
 What must hold (docs/encryption.md): only the ``token`` field is encrypted, under the hash's own key
 (a ciphertext copied elsewhere does not decrypt); a process that cannot decrypt a token gets an
-EncryptionError naming the key id, never garbage; a plaintext token still reads (how a fleet turns
-encryption on) and ``tokencache rekey`` rewrites every token under the ring's first key.
+EncryptionError naming the key id, never garbage; a plaintext token reads only under a ring that lists
+``plaintext`` (how a fleet turns encryption on) or holds no key, so no one without the key can plant
+one; and ``tokencache rekey`` rewrites every token under the ring's first key.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import google.auth.exceptions
 import pytest
 import requests
 from redis import Redis
+from rq.job import Job
 
 from tokencache import (
     ConfigurationError,
@@ -37,6 +39,7 @@ from tokencache.adapters.requests_auth import BearerAuth
 from tokencache.app.reads import bad_keys
 from tokencache.cli import rekey as rekey_module
 from tokencache.cli.rekey import rekey
+from tokencache.core.record import UNREADABLE
 from tokencache.core.sources import Sources
 from tokencache.crypto import new_key
 from tokencache.worker.repair import repair
@@ -110,6 +113,30 @@ def test_plaintext_first_writes_plaintext_and_still_decrypts() -> None:
     assert ring.open(Keyring.parse(RING_1).seal(SECRET, "key"), "key") == SECRET
     for off in (Keyring.parse(""), Keyring.parse("plaintext"), Keyring()):
         assert off.writer is None and off.ids == () and off.open(SECRET, "key") == SECRET
+    assert Keyring.parse(f"k1:{K1},plaintext").open(SECRET, "key") == SECRET  # turning encryption on
+
+
+def test_a_ring_of_keys_alone_refuses_plaintext() -> None:
+    with pytest.raises(EncryptionError, match="stored in plaintext, but this ring") as caught:
+        Keyring.parse(BOTH).open(SECRET, "key")
+    assert caught.value.key_id == "plaintext" and SECRET not in str(caught.value)
+    expected = "this ring (k2, k1) does not accept plaintext: add 'plaintext' to TOKENCACHE_ENCRYPTION_KEYS"
+    assert expected in str(caught.value)
+
+
+def test_a_plaintext_token_planted_without_the_key_is_not_served(real_redis: Redis, k1: TokenStore) -> None:
+    """Someone who can write Redis but lacks the key cannot forge a token an encrypting fleet hands out."""
+    k1.store(token("ya29.victims-real-token"))
+    redis_key = k1.keys.token(k1.key_for_info(SCOPE))
+    real_redis.hset(redis_key, "token", "ya29.mallorys-own-token")
+    for call in (lambda: k1.find(SCOPE), lambda: k1.for_scope(SCOPE, timeout=1)):
+        with pytest.raises(EncryptionError, match="stored in plaintext") as caught:
+            call()
+        assert "mallory" not in str(caught.value)
+    with pytest.raises(EncryptionError, match="stored in plaintext"):
+        k1.invalidate(SCOPE, "ya29.mallorys-own-token")
+    assert real_redis.hget(redis_key, "token") == b"ya29.mallorys-own-token"  # nothing evicted or fetched
+    assert store_with(real_redis, f"{RING_1},plaintext").find(SCOPE) == token("ya29.mallorys-own-token")
 
 
 BAD_RINGS = [
@@ -120,7 +147,7 @@ BAD_RINGS = [
     ("k1:c2hvcnQ", "key 'k1' must be 32 bytes, got 5"),
     (f"k1:{K1[:-8]}", "key 'k1' must be 32 bytes"),
     ("k1:not base64!", "key 'k1' is not base64"),
-    (f"bad id:{K1}", "entry 1 has key id 'bad id'"),
+    (f"bad id:{K1}", "entry 1 has a key id of 6 characters, not shown"),
     (f"plaintext:{K1}", "entry 1 has key id 'plaintext'"),
     (f"{'x' * 33}:{K1}", "ids are 1 to 32"),
 ]
@@ -141,7 +168,22 @@ def test_a_bad_ring_is_a_configuration_error_naming_the_variable_and_id_never_a_
         TokenStore(real_redis, namespace=NS, encryption=ring)
 
 
+URLSAFE_K1 = base64.urlsafe_b64encode(base64.b64decode(K1)).decode().rstrip("=")
+
+
+@pytest.mark.parametrize("key", [K1, URLSAFE_K1], ids=["standard", "urlsafe-unpadded"])
+def test_a_reversed_ring_entry_never_echoes_the_key(key: str) -> None:
+    """``key:id`` instead of ``id:key``: the "id" is the key, so only its length and a hint are told."""
+    with pytest.raises(ConfigurationError) as caught:
+        Keyring.parse(f"{key}:k1")
+    assert key not in str(caught.value) and key[:8] not in str(caught.value), str(caught.value)
+    assert f"a key id of {len(key)} characters, not shown (an entry written key:id?" in str(caught.value)
+    with pytest.raises(ConfigurationError, match="entry 1 has key id 'plaintext'"):  # a valid id is shown
+        Keyring.parse(f"plaintext:{K1}")
+
+
 def test_the_encryption_argument_is_checked(real_redis: Redis) -> None:
+
     with pytest.raises(TypeError, match="encryption must be a Keyring, a string of id:key entries or None"):
         TokenStore(real_redis, encryption=123)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="key id 'k1' has no key"):
@@ -194,10 +236,12 @@ def test_every_write_draws_a_new_nonce(k1: TokenStore) -> None:
     assert field(k1) != first and k1.find(SCOPE) == token()
 
 
-def test_a_plaintext_token_that_looks_encrypted_is_refused(real_redis: Redis) -> None:
-    with pytest.raises(ValueError, match="cannot be stored unencrypted"):
-        store_with(real_redis, "").store(token("enc:k1:abc"))
-    assert store_with(real_redis, RING_1).store(token("enc:k1:abc")) is not None  # encrypted: no ambiguity
+def test_a_plaintext_token_that_looks_encrypted_is_refused() -> None:
+    with pytest.raises(ValueError, match="b64token"):  # a Token cannot hold one (no ':' in a b64token)
+        token("enc:k1:abc")
+    with pytest.raises(ValueError, match="cannot be stored unencrypted"):  # nor can the ring write one
+        Keyring().seal("enc:k1:abc", "key")
+    assert Keyring.parse(RING_1).open(Keyring.parse(RING_1).seal("enc:k1:abc", "key"), "key") == "enc:k1:abc"
 
 
 def _tamper(store: TokenStore) -> None:
@@ -268,7 +312,7 @@ def test_a_ciphertext_copied_to_another_key_does_not_decrypt(k1: TokenStore) -> 
 
 
 def test_plaintext_tokens_read_with_encryption_on_and_rekey_encrypts_them(real_redis: Redis) -> None:
-    plain, on = store_with(real_redis, ""), store_with(real_redis, RING_1)
+    plain, on = store_with(real_redis, ""), store_with(real_redis, f"{RING_1},plaintext")
     for i in range(3):
         plain.store(token(f"ya29.plain-{i}-0000", sub=f"u{i}"))
     assert field(plain, SCOPE, "u0") == "ya29.plain-0-0000"
@@ -276,7 +320,7 @@ def test_plaintext_tokens_read_with_encryption_on_and_rekey_encrypts_them(real_r
     done = rekey(on)
     assert (done.rewritten, done.current, done.skipped, done.failed) == (3, 0, 0, [])
     assert all(field(on, SCOPE, f"u{i}").startswith("enc:k1:") for i in range(3))
-    assert on.find(SCOPE, "u2") == token("ya29.plain-2-0000", sub="u2")
+    assert store_with(real_redis, RING_1).find(SCOPE, "u2") == token("ya29.plain-2-0000", sub="u2")
     with pytest.raises(EncryptionError, match="'k1'"):
         plain.find(SCOPE, "u0")
     again = rekey(on)
@@ -329,7 +373,7 @@ def test_rekey_leaves_a_token_refreshed_between_its_read_and_its_write(
 
 
 def test_rekey_pages_through_a_large_index(real_redis: Redis) -> None:
-    plain, on = store_with(real_redis, ""), store_with(real_redis, RING_1)
+    plain, on = store_with(real_redis, ""), store_with(real_redis, f"{RING_1},plaintext")
     expires = int(time.time()) + 600
     with real_redis.pipeline(transaction=False) as pipe:
         for i in range(1500):
@@ -355,6 +399,73 @@ def test_invalidate_compares_the_decrypted_token(k1: TokenStore) -> None:
     assert not k1.invalidate(SCOPE, "ya29.never-cached", "nobody")
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_rekey_between_invalidates_read_and_script_does_not_lose_the_eviction(
+    real_redis: Redis, mode: str
+) -> None:
+    """invalidate() reads the field, compares it decrypted, then the script compares the field byte for
+    byte: a rekey in between (the same token, a new ciphertext) answers "not the stored token", so the
+    field is read again and the script retried."""
+    store_with(real_redis, RING_1).store(token("ya29.rejected-by-the-api"))
+    operator = store_with(real_redis, BOTH)
+    rekeys: list[int] = []
+
+    def rekey_once() -> None:
+        if not rekeys:
+            rekeys.append(rekey(operator).rewritten)
+
+    if mode == "sync":
+        app = store_with(real_redis, BOTH)
+        real_hget = app.redis.hget
+
+        def hget_then_rekey(*a: object, **k: object) -> object:
+            value = real_hget(*a, **k)
+            rekey_once()
+            return value
+
+        app.redis.hget = hget_then_rekey  # type: ignore[method-assign]
+        evicted = app.invalidate(SCOPE, "ya29.rejected-by-the-api")
+    else:
+
+        async def scenario() -> bool:
+            async with aio.TokenStore(
+                async_client_like(real_redis), namespace=NS, queue=NS, sources=Sources(use_adc=False),
+                encryption=BOTH,
+            ) as app:  # fmt: skip
+                real = app.redis.hget
+
+                async def hget_then_rekey(*a: object, **k: object) -> object:
+                    value = await real(*a, **k)
+                    rekey_once()
+                    return value
+
+                app.redis.hget = hget_then_rekey  # type: ignore[method-assign]
+                return await app.invalidate(SCOPE, "ya29.rejected-by-the-api")
+
+        evicted = asyncio.run(scenario())
+    assert rekeys == [1], "the rekey ran between the read and the script"
+    still = operator.find(SCOPE)
+    assert evicted and still is None, f"evicted={evicted}; find() still hands out {still!r}"
+
+
+def test_invalidate_gives_up_on_a_field_rewritten_at_every_read(real_redis: Redis) -> None:
+    """The retries are bounded: a field re-encrypted between every read and its script is left alone."""
+    store_with(real_redis, RING_1).store(token("ya29.rejected-by-the-api"))
+    rings = [store_with(real_redis, BOTH), store_with(real_redis, f"{RING_1},{RING_2}")]
+    app = store_with(real_redis, BOTH)
+    real_hget, reads = app.redis.hget, []
+
+    def hget_then_rekey(*a: object, **k: object) -> object:
+        value = real_hget(*a, **k)
+        reads.append(rekey(rings[len(reads) % 2]).rewritten)
+        return value
+
+    app.redis.hget = hget_then_rekey  # type: ignore[method-assign]
+    assert app.invalidate(SCOPE, "ya29.rejected-by-the-api") is False
+    assert reads == [1, 1, 1]  # INVALIDATE_ATTEMPTS reads, each followed by a rewrite
+    assert rings[0].find(SCOPE) == token("ya29.rejected-by-the-api")
+
+
 def test_invalidate_without_the_key_raises_and_changes_nothing(real_redis: Redis, k1: TokenStore) -> None:
     k1.store(token())
     with pytest.raises(EncryptionError, match="'k1'"):
@@ -370,20 +481,27 @@ def test_tokens_skip_and_report_what_cannot_be_decrypted_and_records_show_it(
     store_with(real_redis, "").store(token(sub="c"))
     with caplog.at_level(logging.WARNING), bad_keys.collect() as skipped:
         listed = list(k1.tokens())
-    assert sorted(t.sub for t in listed) == ["a", "c"] and {t.token for t in listed} == {SECRET}
-    (key, why), = skipped.items()  # fmt: skip
-    assert key.endswith(":b") and "encrypted with key 'k2'" in why and "'k2'" in caplog.text
+    assert [t.sub for t in listed] == ["a"] and listed[0].token == SECRET
+    why = {key.rpartition(":")[2]: text for key, text in skipped.items()}
+    assert "encrypted with key 'k2'" in why["b"] and "'k2'" in caplog.text
+    assert "stored in plaintext" in why["c"] and len(why) == 2
     records = {r.key.sub: r for r in k1.records()}
     assert (records["a"].key_id, records["b"].key_id, records["c"].key_id) == ("k1", "k2", None)
+    assert records["c"].unreadable is not None and records["c"].token.token == UNREADABLE
     assert records["b"].unreadable is not None and records["b"].unreadable.key_id == "k2"
     assert records["a"].unreadable is None and records["a"].token.token == SECRET
     assert SECRET not in records["b"].token.token  # what Redis holds, never decrypted garbage
 
 
 def test_repair_passes_over_a_token_it_cannot_decrypt(real_redis: Redis, k1: TokenStore) -> None:
-    k1.store(token(life=3))  # due: repair judges it
-    repair(store_with(real_redis, RING_2))  # reads no token field: nothing to fail on
-    repair(store_with(real_redis, ""))
+    """Repair reads no token field: a ring without the token's key (or no ring) re-enqueues its lost job."""
+    k1.store(token(life=3))  # due at once: repair judges it
+    job_key = Job.key_for(k1.keys.job_id(k1.key_for_info(SCOPE)))
+    queue = k1.refresh_queue
+    for ring in (RING_2, ""):
+        real_redis.delete(job_key, queue.queue.key, queue.scheduled.key)  # the refresh job lost
+        assert repair(store_with(real_redis, ring))["enqueue"] == 1
+        assert real_redis.exists(job_key)
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -403,16 +521,19 @@ def test_ls_status_and_rekey_commands(real_redis: Redis, k1: TokenStore, workers
     }
     assert rows["a"]["token"] == "ya29.a0…f3k" and rows["a"]["encrypted_with"] == "k1"
     assert rows["b"]["token"] == "(encrypted: k2)" and rows["b"]["encrypted_with"] == "k2"
-    assert rows["c"]["token"] == "ya29.a0…f3k" and rows["c"]["encrypted_with"] is None
+    assert rows["c"]["token"] == "(plaintext refused)" and rows["c"]["encrypted_with"] is None
     plain = _cli("ls", env={**env, "TOKENCACHE_ENCRYPTION_KEYS": RING_1})
     assert plain.returncode == 0 and "(encrypted: k2)" in plain.stdout and "enc:" not in plain.stdout
     assert "secret" not in plain.stdout
     status = json.loads(_cli("status", "--json", env=env).stdout)  # a monitoring host holds no key
     assert status["encryption"] == {"k1": 1, "k2": 1, "plaintext": 1} and len(status["undecryptable"]) == 2
+    keyed = json.loads(_cli("status", "--json", env={**env, "TOKENCACHE_ENCRYPTION_KEYS": RING_1}).stdout)
+    refused = [u for u in keyed["undecryptable"] if "stored in plaintext" in u]
+    assert len(keyed["undecryptable"]) == 2 and len(refused) == 1
     assert not any("encrypt" in p for p in status["problems"])
     text = _cli("status", env=env).stdout
     assert "k1 1, k2 1, plaintext 1" in text
-    dry = _cli("rekey", "--dry-run", env={**env, "TOKENCACHE_ENCRYPTION_KEYS": BOTH})
+    dry = _cli("rekey", "--dry-run", env={**env, "TOKENCACHE_ENCRYPTION_KEYS": f"{BOTH},plaintext"})
     assert (
         dry.returncode == 0
         and "would rewrite 2 under key 'k2', 1 already current, 0 skipped, 0 failed" in dry.stdout
@@ -420,10 +541,12 @@ def test_ls_status_and_rekey_commands(real_redis: Redis, k1: TokenStore, workers
     out = _cli("rekey", env={**env, "TOKENCACHE_ENCRYPTION_KEYS": RING_1})
     assert (
         out.returncode == 1
-        and "rewrote 1 under key 'k1', 1 already current, 0 skipped, 1 failed" in out.stdout
+        and "rewrote 0 under key 'k1', 1 already current, 0 skipped, 2 failed" in out.stdout
     )
     assert "cannot decrypt" in out.stderr and "key 'k2'" in out.stderr and "Traceback" not in out.stderr
-    out = _cli("rekey", env={**env, "TOKENCACHE_ENCRYPTION_KEYS": BOTH})
+    assert "stored in plaintext" in out.stderr
+    out = _cli("rekey", env={**env, "TOKENCACHE_ENCRYPTION_KEYS": f"{BOTH},plaintext"})
+
     assert out.returncode == 0 and "rewrote 2 under key 'k2', 1 already current" in out.stdout
     bad = _cli("ls", env={**env, "TOKENCACHE_ENCRYPTION_KEYS": f"k1:{K1},"})
     assert bad.returncode == 1 and "TOKENCACHE_ENCRYPTION_KEYS: entry 2 is empty" in bad.stderr
@@ -526,7 +649,9 @@ def test_a_worker_pool_refreshes_encrypted_tokens_under_its_key(
         token("ya29.about-to-expire-0000", life=12, sub="c")
     )
     _tamper_sub(app, "c")  # fails authentication: the refresh replaces it all the same
-    for sub in ("a", "b", "c"):
+    app.store(token("ya29.about-to-expire-0000", life=12, sub="d"))
+    app.redis.hset(app.keys.token(app.key_for_info(SCOPE, "d")), "token", "ya29.planted-0000")  # refused
+    for sub in ("a", "b", "c", "d"):
         new = wait_for(lambda sub=sub: _replaced(app, sub), 15, what=f"the refresh of {sub}")
         assert new.expires > time.time() + 60
         assert field(app, SCOPE, sub).startswith("enc:k2:")

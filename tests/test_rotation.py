@@ -4,12 +4,13 @@ A real fleet changes its configuration one process at a time: each phase here st
 pool with the new ring before the old pool stops (a rolling restart), and switches the app readers
 to the new ring one by one while both pools run, so every mix of neighbouring rings meets every
 token. The workers refresh short-lived tokens throughout, so tokens are rewritten under whatever
-ring their refresher holds while the apps read them.
+ring their refresher holds while the apps read them: the seeded tokens' refreshes are spread over a
+half-life, so every phase, the first included, sees refreshes (asserted per phase).
 
 The phases are the documented procedures (docs/encryption.md): turn on (``plaintext,k1`` everywhere,
-then ``k1`` everywhere, then ``rekey``) and rotate (``k1,k2``, then ``k2,k1``, then ``rekey``, then
-``k2``). Each reader calls ``find()`` on every token in a loop: a ``None`` is a miss, anything
-raised an error, and both must stay at zero.
+then ``k1,plaintext`` everywhere, then ``rekey``, then ``k1``: a ring of keys alone refuses plaintext)
+and rotate (``k1,k2``, then ``k2,k1``, then ``rekey``, then ``k2``). Each reader calls ``find()`` on
+every token in a loop: a ``None`` is a miss, anything raised an error, and both must stay at zero.
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ from tokencache.crypto import new_key
 from tokencache.testing.emulator import Emulator
 from tokencache.testing.workers import PoolProcess
 
-from .conftest import SCOPE, Workers
+from .conftest import SCOPE, Workers, wait_for
 
 K1, K2 = new_key(), new_key()
 PHASES = [
     # (what the phase does, the ring every process holds by its end, rekey after it)
     ("plaintext fleet", "", False),
-    ("turn on 1/2: decrypt k1, write plaintext", f"plaintext,k1:{K1}", False),
-    ("turn on 2/2: write k1; rekey encrypts the rest", f"k1:{K1}", True),
+    ("turn on 1/3: decrypt k1, write plaintext", f"plaintext,k1:{K1}", False),
+    ("turn on 2/3: write k1, read plaintext; rekey encrypts the rest", f"k1:{K1},plaintext", True),
+    ("turn on 3/3: drop plaintext", f"k1:{K1}", False),
     ("rotate 1/3: add k2 second", f"k1:{K1},k2:{K2}", False),
     ("rotate 2/3: k2 first; rekey re-encrypts", f"k2:{K2},k1:{K1}", True),
     ("rotate 3/3: drop k1", f"k2:{K2}", False),
@@ -43,8 +45,8 @@ TOKENS = 40
 READERS = 4
 """App readers; every other one with a near cache (which a rekey's rewrite of a token invalidates)."""
 LIFETIME = 14
-"""Seconds a token from the emulator lives: its refresh comes at half-life, so every phase sees
-refreshes under the rings of both of its pools."""
+"""Seconds a token from the emulator lives: its refresh comes at half-life (7 s), and the seeds' refreshes
+are spread over one half-life, so refreshes run all the time, under the rings of both pools of a phase."""
 HOLD = 3.0
 """Seconds each phase runs once every process holds its ring."""
 
@@ -61,6 +63,8 @@ class Reader:
     misses: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
+    switched: threading.Event = field(default_factory=threading.Event)
+    """Set once the reader has read every token with the ring it was last given (see :func:`_switch`)."""
 
     def run(self) -> None:
         ring, store = self.ring, self._store(self.ring)
@@ -68,9 +72,18 @@ class Reader:
             if self.ring != ring:  # restarted with the new configuration
                 store.close()
                 ring, store = self.ring, self._store(self.ring)
+                self._round(store, ring)
+                self.switched.set()
+                continue
             self._round(store, ring)
             time.sleep(0.01)
         store.close()
+
+    def switch(self, ring: str) -> None:
+        """Restart with ``ring``; return once a whole round has read every token with it."""
+        self.switched.clear()
+        self.ring = ring
+        assert self.switched.wait(10), f"a reader did not switch to {ring.split(':')[0]!r} within 10 s"
 
     def _store(self, ring: str) -> TokenStore:
         return TokenStore.from_url(
@@ -98,8 +111,10 @@ def test_turning_encryption_on_and_rotating_under_a_running_fleet(
     store: TokenStore, workers: Workers, emulator: Emulator, redis_url: str
 ) -> None:
     emulator.config.lifetime = LIFETIME
-    expires = int(time.time()) + LIFETIME
-    for i in range(TOKENS):
+    pool = _pool(workers, redis_url, PHASES[0][1])
+    now = int(time.time())
+    for i in range(TOKENS):  # refreshes due 1 s to one half-life from now, spread evenly
+        expires = now + store.refresh_before + 1 + (LIFETIME // 2) * i // TOKENS
         store.store(Token(token=f"ya29.seed-{i:03}-0000", scope=SCOPE, expires=expires, sub=f"u{i}"))
     readers = [
         Reader(redis_url, store.keys.namespace, PHASES[0][1], near_cache=i % 2 == 1) for i in range(READERS)
@@ -109,7 +124,7 @@ def test_turning_encryption_on_and_rotating_under_a_running_fleet(
     for thread in threads:
         thread.start()
     try:
-        rekeys, issued = _run_phases(workers, redis_url, store.keys.namespace, readers, emulator)
+        rekeys, issued = _run_phases(workers, redis_url, store.keys.namespace, readers, emulator, pool)
     finally:
         for reader in readers:
             reader.stop.set()
@@ -123,6 +138,7 @@ def test_turning_encryption_on_and_rotating_under_a_running_fleet(
               f"{done.skipped} skipped, {len(done.failed)} failed, in {done.seconds:.3f}s")  # fmt: skip
     assert errors == [] and misses == [], (errors[:5], misses[:5])
     assert sum(issued) >= TOKENS, "the workers refreshed every token during the run"
+    assert all(n > 0 for n in issued), f"a phase without refreshes: {issued}"
     for _, done in rekeys:  # skipped: refreshed between the read and the write, under the new key already
         assert not done.failed and done.rewritten > 0
         assert done.rewritten + done.current + done.skipped == TOKENS
@@ -132,20 +148,34 @@ def test_turning_encryption_on_and_rotating_under_a_running_fleet(
 
 
 def _run_phases(
-    workers: Workers, redis_url: str, namespace: str, readers: list[Reader], emulator: Emulator
+    workers: Workers,
+    redis_url: str,
+    namespace: str,
+    readers: list[Reader],
+    emulator: Emulator,
+    pool: PoolProcess,
 ) -> tuple[list[tuple[str, Rekeyed]], list[int]]:
-    """Every phase after the first, a rolling restart each; the rekey runs and the tokens issued per phase."""
-    pool = _pool(workers, redis_url, PHASES[0][1])
+    """The first phase as it runs, then every other one a rolling restart each; the rekey runs and the
+    tokens issued per phase."""
     rekeys: list[tuple[str, Rekeyed]] = []
-    issued = [emulator.stats()["issued"]]
+    start = emulator.stats()["issued"]
+    issued = [_hold(emulator, start, PHASES[0][0])]
     for name, ring, then_rekey in PHASES[1:]:
+        start = emulator.stats()["issued"]
         pool = _switch(workers, redis_url, pool, readers, ring)
         if then_rekey:
             with TokenStore.from_url(redis_url, namespace=namespace, encryption=ring) as operator:
                 rekeys.append((name, rekey(operator)))
-        time.sleep(HOLD)
-        issued.append(emulator.stats()["issued"] - sum(issued))
+        issued.append(_hold(emulator, start, name))
     return rekeys, issued
+
+
+def _hold(emulator: Emulator, start: int, phase: str) -> int:
+    """Let the phase run :data:`HOLD` seconds, and on until its pools have refreshed a token (the workers
+    refresh several due tokens in one batch, so refreshes bunch up); the tokens issued in it."""
+    time.sleep(HOLD)
+    wait_for(lambda: emulator.stats()["issued"] > start, LIFETIME, what=f"a refresh during {phase!r}")
+    return int(emulator.stats()["issued"] - start)
 
 
 def _pool(workers: Workers, redis_url: str, ring: str) -> PoolProcess:
@@ -160,7 +190,6 @@ def _switch(
     """A rolling restart onto ``ring``: a new pool starts, the readers move one by one, the old pool stops."""
     new = _pool(workers, redis_url, ring)
     for reader in readers:
-        reader.ring = ring
-        time.sleep(0.2)
+        reader.switch(ring)
     old.stop()
     return new

@@ -78,6 +78,13 @@ ERROR_TTL = 2.0
 """Seconds a failed fetch's error is kept: waiters that subscribed after it was published still see
 it, and callers in that window fail at once instead of stampeding a failing endpoint."""
 
+INVALIDATE_ATTEMPTS = 3
+"""Times ``invalidate()`` runs its compare-and-evict script when the ``token`` field changed between its
+read and the script but still decrypts to the rejected token (a ``tokencache rekey`` re-encrypted it in
+between). Each retry needs another such rewrite within one round trip: a rekey rewrites a token once, so
+two attempts would do; the third covers a rekey racing a second one (two operators), and the bound
+keeps a field rewritten in a loop by someone with the key from holding a caller forever."""
+
 INVALIDATE_EVERY = 30.0
 """Seconds during which a token key, once an API's rejection (401) has evicted its token, refuses another
 eviction (``{ns}:invalidated:…``, ``SET NX PX``). A genuine revocation is replaced at once; an API that
@@ -161,6 +168,12 @@ STOP_AFTER_FAILURES = 3
 
 REPAIR_INTERVAL = 1.0
 """Seconds between repair passes of the fleet (the pool's supervision loop ticks once a second)."""
+
+AUDIT_AHEAD = 60.0
+"""Seconds the audit stream's last id may be ahead of ``tokencache status``'s clock before it says the
+stream is wedged or forged. ``XADD *`` ids are the Redis server's milliseconds, and a fleet's clocks
+agree within well under a second under NTP: a minute leaves room for a badly kept host, while an id
+written on purpose to stop the trail (the largest, ``18446744073709551615-…``) is ages ahead."""
 
 REPAIR_GRACE = 3.0
 """Seconds a refresh may be late before repair steps in: the scheduler polls every second with
@@ -274,6 +287,12 @@ AUDIT_MAXLEN = 10_000
 """Entries the audit stream keeps by default (``TOKENCACHE_AUDIT_MAXLEN``): about 1.7 MB of Redis at
 165 bytes an entry (measured: ``python -m bench --only audit``), less than 1,000 cached tokens take,
 and a day of history for a fleet of 400 tokens that live an hour (one fetch each an hour)."""
+
+AUDIT_MAXLEN_LIMIT = 10_000_000
+"""The most entries ``TOKENCACHE_AUDIT_MAXLEN`` may ask for: about 1.7 GB of Redis at 165 bytes an entry,
+more than a trail needs (a year of a 1,000-token fleet's hourly fetches is 8.8 million) and less than
+any Redis can be asked to hold by mistake. Without a bound, 2**63 and up were accepted and every audited
+write failed inside Redis (MAXLEN out of range)."""
 
 AUDIT_FOLLOW_BLOCK = 1.0
 """Seconds one read of ``tokencache audit --follow`` blocks for new entries: short, so that Ctrl-C and a

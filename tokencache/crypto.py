@@ -18,7 +18,9 @@ base64 (standard or URL-safe alphabet, padding optional), ``id`` up to 32 of ``[
 first entry encrypts every write, all of them decrypt. The entry ``plaintext`` (no key) first means
 "write plaintext, decrypt with the others": a fleet turns encryption on or off through it without a
 moment in which some processes write what others cannot read (docs/encryption.md). A plaintext
-token always reads, so a fleet's old tokens stay readable while ``tokencache rekey`` encrypts them.
+token reads only under a ring that holds ``plaintext`` (anywhere) or no key at all: otherwise anyone
+who can write Redis, without the key, could plant a token an encrypting fleet serves. So turning
+encryption on goes ``plaintext,k1`` -> ``k1,plaintext`` -> ``tokencache rekey`` -> ``k1``.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ class Keyring:
         self.writer: str | None = None
         """The id of the key that encrypts writes; None: this process writes plaintext."""
         seen: set[str] = set()
+        listed_plaintext = False
         for position, (name, key) in enumerate(entries, 1):
             _check_id(source, position, name, plaintext=key is None)
             if name in seen:
@@ -99,6 +102,11 @@ class Keyring:
                 self._add(name, key, first=position == 1)
             elif name != PLAINTEXT:
                 raise ConfigurationError(f"{source}: key id {name!r} has no key")
+            listed_plaintext = listed_plaintext or name == PLAINTEXT
+        self.reads_plaintext = listed_plaintext or not self._ciphers
+        """Whether a plaintext ``token`` field is handed out: only under a ring that lists ``plaintext``
+        or holds no key (encryption off). A ring of keys alone refuses one, which only someone without
+        the key (or a process without the ring) can have written."""
 
     def _add(self, name: str, key: bytes, *, first: bool) -> None:
         if len(key) != KEY_BYTES:
@@ -163,10 +171,13 @@ class Keyring:
         return f"{PREFIX}{self.writer}:{blob}"
 
     def open(self, stored: str, redis_key: str) -> str:
-        """The access token in a stored ``token`` field (a plaintext one as it is); EncryptionError if
-        this ring lacks its key or it fails authentication."""
+        """The access token in a stored ``token`` field (a plaintext one as it is, if this ring reads
+        plaintext); EncryptionError if this ring lacks its key, it fails authentication, or it is a
+        plaintext this ring refuses (``key_id`` is then :data:`PLAINTEXT`)."""
         name = key_id(stored)
         if name is None:
+            if not self.reads_plaintext:
+                raise EncryptionError(self._refuses_plaintext(redis_key), key_id=PLAINTEXT)
             return stored
         cipher = self._ciphers.get(name)
         if cipher is None:
@@ -179,6 +190,14 @@ class Keyring:
             return cipher.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], redis_key.encode()).decode()
         except (InvalidTag, binascii.Error, ValueError):
             raise EncryptionError(_failed(name, redis_key), key_id=name) from None
+
+    def _refuses_plaintext(self, redis_key: str) -> str:
+        ids = ", ".join(self.ids)
+        return (
+            f"{redis_key!r} holds a token stored in plaintext, but this ring ({ids}) does not accept "
+            f"plaintext: add {PLAINTEXT!r} to {env.ENCRYPTION_KEYS} while turning encryption on (the token "
+            "is not handed out here, and its next refresh replaces it)"
+        )
 
     def _lacks(self, name: str, redis_key: str) -> str:
         held = (
@@ -211,11 +230,21 @@ def _check_id(source: str, position: int, name: str, *, plaintext: bool) -> None
     if plaintext and name == PLAINTEXT:
         return
     if not _ID.fullmatch(name) or name == PLAINTEXT:
-        shown = f"key id {name!r}" if name else "an empty key id"
+        shown = _shown_id(name)
         raise ConfigurationError(
             f"{source}: entry {position} has {shown}: ids are 1 to 32 of A-Z a-z 0-9 _ . - "
             f"({PLAINTEXT!r} is reserved, and takes no key)"
         )
+
+
+def _shown_id(name: str) -> str:
+    """A key id for an error message: only one a ring could hold is echoed; anything else may be the key
+    itself (an entry written ``key:id``), so only its length is told."""
+    if not name:
+        return "an empty key id"
+    if _ID.fullmatch(name):
+        return f"key id {name!r}"
+    return f"a key id of {len(name)} characters, not shown (an entry written key:id? entries are id:key)"
 
 
 @functools.lru_cache(maxsize=8)

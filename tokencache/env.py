@@ -100,7 +100,13 @@ def backoff_cap() -> float:
 
 def audit_maxlen() -> int:
     """How many entries the audit stream keeps, from the environment: a whole number >= 0 (0: no trail)."""
-    return _count(AUDIT_MAXLEN, DEFAULT_AUDIT_MAXLEN, "a whole number of entries")
+    maxlen = _count(AUDIT_MAXLEN, DEFAULT_AUDIT_MAXLEN, "a whole number of entries")
+    if maxlen > constants.AUDIT_MAXLEN_LIMIT:
+        raise ConfigurationError(
+            f"{AUDIT_MAXLEN}={maxlen} is more than {constants.AUDIT_MAXLEN_LIMIT:,} entries (about 1.7 GB of "
+            "Redis): copy the trail out (tokencache audit --follow --json) to keep more"
+        )
+    return maxlen
 
 
 def _count(name: str, default: int, what: str) -> int:

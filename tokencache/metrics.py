@@ -66,6 +66,7 @@ __all__ = [
     "enable_multiprocess",
     "observe_endpoint",
     "observe_fetch_wait",
+    "record_audit_failure",
     "record_bad_key",
     "record_invalidation",
     "record_rate_limited",
@@ -92,6 +93,7 @@ class _Metrics:
     fetch_wait: Histogram
     bad_keys: Counter
     invalidations: Counter
+    audit_failed: Counter
 
 
 _metrics: _Metrics | None = None
@@ -139,6 +141,9 @@ def _create() -> _Metrics:
         invalidations=Counter(
             "tokencache_invalidations", "Reports of a token an API rejected, by what they did", ["result"]
         ),
+        audit_failed=Counter(
+            "tokencache_audit_failed", "Audited writes whose audit entry Redis refused (the write stood)"
+        ),
     )
 
 
@@ -174,6 +179,10 @@ def record_bad_key(where: Where) -> None:
 
 def record_invalidation(result: Invalidation) -> None:
     _get().invalidations.labels(result.label).inc()
+
+
+def record_audit_failure() -> None:
+    _get().audit_failed.inc()
 
 
 def enable_multiprocess() -> str:

@@ -68,9 +68,10 @@ class Recorder:
 
         return record
 
-    async def execute(self) -> list[Any]:
-        """Send the recorded commands in one MULTI/EXEC; their replies."""
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        """Send the recorded commands in one MULTI/EXEC; their replies (a command's error among them
+        with ``raise_on_error=False``, as redis-py's pipeline)."""
         async with self.redis.pipeline(transaction=True) as pipe:
             for name, args, kwargs in self.calls:
                 getattr(pipe, name)(*args, **kwargs)
-            return await pipe.execute()
+            return await pipe.execute(raise_on_error=raise_on_error)

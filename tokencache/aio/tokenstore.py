@@ -25,7 +25,7 @@ from tokencache.aio.listing import listing
 from tokencache.aio.recorder import Recorder, offline_client
 from tokencache.app.core import Clock, Raw, StoreCore, TokenRecord, rejected_token
 from tokencache.core import scripts
-from tokencache.core.audit import Audit
+from tokencache.core.audit import Audit, script_result
 from tokencache.core.connection import connect, raise_other_errors, redis_errors
 from tokencache.core.sources import Sources
 from tokencache.crypto import Keyring
@@ -120,7 +120,7 @@ class TokenStore(StoreCore):
         """
         with redis_errors(self.redis), Recorder(self.redis) as pipe:
             job = self.write_commands(pipe, key, token, fetched=fetched)
-            await pipe.execute()
+            self.written(await pipe.execute(raise_on_error=False))
         self._forget(key)
         return job
 
@@ -142,9 +142,7 @@ class TokenStore(StoreCore):
         """
         key, rejected = parse_info(info, sub), rejected_token(token)
         with redis_errors(self.redis):
-            stored = cast(bytes | None, await self.redis.hget(self.keys.token(key), "token"))
-            call = self.invalidate_call(key, rejected, stored)
-            reply = await scripts.INVALIDATE.on_async(self.redis)(*call) if call is not None else 0
+            reply = await self._evict(key, rejected)
             result = self.invalidated(key, token, reply)
             if result is Invalidation.EVICTED:
                 with Recorder(self.redis) as pipe:
@@ -152,6 +150,23 @@ class TokenStore(StoreCore):
                     self.refetch_commands(pipe, key)
                     await pipe.execute()
         return result is Invalidation.EVICTED
+
+    async def _evict(self, key: TokenKey, rejected: str) -> object:
+        """The invalidate script's reply (0 if the stored field never held ``rejected``), run again while
+        a rekey re-encrypts the field between our read and the script (see ``invalidate_again``)."""
+        stored = await self._token_field(key)
+        call, reply, attempt = self.invalidate_call(key, rejected, stored), 0, 0
+        while call is not None:
+            attempt += 1
+            reply = script_result(await scripts.INVALIDATE.on_async(self.redis)(*call), self.keys.audit)
+            if not self.invalidate_again(reply, attempt):
+                break
+            reread = await self._token_field(key)
+            call, stored = self.invalidate_retry(key, rejected, stored, reread), reread
+        return reply
+
+    async def _token_field(self, key: TokenKey) -> bytes | None:
+        return cast(bytes | None, await self.redis.hget(self.keys.token(key), "token"))
 
     # -- reading -------------------------------------------------------------
 

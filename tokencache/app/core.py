@@ -35,10 +35,11 @@ from tokencache.constants import (
     EXPIRY_SKEW,
     FLEET_POLL,
     INDEX_PAGE,
+    INVALIDATE_ATTEMPTS,
     INVALIDATE_EVERY,
     WANT_TTL,
 )
-from tokencache.core.audit import Audit, Event
+from tokencache.core.audit import Audit, Event, audit_failed
 from tokencache.core.connection import is_wrong_type, unavailable
 from tokencache.core.notify import error_message, ok_message, parse
 from tokencache.core.pipeline import Pipeline
@@ -200,8 +201,19 @@ class StoreCore:
         pipe.publish(self.keys.channel(key), ok_message())
         event, outcome = (Event.FETCHED, "miss") if fetched else (Event.STORED, "")
         entry = self.audit.entry(event, key, outcome=outcome, token=token.token, expires=token.expires)
-        self.audit.append(pipe, self.keys.audit, entry)
+        self.audit.append(pipe, self.keys.audit, entry)  # last: see written()
         return job
+
+    def written(self, replies: list[Any]) -> None:
+        """Check the replies of :meth:`write_commands`, executed with ``raise_on_error=False``: an error
+        of the write raises; one of its audit entry (the last command, when the trail is on) is logged
+        and counted, and the write stands (:func:`~tokencache.core.audit.audit_failed` says why)."""
+        audited = bool(self.audit.maxlen) and bool(replies)
+        for reply in replies[:-1] if audited else replies:
+            if isinstance(reply, Exception):
+                raise reply
+        if audited and isinstance(replies[-1], Exception):
+            audit_failed(self.keys.audit, replies[-1])
 
     def failure_commands(
         self,
@@ -274,6 +286,22 @@ class StoreCore:
         entry = self.audit.entry(Event.INVALIDATED, key, outcome=Invalidation.EVICTED.value, token=rejected)
         args: list[EncodableT] = [stored, int(self.clock()), int(INVALIDATE_EVERY * 1000)]
         return keys, [*args, *self.audit.script_args(entry)]
+
+    def invalidate_again(self, reply: object, attempt: int) -> bool:
+        """Whether the twin reads the ``token`` field again after the script's ``reply`` to its
+        ``attempt``-th call: only after 0 ("not the stored token"), which a rekey between the read and the
+        script also answers (the same token, re-encrypted), and at most :data:`INVALIDATE_ATTEMPTS` calls."""
+        return Invalidation.of_reply(reply) is Invalidation.NOT_STORED and attempt < INVALIDATE_ATTEMPTS
+
+    def invalidate_retry(
+        self, key: TokenKey, rejected: str, stored: bytes | None, reread: bytes | None
+    ) -> tuple[list[str], list[EncodableT]] | None:
+        """The script's call again if the field changed from ``stored`` to ``reread`` and still holds the
+        ``rejected`` token (a rekey rewrote it); None if the "not the stored token" answer stands (it was
+        replaced by another token, deleted, or left as it was)."""
+        if reread is None or reread == stored:
+            return None
+        return self.invalidate_call(key, rejected, reread)
 
     def invalidated(self, key: TokenKey, token: object, reply: object) -> Invalidation:
         """What the script did, counted and logged (the token masked); this process's near cache forgets

@@ -19,7 +19,7 @@ from tokencache import metrics
 from tokencache.app.core import Clock, Raw, StoreCore, TokenRecord, rejected_token
 from tokencache.app.fleet import FleetFetch, Flights
 from tokencache.core import scripts
-from tokencache.core.audit import Audit
+from tokencache.core.audit import Audit, script_result
 from tokencache.core.connection import connect, raise_other_errors, redis_errors
 from tokencache.core.sources import Sources
 from tokencache.crypto import Keyring
@@ -114,7 +114,7 @@ class TokenStore(StoreCore):
         """
         with redis_errors(self.redis), self.redis.pipeline(transaction=True) as pipe:
             job = self.write_commands(pipe, key, token, fetched=fetched)
-            pipe.execute()
+            self.written(pipe.execute(raise_on_error=False))
         self._forget(key)
         return job
 
@@ -136,9 +136,7 @@ class TokenStore(StoreCore):
         """
         key, rejected = parse_info(info, sub), rejected_token(token)
         with redis_errors(self.redis):
-            stored = cast(bytes | None, self.redis.hget(self.keys.token(key), "token"))
-            call = self.invalidate_call(key, rejected, stored)
-            reply = scripts.INVALIDATE(self.redis, *call) if call is not None else 0
+            reply = self._evict(key, rejected)
             result = self.invalidated(key, token, reply)
             if result is Invalidation.EVICTED:
                 with self.redis.pipeline(transaction=True) as pipe:
@@ -146,6 +144,23 @@ class TokenStore(StoreCore):
                     self.refetch_commands(pipe, key)
                     pipe.execute()
         return result is Invalidation.EVICTED
+
+    def _evict(self, key: TokenKey, rejected: str) -> object:
+        """The invalidate script's reply (0 if the stored field never held ``rejected``), run again while
+        a rekey re-encrypts the field between our read and the script (see ``invalidate_again``)."""
+        stored = self._token_field(key)
+        call, reply, attempt = self.invalidate_call(key, rejected, stored), 0, 0
+        while call is not None:
+            attempt += 1
+            reply = script_result(scripts.INVALIDATE(self.redis, *call), self.keys.audit)
+            if not self.invalidate_again(reply, attempt):
+                break
+            reread = self._token_field(key)
+            call, stored = self.invalidate_retry(key, rejected, stored, reread), reread
+        return reply
+
+    def _token_field(self, key: TokenKey) -> bytes | None:
+        return cast(bytes | None, self.redis.hget(self.keys.token(key), "token"))
 
     # -- reading -------------------------------------------------------------
 

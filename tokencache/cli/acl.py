@@ -55,9 +55,9 @@ _TEMPLATES = {
     ),
     "tokencache-operator": (
         "+hello +info +get +exists +hget +hgetall +hmget +llen +smembers +zcard +zscore +zrange +zscan "
-        "+zrangebyscore +xrevrange +xread %R~{ns}:* %R~{job} %R~rq:queue:{q} %R~rq:scheduled:{q} "
-        "%R~rq:failed:{q} %R~rq:workers:{q} %R~rq:worker:* %R~rq:scheduler-lock:{q} %R~rq:scheduler:* "
-        "(+hdel %W~{ns}:pools) " + REKEY_SELECTOR
+        "+zrangebyscore +xrevrange +xread +xinfo|stream %R~{ns}:* %R~{job} %R~rq:queue:{q} "
+        "%R~rq:scheduled:{q} %R~rq:failed:{q} %R~rq:workers:{q} %R~rq:worker:* %R~rq:scheduler-lock:{q} "
+        "%R~rq:scheduler:* (+hdel %W~{ns}:pools) " + REKEY_SELECTOR
     ),
 }
 

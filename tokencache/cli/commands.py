@@ -42,6 +42,7 @@ from tokencache.cli.text import cell, printable
 from tokencache.constants import METRICS_HOST
 from tokencache.core.audit import Event, Role
 from tokencache.core.connection import describe
+from tokencache.crypto import PLAINTEXT
 from tokencache.errors import TokenCacheError
 from tokencache.keys import normalize_scope
 from tokencache.token import mask
@@ -177,8 +178,11 @@ def _ls_row(record: TokenRecord, now: float) -> dict[str, Any]:
 
 
 def _shown(record: TokenRecord) -> str:
-    """The token, masked; for one this process cannot decrypt, the id of the key it lacks."""
+    """The token, masked; for one this process cannot decrypt, the id of the key it lacks (or that it is
+    a plaintext this ring refuses: it is not shown, masked or not, as it may be a planted one)."""
     if record.unreadable is not None:
+        if record.unreadable.key_id == PLAINTEXT:
+            return "(plaintext refused)"
         return f"(encrypted: {record.unreadable.key_id})"
     return mask(record.token.token)
 

@@ -46,7 +46,15 @@ from rq.registry import FailedJobRegistry
 
 from tokencache.app.reads import WRONG_TYPE, bad_keys
 from tokencache.app.tokenstore import TokenStore
-from tokencache.constants import EXPIRY_SKEW, FORGET_POOL, POOL_TTL, REPAIR_GRACE, REPAIR_SCAN, SCHEDULER_TTL
+from tokencache.constants import (
+    AUDIT_AHEAD,
+    EXPIRY_SKEW,
+    FORGET_POOL,
+    POOL_TTL,
+    REPAIR_GRACE,
+    REPAIR_SCAN,
+    SCHEDULER_TTL,
+)
 from tokencache.core.connection import raise_other_errors, redis_errors
 from tokencache.core.pipeline import per_entry
 from tokencache.core.queue import job_target
@@ -99,6 +107,9 @@ class Health:
     undecryptable: list[str] = field(default_factory=list)
     """``key: why`` of cached tokens this process cannot decrypt (told, not a problem: status needs no
     key, and a token's next refresh replaces one that fails authentication)."""
+    audit_ahead: float | None = None
+    """Seconds the audit stream's last id is ahead of this host's clock (None: no stream, or the user
+    may not run XINFO); more than :data:`AUDIT_AHEAD` is a problem: an id written on purpose."""
     problems: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -144,6 +155,13 @@ def _refresh_problems(h: Health) -> list[str]:
         )
     if h.failing:
         found.append(f"{len(h.failing)} token(s) failing to refresh")
+    if h.audit_ahead is not None and h.audit_ahead > AUDIT_AHEAD:
+        found.append(
+            f"the audit stream's last id is {h.audit_ahead:.0f} s ahead of this host's clock: someone wrote "
+            "an entry with an explicit id (a wedged or forged trail); later entries are refused and the "
+            "writes go on unaudited (tokencache_audit_failed_total). Rename the stream as an admin "
+            "(docs/security.md)"
+        )
     if h.skipped:
         names = ", ".join(sorted(h.skipped))
         found.append(f"{len(h.skipped)} malformed or wrong-type key(s) skipped: {names}")
@@ -179,6 +197,18 @@ def _server(store: TokenStore) -> tuple[str, str]:
     except ResponseError:  # NOPERM, or a Redis-compatible server without INFO
         return UNKNOWN, UNKNOWN
     return str(info.get("redis_version", UNKNOWN)), str(info.get("used_memory_human", UNKNOWN))
+
+
+def _audit_ahead(store: TokenStore, now: float) -> float | None:
+    """Seconds the audit stream's last generated id is ahead of ``now``. XINFO STREAM, not the last
+    entry: ``MAXLEN 0`` empties a wedged stream. None if there is no stream or the user may not look."""
+    try:
+        info = store.redis.xinfo_stream(store.keys.audit)
+    except ResponseError:  # no such key, another type, or NOPERM (an ACL line older than +xinfo|stream)
+        return None
+    last = info.get("last-generated-id") or b"0-0"
+    millis = (last.decode() if isinstance(last, bytes) else str(last)).partition("-")[0]
+    return int(millis) / 1000 - now if millis.isdigit() else None
 
 
 def _registrations(store: TokenStore) -> int:
@@ -372,6 +402,7 @@ def check(store: TokenStore, redis_url: str) -> Health:
             refused=_refused(store, failed_jobs),
             encryption=dict(tokens.by_key),
             undecryptable=tokens.undecryptable,
+            audit_ahead=_audit_ahead(store, now),
         )
     health = replace(health, skipped=dict(skipped))  # complete now that every read is done
     return Health(**{**health.as_dict(), "problems": _problems(health)})

@@ -29,20 +29,23 @@ where one does not apply), so Redis stores the field names once per node, not on
 from __future__ import annotations
 
 import enum
+import logging
 import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from tokencache import env
+from tokencache import env, metrics
 from tokencache.constants import ERROR_MESSAGE_LIMIT
 from tokencache.core.pipeline import Pipeline
 from tokencache.keys import TokenKey
 from tokencache.token import fingerprint, scrub
 
-__all__ = ["FIELDS", "Audit", "Event", "Role", "flat", "parse_entry"]
+__all__ = ["FIELDS", "Audit", "Event", "Role", "audit_failed", "flat", "parse_entry", "script_result"]
+
+log = logging.getLogger(__name__)
 
 
 class Event(enum.StrEnum):
@@ -126,6 +129,32 @@ class Audit:
         if entry is None or not self.maxlen:
             return ["0"]
         return [str(self.maxlen), *flat(entry)]
+
+
+def audit_failed(stream: str, error: object) -> None:
+    """Log and count an audit entry Redis refused: the write it rode with stands (see :func:`script_result`).
+
+    Why the write is not failed: a user who may append to the stream (every role does) can make every
+    later ``XADD *`` fail (an entry with the largest id, ``MAXLEN 0``); failing the write then would let
+    it stop every store and refresh of the fleet, after each had written (EXEC and Lua do not roll back).
+    """
+    metrics.record_audit_failure()
+    log.warning(
+        "the audit entry was not appended to %s (the write itself went through): %s; a stream whose last "
+        "id is ahead of the clock is wedged or forged: tokencache status flags it",
+        stream,
+        scrub(str(error)[:ERROR_MESSAGE_LIMIT]),
+    )
+
+
+def script_result(reply: object, stream: str) -> int:
+    """The result of a script that appends an audit entry with ``redis.pcall``: the integer it returns, or
+    ``{result, error}`` when the XADD failed (then logged and counted by :func:`audit_failed`)."""
+    if isinstance(reply, list):
+        result, error = reply
+        audit_failed(stream, error.decode() if isinstance(error, bytes) else error)
+        return int(result)
+    return int(cast(int, reply))
 
 
 def parse_entry(entry_id: bytes, raw: Mapping[bytes, bytes]) -> dict[str, Any]:

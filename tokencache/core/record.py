@@ -30,6 +30,7 @@ from tokencache.token import Token
 
 __all__ = [
     "REJECTED",
+    "UNREADABLE",
     "Bookkeeping",
     "MalformedRecord",
     "field_number",
@@ -85,6 +86,10 @@ def _text(raw: Mapping[bytes, bytes], name: str) -> str:
         raise MalformedRecord(f"field {name!r} is not UTF-8") from e
 
 
+UNREADABLE = "undecryptable"
+"""What the Token of a record this process cannot decrypt holds in place of its ``token`` field."""
+
+
 def from_fields(raw: Mapping[bytes, bytes], *, redis_key: str, ring: Keyring) -> Token:
     """The Token stored in ``raw`` (an HGETALL reply of ``redis_key``), decrypted; MalformedRecord saying
     what is wrong, or EncryptionError naming the key id if ``ring`` cannot decrypt it."""
@@ -97,12 +102,14 @@ def read_fields(
     raw: Mapping[bytes, bytes], *, redis_key: str, ring: Keyring
 ) -> tuple[Token, EncryptionError | None]:
     """As :func:`from_fields`, for readers that need every other field even when ``ring`` cannot decrypt
-    the token (listings, the refresh job): then the Token holds the stored (encrypted) value, and the
-    error says why. MalformedRecord as from_fields."""
+    the token (listings, the refresh job): then the Token holds :data:`UNREADABLE` in place of the
+    stored field (which is no b64token: ``enc:`` has a colon, and a refused plaintext may be anything,
+    or a planted token no listing must show), and the error says why. MalformedRecord as from_fields."""
     values = _values(raw)
     try:
         values["token"] = ring.open(values["token"], redis_key)
     except EncryptionError as e:
+        values["token"] = UNREADABLE
         return _token(values), e
     return _token(values), None
 

@@ -127,19 +127,23 @@ RECORD_FAILURE = LuaScript(
 -- ARGV[3]  '1' if the refresh gave up, '0' if it will retry
 -- ARGV[4]  entries the audit stream keeps (MAXLEN ~); '0': no entry (a retry, or the trail is off)
 -- ARGV[5]  and on: the audit entry's fields and values, alternating
--- returns  the new count of failures in a row, or 0 if there is no hash
-if ARGV[4] ~= '0' then
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 5))
-end
+-- returns  the new count of failures in a row, or 0 if there is no hash; {that count, the error} if
+--          the audit entry failed (XADD by pcall: a wedged stream never fails the write)
+local failures = 0
 if redis.call('EXISTS', KEYS[1]) == 1 then
-    local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+    failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
     redis.call('HSET', KEYS[1], 'last_error', ARGV[1], 'last_error_at', ARGV[2])
     if ARGV[3] == '1' then
         redis.call('HSET', KEYS[1], 'gave_up_at', ARGV[2])
     end
-    return failures
 end
-return 0
+if ARGV[4] ~= '0' then
+    local added = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 5))
+    if type(added) == 'table' and added.err then
+        return {failures, added.err}
+    end
+end
+return failures
 """,
 )
 
@@ -159,7 +163,8 @@ REPLACE_IF_INDEXED = LuaScript(
 -- ARGV[5]  and on, n items: the hash's fields and values, alternating
 --          then: entries the audit stream keeps (MAXLEN ~; '0': the trail is off),
 --          and the rest: the audit entry's fields and values, alternating
--- returns  1 if written (and audited), 0 if the token is no longer indexed (nothing written)
+-- returns  1 if written (and audited), 0 if the token is no longer indexed (nothing written);
+--          {1, the error} if written but the audit entry failed (XADD by pcall: see RECORD_FAILURE)
 if not redis.call('ZSCORE', KEYS[2], KEYS[1]) then
     return 0
 end
@@ -171,7 +176,10 @@ redis.call('ZADD', KEYS[2], ARGV[1], KEYS[1])
 redis.call('DEL', KEYS[3], KEYS[4])
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 if ARGV[5 + n] ~= '0' then
-    redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[5 + n], '*', unpack(ARGV, 6 + n))
+    local added = redis.pcall('XADD', KEYS[5], 'MAXLEN', '~', ARGV[5 + n], '*', unpack(ARGV, 6 + n))
+    if type(added) == 'table' and added.err then
+        return {1, added.err}
+    end
 end
 return 1
 """,
@@ -194,7 +202,8 @@ INVALIDATE = LuaScript(
 -- ARGV[4]  entries the audit stream keeps (MAXLEN ~); '0': the trail is off
 -- ARGV[5]  and on: the audit entry's fields and values, alternating (its expires is filled in here)
 -- returns  1 evicted; 0 not the stored token (replaced, deleted, never cached): nothing changed;
---          2 evicted already (its refetch is on its way); 3 rate-limited: the token stays
+--          2 evicted already (its refetch is on its way); 3 rate-limited: the token stays;
+--          {1, the error} if evicted but the audit entry failed (XADD by pcall: see RECORD_FAILURE)
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then
     return 0
 end
@@ -213,7 +222,10 @@ if ARGV[4] ~= '0' then
             entry[i + 1] = redis.call('HGET', KEYS[1], 'expires') or ''
         end
     end
-    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', unpack(entry))
+    local added = redis.pcall('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', unpack(entry))
+    if type(added) == 'table' and added.err then
+        return {1, added.err}
+    end
 end
 return 1
 """,

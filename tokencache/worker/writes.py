@@ -17,7 +17,7 @@ from redis.typing import EncodableT
 from tokencache.app.tokenstore import TokenStore
 from tokencache.constants import ERROR_MESSAGE_LIMIT
 from tokencache.core import scripts
-from tokencache.core.audit import Event, flat
+from tokencache.core.audit import Event, flat, script_result
 from tokencache.core.connection import redis_errors
 from tokencache.core.notify import ok_message
 from tokencache.core.record import to_fields
@@ -56,7 +56,7 @@ def record_failure(
 
     with redis_errors(store.redis):
         reply, *_ = scripts.run_pipeline(store.redis, queue, transaction=True)
-    return int(reply)
+    return script_result(reply, store.keys.audit)
 
 
 def _give_up_entry(
@@ -105,4 +105,4 @@ def replace_if_indexed(
 
     with redis_errors(store.redis):
         reply, *_ = scripts.run_pipeline(store.redis, queue, transaction=move_job)
-    return bool(reply)
+    return bool(script_result(reply, store.keys.audit))
