@@ -107,7 +107,13 @@ class RefreshJob(Job):
         "repeat_intervals",
     )
     _RUN_ONLY: ClassVar[tuple[str, ...]] = RUN_RECORD[:-2]
-    CLEARED: ClassVar[tuple[str, ...]] = tuple(dict.fromkeys(UNSET + RUN_RECORD + ("meta", "webhooks")))
+    IMPLIED: ClassVar[tuple[str, ...]] = ("created_at", "description")
+    """Never saved: RQ reads a missing ``created_at`` as "now" and nothing reads it back (jobs of one id
+    are rewritten in place, so it would say when the last store was), and every refresh job's
+    description is :data:`DESCRIPTION` (put back by :meth:`restore`). 64 bytes per token less."""
+    CLEARED: ClassVar[tuple[str, ...]] = tuple(
+        dict.fromkeys(UNSET + RUN_RECORD + IMPLIED + ("meta", "webhooks"))
+    )
 
     def __init__(
         self, id: str | None = None, connection: Redis | None = None, serializer: Any = None
@@ -115,6 +121,14 @@ class RefreshJob(Job):
         """RQ's Job, always with the JSON serializer: refresh jobs are JSON, and a ``rq worker --job-class``
         without ``--serializer`` must never unpickle what a job hash holds (its meta, say)."""
         super().__init__(id, connection=connection, serializer=JSONSerializer)
+
+    def restore(self, raw_data: Any) -> Any:
+        """RQ's restore; a job saved without its description (all but those older versions wrote) gets
+        :data:`DESCRIPTION` back, so RQ's log lines and dashboards still name it."""
+        restored = super().restore(raw_data)
+        if self.description is None:
+            self.description = DESCRIPTION
+        return restored
 
     @property
     def func(self) -> Any:
@@ -160,7 +174,8 @@ class RefreshJob(Job):
         return {
             name: value
             for name, value in fields.items()
-            if not (value == "" and name in self.UNSET)
+            if name not in self.IMPLIED
+            and not (value == "" and name in self.UNSET)
             and not (waiting and name in shed)
             and not (name == "meta" and not self.meta)
         }
