@@ -8,11 +8,12 @@ Why it looks the way it does:
   so the job's one argument is ``refresh_before``.
 * Jobs carry no access token and use RQ's JSON serializer: nothing secret
   sits in ``rq:job:*`` and nothing is pickled.
-* Memory: every value of the job's RQ hash is at most 64 bytes (a short fixed
-  description, a ~47-byte ``data``) and :class:`RefreshJob` leaves out the
-  fields RQ would write empty, so Redis keeps the hash as a listpack instead
-  of a hashtable, a fraction of the memory (docs/performance.md). Only memory
-  depends on that; a bigger hash works the same.
+* Memory: every value of the job's RQ hash is at most 64 bytes (a ~47-byte
+  ``data``) and :class:`RefreshJob` leaves out the fields RQ would write empty
+  and those it implies (``created_at``, the fixed description), so Redis keeps
+  the hash as a small listpack of six fields instead of a hashtable, a fraction
+  of the memory (docs/performance.md). Only memory depends on that; a bigger
+  hash works the same.
 * A running refresh job must not schedule *its own id* through ``enqueue_at``:
   with ``result_ttl=0`` RQ deletes the finished job's hash right after, which
   would take the freshly scheduled next run with it. Instead the job asks RQ to
