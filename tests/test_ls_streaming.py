@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from rich.console import Console
 
 from tokencache import Token, TokenStore
 from tokencache.app.core import TokenRecord
@@ -77,3 +78,20 @@ def test_ls_json_of_no_tokens_is_an_empty_list(
     out = io.StringIO()
     assert ls(out, "--json") == 0
     assert out.getvalue() == "[]\n"
+
+
+def test_ls_on_a_terminal_prints_a_table_per_page_with_one_header(
+    listed: tuple[io.StringIO, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, seen = listed
+    monkeypatch.setattr(commands, "TABLE_PAGE", 2)
+    monkeypatch.setattr(
+        commands,
+        "_console",
+        lambda: Console(file=out, force_terminal=True, width=300, highlight=False, color_system=None),
+    )
+    assert ls(out) == 0
+    text = out.getvalue()
+    assert text.count("ACCOUNT") == 1 and text.count("ya29.a0…t-") == TOKENS and "secret" not in text
+    assert text.rstrip().endswith(f"{TOKENS} token(s)")
+    assert seen[2] > seen[1], "the first page was not printed before the third record was read"
