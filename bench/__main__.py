@@ -24,6 +24,8 @@ from .common import Result, bench_env
 
 BENCHMARKS = ("find", "store", "memory", "encryption", "audit", "burst", "fleet", "stampede", "recovery")
 """Module names under bench/, in the order they run."""
+ON_REQUEST = ("scale",)
+"""Run only when named with ``--only``: ``scale`` fills a Redis with a million tokens (~2 GB, minutes)."""
 
 
 def _fmt(value: float | None) -> str:
@@ -113,7 +115,8 @@ def _bars(ax: Any, rows: list[Result], values: list[float], marks: list[float | 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short runs (each benchmark under a minute)")
-    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these benchmarks")
+    names = BENCHMARKS + ON_REQUEST
+    parser.add_argument("--only", nargs="+", choices=names, help="run only these benchmarks")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for JSON and PNG")
     parser.add_argument("--replot", action="store_true", help="only redraw the chart from OUT/results.json")
     args = parser.parse_args(argv)

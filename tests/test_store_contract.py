@@ -21,7 +21,7 @@ import tokencache
 from tokencache import RedisUnavailableError, Token, TokenStore, aio
 from tokencache.app import core as store_core
 from tokencache.app.core import TokenRecord
-from tokencache.core.queue import SERVER_VERSION
+from tokencache.core.queue import DESCRIPTION, SERVER_VERSION, RefreshJob, job_target
 from tokencache.core.sources import Sources
 from tokencache.keys import parse_job_id
 from tokencache.testing.emulator import Emulator
@@ -267,6 +267,25 @@ def test_the_refresh_job_hash_is_a_small_listpack(store: TokenStore) -> None:
     assert job is not None
     assert store.redis.object("encoding", job.key) == b"listpack"
     assert max(len(value) for value in store.redis.hvals(job.key)) <= 64
+
+
+def test_the_refresh_job_hash_leaves_out_what_rq_implies(ts: TokenStore) -> None:
+    """No ``created_at`` or ``description`` in a job hash (64 bytes per token); RQ reads it back with the
+    fixed description, and a job an older version wrote with both is read, then rewritten without them."""
+    t = token(expires_in=600)
+    job = ts.store(t)
+    assert job is not None
+    saved = {b"status", b"data", b"origin", b"timeout", b"result_ttl", b"failure_ttl"}
+    assert set(ts.redis.hkeys(job.key)) == saved
+    lean = RefreshJob.fetch(job.id, connection=ts.redis)
+    assert lean.description == DESCRIPTION and lean.args == [10] and lean.result_ttl == 0
+    written_before = {"created_at": "2026-01-01T00:00:00.000000Z", "description": DESCRIPTION}
+    ts.redis.hset(job.key, mapping=written_before)
+    old = RefreshJob.fetch(job.id, connection=ts.redis)
+    assert old.description == DESCRIPTION and old.created_at.year == 2026
+    assert job_target(old) == (ts.keys.namespace, ts.key_for(t))
+    ts.store(t)
+    assert set(ts.redis.hkeys(job.key)) == saved
 
 
 def test_record_and_indexed(ts: TokenStore) -> None:

@@ -24,7 +24,8 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from itertools import islice
 from typing import Any, NoReturn
 
 from rich import box
@@ -53,6 +54,8 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 AUDIT_COUNT = 50
 """Entries ``tokencache audit`` shows by default (a screenful or two)."""
+TABLE_PAGE = 500
+"""Rows per rich table when ``ls`` prints to a terminal: it prints as it reads, a table per page."""
 
 
 class _PrintableFormatter(logging.Formatter):
@@ -113,19 +116,36 @@ def _console() -> Console:
     return Console(highlight=False, soft_wrap=True)
 
 
-def _print_table(columns: Sequence[str], rows: Sequence[Sequence[str]], console: Console) -> None:
+def _print_table(columns: Sequence[str], rows: Iterable[Sequence[str]], console: Console) -> int:
     """A rich table on a terminal; tab-separated full values otherwise (for grep, cut and awk). Either
     way each cell is escaped (:func:`~tokencache.cli.text.cell`): one row per line, one column per tab,
-    no raw escapes."""
-    cells = [[cell(text) for text in row] for row in rows]
+    no raw escapes. Rows are printed as they come (a terminal gets a table per :data:`TABLE_PAGE`
+    rows), so a listing of a million tokens never holds them all. Returns how many rows it printed."""
+    count = 0
     if not console.is_terminal:
-        for line in (columns, *cells):
-            print("\t".join(line))
-        return
-    table = Table(*columns, box=box.SIMPLE, pad_edge=False)
-    for row in cells:
-        table.add_row(*(Text(cell) for cell in row))  # Text: a '[' in a scope or an error is not markup
-    console.print(table)
+        print("\t".join(columns))
+        for count, row in enumerate(rows, 1):  # noqa: B007 (count is the result)
+            print("\t".join(cell(text) for text in row))
+        return count
+    pending = iter(rows)
+    while page := list(islice(pending, TABLE_PAGE)):
+        table = Table(*columns, box=box.SIMPLE, pad_edge=False, show_header=count == 0)
+        for row in page:
+            table.add_row(*(Text(cell(text)) for text in row))  # Text: a '[' in a scope is not markup
+        console.print(table)
+        count += len(page)
+    if count == 0:
+        console.print(Table(*columns, box=box.SIMPLE, pad_edge=False))
+    return count
+
+
+def _print_json_list(items: Iterable[dict[str, Any]]) -> None:
+    """``print(json.dumps(list(items), indent=2))``, the same text, one item at a time."""
+    opened = False
+    for item in items:
+        sys.stdout.write(("," if opened else "[") + "\n  " + json.dumps(item, indent=2).replace("\n", "\n  "))
+        opened = True
+    sys.stdout.write("\n]\n" if opened else "[]\n")
 
 
 def number(text: str) -> int:
@@ -188,31 +208,31 @@ def _shown(record: TokenRecord) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    """List cached tokens, masked."""
+    """List cached tokens, masked: streamed, a page of the index at a time (never all of them in memory)."""
     now = time.time()
     with bad_keys.collect() as skipped:  # each is also logged on stderr, with why
-        rows = [_ls_row(record, now) for record in _store(args).records()]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    console = _console()
-    columns = ("ACCOUNT", "SCOPE", "SUB", "EXPIRES IN", "NEXT REFRESH", "LAST REFRESH", "TOKEN")
-    cells = [
-        (
-            r["account"],
-            r["scope"],
-            r["sub"] or "-",
-            _seconds(r["expires_in"]),
-            "-" if r["refresh_in"] is None else f"in {_seconds(r['refresh_in'])}",
-            r["last_refresh"],
-            r["token"],
-        )
-        for r in rows
-    ]
-    _print_table(columns, cells, console)
+        rows = (_ls_row(record, now) for record in _store(args).records())
+        if args.json:
+            _print_json_list(rows)
+            return 0
+        console = _console()
+        columns = ("ACCOUNT", "SCOPE", "SUB", "EXPIRES IN", "NEXT REFRESH", "LAST REFRESH", "TOKEN")
+        count = _print_table(columns, (_ls_cells(r) for r in rows), console)
     if console.is_terminal:
-        console.print(f"{len(rows)} token(s)" + (f", {len(skipped)} bad key(s) skipped" if skipped else ""))
+        console.print(f"{count} token(s)" + (f", {len(skipped)} bad key(s) skipped" if skipped else ""))
     return 0
+
+
+def _ls_cells(r: dict[str, Any]) -> tuple[str, ...]:
+    return (
+        r["account"],
+        r["scope"],
+        r["sub"] or "-",
+        _seconds(r["expires_in"]),
+        "-" if r["refresh_in"] is None else f"in {_seconds(r['refresh_in'])}",
+        r["last_refresh"],
+        r["token"],
+    )
 
 
 def _server_cell(h: Health) -> str:
