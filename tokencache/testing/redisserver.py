@@ -235,28 +235,43 @@ class SentinelSetup:
         for node in self.nodes:
             node.start()
         self._wait(lambda: _in_sync(self.nodes[1]), deadline, "the replica to sync")
-        folder = Path(self._dir())
-        for index, port in enumerate(self.sentinel_ports):
-            conf = folder / f"sentinel-{index}.conf"
-            conf.write_text(
-                f"port {port}\nbind 127.0.0.1\ndir {folder}\nlogfile {folder}/sentinel-{index}.log\n"
-                f"sentinel monitor {self.service} 127.0.0.1 {self.nodes[0].port} 2\n"
-                f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
-                f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}\n"
-                f"sentinel parallel-syncs {self.service} 1\n"
-            )
-            self._sentinels.append(
-                subprocess.Popen(
-                    [str(self.nodes[0].executable), str(conf), "--sentinel"],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-            )
-        self._wait(self._sentinels_ready, deadline, "the sentinels to see each other and the replica")
+        for index in range(len(self.sentinel_ports)):
+            self._sentinels.append(self._launch(index))
+        try:
+            self._wait(self._sentinels_ready, deadline, "the sentinels to see each other and the replica")
+        except ConfigurationError as e:
+            raise ConfigurationError(f"{e}\n{self.logs()}") from None
         return self
 
+    def _launch(self, index: int) -> subprocess.Popen[bytes]:
+        """Start sentinel ``index`` on its port, with a config file of its own (Sentinel rewrites it)."""
+        folder = Path(self._dir())
+        conf = folder / f"sentinel-{index}.conf"
+        conf.write_text(
+            f"port {self.sentinel_ports[index]}\nbind 127.0.0.1\ndir {folder}\n"
+            f"logfile {folder}/sentinel-{index}.log\n"
+            f"sentinel monitor {self.service} 127.0.0.1 {self.nodes[0].port} 2\n"
+            f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}\n"
+            f"sentinel parallel-syncs {self.service} 1\n"
+        )
+        return subprocess.Popen(
+            [str(self.nodes[0].executable), str(conf), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def _relaunch_exited(self) -> None:
+        """A sentinel that exited at start lost its port (free_port() only found one free a moment
+        before: another process's ephemeral port can take it). Start it again on another port."""
+        for index, process in enumerate(self._sentinels):
+            if process.poll() is not None:
+                self.sentinel_ports[index] = free_port()
+                self._sentinels[index] = self._launch(index)
+
     def _sentinels_ready(self) -> bool:
+        self._relaunch_exited()
         for index in range(3):
             state: Any = self.sentinel(index).sentinel_master(self.service)
             if int(state["num-other-sentinels"]) < 2 or int(state["num-slaves"]) < 1:
@@ -291,6 +306,15 @@ class SentinelSetup:
                 pass  # not up yet, or mid-failover
             time.sleep(0.05)
         raise ConfigurationError(f"timed out waiting for {what}")
+
+    def logs(self) -> str:
+        """The tail of every sentinel's log (what a timed-out start reports)."""
+        folder = Path(self._dir())
+        tails = []
+        for log in sorted(folder.glob("sentinel-*.log")):
+            lines = log.read_text(errors="replace").splitlines()[-15:]
+            tails.append(f"--- {log.name}\n" + "\n".join(lines))
+        return "\n".join(tails)
 
     def _dir(self) -> str:
         if self._tmp is None:
