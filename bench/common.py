@@ -75,7 +75,7 @@ class BenchEnv:
         return Redis.from_url(self.url, **options)
 
     def flush(self) -> None:
-        self.client().flushdb()  # server started by this benchmark run
+        self.client().flushdb()  # server started by this test (this benchmark run's own)
 
     def child_env(self, *, credentials: bool, **extra: str) -> dict[str, str]:
         """Environment of a worker or app subprocess on this Redis (a key file only if ``credentials``)."""

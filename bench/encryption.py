@@ -112,7 +112,7 @@ def _memory(env: BenchEnv, quick: bool) -> list[Result]:
         )
         metric = f"used_memory per token, {len(batch):,} tokens, encrypted, {label}"
         results.append(Result(BENCH, metric, on.case, "B", "plaintext", off.case, note=note))
-    plain.redis.flushdb()  # the bench's own server
+    plain.redis.flushdb()  # server started by this test (the bench's own)
     return results
 
 
@@ -127,7 +127,7 @@ def rotation(env: BenchEnv, quick: bool) -> list[Result]:
         note = f"{len(batch) / done.seconds:,.0f} tokens/s; {done.current} current, {done.skipped} skipped"
         metric = f"rekey {label}, {len(batch):,} tokens"
         results.append(Result(BENCH, metric, done.seconds, "s", note=note, extra={"tokens": len(batch)}))
-    plain.redis.flushdb()  # the bench's own server
+    plain.redis.flushdb()  # server started by this test (the bench's own)
     return results
 
 

@@ -60,7 +60,7 @@ def settled_used_memory(client: Redis) -> int:
 
 def growth(client: Redis, write: Callable[[], None]) -> int:
     """Bytes ``used_memory`` grows by while ``write`` runs, on an empty database."""
-    client.flushdb()  # the bench's own server
+    client.flushdb()  # server started by this test (the bench's own)
     before = settled_used_memory(client)
     write()
     return settled_used_memory(client) - before
@@ -173,7 +173,7 @@ def run(env: BenchEnv, quick: bool) -> list[Result]:
         Result(BENCH, "schedule entry (MEMORY USAGE / N)", p["schedule entry"][0], "B",
                note=p["schedule entry"][1]),
     ]  # fmt: skip
-    store.redis.flushdb()
+    store.redis.flushdb()  # server started by this test (the bench's own)
     ran, ran_encoding, ran_fields = job_after_a_refresh(env, store)
     stored = p["RQ job hash"][0]
     results += [
@@ -185,5 +185,5 @@ def run(env: BenchEnv, quick: bool) -> list[Result]:
     ]  # fmt: skip
     with listpack_value(store.redis, 256):
         results.append(measure(store, batch).row("hash-max-listpack-value 256"))
-    store.redis.flushdb()
+    store.redis.flushdb()  # server started by this test (the bench's own)
     return results

@@ -79,7 +79,7 @@ def job_fields(lean: bool) -> dict[str, str]:
 
 
 def per_token(client: Redis, n: int, options: dict[str, Any]) -> float:
-    client.flushdb()  # the private server started below
+    client.flushdb()  # server started by this test (the private server started below)
     before = settled_used_memory(client)
     write(client, n, **options)
     return (settled_used_memory(client) - before) / n

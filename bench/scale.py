@@ -192,7 +192,7 @@ def command_cost(env: BenchEnv, *args: str) -> tuple[float, float]:
 
 def refreshes_per_worker(env: BenchEnv, store: TokenStore) -> tuple[float, float]:
     """(refreshes per second, CPU ms per refresh of the pool and Redis) of one worker on due tokens."""
-    store.redis.flushdb()
+    store.redis.flushdb()  # server started by this test (the bench's own)
     now = int(time.time())
     expires = now + store.refresh_before + 1
     tokens = [
@@ -214,7 +214,7 @@ def refreshes_per_worker(env: BenchEnv, store: TokenStore) -> tuple[float, float
     cpu = after.children_user + after.children_system - before.children_user - before.children_system
     replaced = sum(1 for t in tokens if (found := store.find(t.scope, t.sub)) and found.token != t.token)
     cpu += redis_cpu(store.redis) - server
-    store.redis.flushdb()
+    store.redis.flushdb()  # server started by this test (the bench's own)
     return replaced / wall, cpu / max(1, replaced) * 1000
 
 
@@ -285,5 +285,6 @@ def run(env: BenchEnv, quick: bool) -> list[Result]:
         for row in results[-10:]:  # as measured: a run of many minutes loses nothing to a late failure
             print(f"   {row.metric}: {row.value:,.4g} {row.unit} ({row.note})", file=sys.stderr, flush=True)
         print(f"   {n:,}: measured in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
-    store.redis.flushdb(asynchronous=True)  # a million keys: a blocking FLUSHDB outlasts the socket timeout
+    # A million keys: a blocking FLUSHDB outlasts the socket timeout.
+    store.redis.flushdb(asynchronous=True)  # server started by this test
     return results

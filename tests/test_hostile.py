@@ -57,15 +57,15 @@ def run(
 @pytest.mark.parametrize(
     ("url", "secret", "shown"),
     [
-        ("redis://user:SECRET@host:6379/0", SECRET, "redis://user:***@host:6379/0"),
-        ("redis://:SECRET@host:6379/0", SECRET, "redis://:***@host:6379/0"),
-        ("redis://host:6379/0?password=SECRET", SECRET, "redis://host:6379/0?password=***"),
+        ("redis://user:SECRET@host:6390/0", SECRET, "redis://user:***@host:6390/0"),
+        ("redis://:SECRET@host:6390/0", SECRET, "redis://:***@host:6390/0"),
+        ("redis://host:6390/0?password=SECRET", SECRET, "redis://host:6390/0?password=***"),
         ("redis://host/0?db=1&Password=SECRET&x=1", SECRET, "redis://host/0?db=1&Password=***&x=1"),
         ("rediss://host/0?ssl_cert_reqs=required&password=SECRET", SECRET, None),
         ("redis+sentinel://u:SECRET@h1:1,h2:2/svc", SECRET, "redis+sentinel://u:***@h1:1,h2:2/svc"),
         ("redis+sentinel://h1,h2/svc?sentinel_password=SECRET", SECRET, "redis+sentinel://h1,h2/svc?sentinel_password=***"),
-        ("rediss://u:SECRET@[::1]:6379/0", SECRET, "rediss://u:***@[::1]:6379/0"),
-        ("u:SECRET@host:6379", SECRET, "u:***@host:6379"),
+        ("rediss://u:SECRET@[::1]:6390/0", SECRET, "rediss://u:***@[::1]:6390/0"),
+        ("u:SECRET@host:6390", SECRET, "u:***@host:6390"),
         ("unix://:SECRET@/tmp/redis.sock?db=0", SECRET, "unix://:***@/tmp/redis.sock?db=0"),
         ("unix:///tmp/redis.sock?password=SECRET", SECRET, "unix:///tmp/redis.sock?password=***"),
         ("redis://:SECRET@host:notaport/0", SECRET, "redis://:***@host:notaport/0"),
@@ -100,7 +100,7 @@ parts = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_siz
 @given(
     user=st.text(st.characters(whitelist_categories=("L", "N")), max_size=6),
     password=parts,
-    host=st.sampled_from(["localhost:6379", "h1:1,h2:2", "[::1]:6379", "redis", "/tmp/r.sock"]),
+    host=st.sampled_from(["localhost:6390", "h1:1,h2:2", "[::1]:6390", "redis", "/tmp/r.sock"]),
     where=st.sampled_from(["userinfo", "raw userinfo", "password", "sentinel_password", "raw password"]),
     scheme=st.sampled_from(["redis://", "rediss://", "redis+sentinel://", "unix://", ""]),
 )
@@ -134,9 +134,9 @@ def test_mask_url_never_raises(url: str) -> None:
 @pytest.mark.parametrize(
     "url",
     [
-        f"redis://localhost:6379/0?password={SECRET}&socket_timeout=abc",
+        f"redis://localhost:6390/0?password={SECRET}&socket_timeout=abc",
         f"redis://:{SECRET}@localhost:notaport/0",
-        f"redis://localhost:6379/0?socket_timeout=x&sentinel_password={SECRET}",
+        f"redis://localhost:6390/0?socket_timeout=x&sentinel_password={SECRET}",
         f"redis+sentinel://u:{SECRET}@h1:bad,h2:2/svc",
         f"redis+sentinel://u:{SECRET}@h1:1,h2:2",
         f"rediss+sentinel://u:{SECRET}@h1/svc?socket_timeout=x",
@@ -278,7 +278,7 @@ def test_the_latest_expires_allowed_is_stored_and_read(store: TokenStore) -> Non
     assert store.find(SCOPE) == last and list(store.tokens()) == [last]
 
 
-@pytest.mark.parametrize("url", [123, b"redis://localhost:6379/0", ["redis://localhost"]])
+@pytest.mark.parametrize("url", [123, b"redis://localhost:6390/0", ["redis://localhost"]])
 def test_a_url_that_is_not_a_string_is_a_type_error(url: object) -> None:
     with pytest.raises(TypeError, match="url"):
         TokenStore.from_url(url)  # type: ignore[arg-type]

@@ -30,7 +30,7 @@ def test_the_short_form_defaults() -> None:
     assert parsed is not None
     assert parsed.sentinels == (("sentinel", 26379),)
     assert (parsed.db, parsed.tls, parsed.password, parsed.sentinel_password) == (0, False, None, None)
-    assert parse_sentinel_url("redis://localhost:6379/0") is None
+    assert parse_sentinel_url("redis://localhost:6390/0") is None
 
 
 @pytest.mark.parametrize(
