@@ -84,9 +84,26 @@ def ask_sentinels(sentinels: list[Any], service: str) -> Address:
             continue
         if state:
             states.append(state)
+    return _pick_master(service, states, errors)
+
+
+def _pick_master(service: str, states: list[dict[str, Any]], errors: list[str]) -> Address:
+    """:func:`newest_master` of what the sentinels said, or MasterNotFoundError naming who failed."""
     master = newest_master(states)
     if master is None:
         raise _no_master(service, errors)
+    return master
+
+
+def _fresh_answer(manager: Any, service: str) -> Address | None:
+    """The master ``manager``'s sentinels named less than :data:`FOLLOW_EVERY` seconds ago, if any."""
+    answer = manager.__dict__.get("_tokencache_answers", {}).get(service)
+    return answer[1] if answer is not None and time.monotonic() - answer[0] < FOLLOW_EVERY else None
+
+
+def _remember(manager: Any, service: str, master: Address) -> Address:
+    """Keep ``master`` on ``manager`` (shared by its pools' connections) and return it."""
+    manager.__dict__.setdefault("_tokencache_answers", {})[service] = (time.monotonic(), master)
     return master
 
 
@@ -97,13 +114,8 @@ def recent_master(manager: Any, service: str) -> Address:
     in its forked processes from the same manager) share it. Any redis-py Sentinel manager works:
     RQ builds a plain one from its ``SENTINEL`` settings.
     """
-    answers: dict[str, tuple[float, Address]] = manager.__dict__.setdefault("_tokencache_answers", {})
-    answer = answers.get(service)
-    if answer is not None and time.monotonic() - answer[0] < FOLLOW_EVERY:
-        return answer[1]
-    master = ask_sentinels(manager.sentinels, service)
-    answers[service] = (time.monotonic(), master)
-    return master
+    fresh = _fresh_answer(manager, service)
+    return fresh or _remember(manager, service, ask_sentinels(manager.sentinels, service))
 
 
 class FollowingSentinel(sync_sentinel.Sentinel):
@@ -127,20 +139,12 @@ class AsyncFollowingSentinel(async_sentinel.Sentinel):
                 continue
             if state:
                 states.append(state)
-        master = newest_master(states)
-        if master is None:
-            raise _no_master(service_name, errors)
-        return master
+        return _pick_master(service_name, states, errors)
 
     async def recent_master(self, service_name: str) -> Address:
         """:func:`recent_master` for this manager."""
-        answers: dict[str, tuple[float, Address]] = self.__dict__.setdefault("_tokencache_answers", {})
-        answer = answers.get(service_name)
-        if answer is not None and time.monotonic() - answer[0] < FOLLOW_EVERY:
-            return answer[1]
-        master = await self.discover_master(service_name)
-        answers[service_name] = (time.monotonic(), master)
-        return master
+        fresh = _fresh_answer(self, service_name)
+        return fresh or _remember(self, service_name, await self.discover_master(service_name))
 
 
 def _moved(pool: Any, master: Address, conn: Any) -> bool:
