@@ -11,11 +11,13 @@ suite runs on the same tools it ships to users.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import inspect
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +35,39 @@ from tokencache.testing.redisserver import EmbeddedRedis
 from tokencache.testing.workers import PoolProcess, isolated_env
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+
+EXCLUSIVE_LOCK = Path(tempfile.gettempdir()) / f"tokencache-tests-{os.getuid()}.lock"
+"""Held by each test marked ``exclusive`` while it runs, in every suite of this user on this machine.
+
+``./run test`` runs the suite on Redis and on Valkey at the same time. The tests that release a
+fleet of app processes at one instant and count the endpoint's requests (one fetch for sixteen
+processes) bound what a process may stall: one starved past its 0.5 s lease costs a second fetch,
+as designed. Two such fleets at once on two cores are not what those bounds are about, so they take
+turns; everything else runs side by side."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With ``TOKENCACHE_TEST_ORDER=reversed-modules`` (``./run test`` sets it for its second run), the
+    modules run last to first, each in its own order: the two runs meet the same heavy module at
+    different times rather than together."""
+    if os.environ.get("TOKENCACHE_TEST_ORDER") != "reversed-modules":
+        return
+    modules: dict[Path, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.path, []).append(item)
+    items[:] = [item for path in reversed(modules) for item in modules[path]]
+
+
+@pytest.fixture(autouse=True)
+def exclusive(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Take :data:`EXCLUSIVE_LOCK` around a test marked ``exclusive`` (the wait is bounded by the
+    test's timeout, 120 s, and the longest such test takes about 20 s)."""
+    if request.node.get_closest_marker("exclusive") is None:
+        yield
+        return
+    with EXCLUSIVE_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def wait_for(

@@ -201,6 +201,7 @@ def run_children(
     return run_apps(store, commands, env, 60)
 
 
+@pytest.mark.exclusive
 @pytest.mark.parametrize("fetcher", ["workers", "an app with credentials"])
 def test_a_thousand_requests_from_four_processes_make_one_token_request(
     request: pytest.FixtureRequest,

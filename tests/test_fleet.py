@@ -41,6 +41,7 @@ def key_file(tmp_path: Path, emulator: Emulator) -> str:
     return str(path)
 
 
+@pytest.mark.exclusive
 def test_cold_cache_with_credentials_fetches_once(
     store: TokenStore, redis_url: str, emulator: Emulator, key_file: str, tmp_path: Path
 ) -> None:
@@ -51,6 +52,7 @@ def test_cold_cache_with_credentials_fetches_once(
     assert emulator.stats()["token_requests"] == 1
 
 
+@pytest.mark.exclusive
 def test_cold_cache_without_credentials_asks_the_workers_once(
     store: TokenStore, redis_url: str, emulator: Emulator, workers: Workers, tmp_path: Path
 ) -> None:
@@ -65,6 +67,7 @@ def test_cold_cache_without_credentials_asks_the_workers_once(
     )  # kept fresh from now on
 
 
+@pytest.mark.exclusive
 def test_a_failed_fetch_reaches_every_waiter_as_an_error(
     store: TokenStore, redis_url: str, emulator: Emulator, key_file: str, tmp_path: Path
 ) -> None:
@@ -76,6 +79,7 @@ def test_a_failed_fetch_reaches_every_waiter_as_an_error(
     assert slowest < 1.0 + 0.9, f"waiters heard of the failure {slowest:.2f}s after the start"
 
 
+@pytest.mark.exclusive
 def test_a_failed_worker_fetch_reaches_app_waiters(
     store: TokenStore, redis_url: str, emulator: Emulator, workers: Workers, tmp_path: Path
 ) -> None:
@@ -165,6 +169,7 @@ def test_errors_are_refresh_errors_remembered_briefly(
     assert app.for_scope(SCOPE, timeout=5).token.startswith("ya29.")
 
 
+@pytest.mark.exclusive
 @pytest.mark.parametrize("credentials", [True, False], ids=["with-credentials", "via-workers"])
 def test_sync_and_async_processes_share_one_fetch(
     store: TokenStore,

@@ -303,6 +303,7 @@ def run_fleet(
                 proc.wait(5)
 
 
+@pytest.mark.exclusive
 @pytest.mark.parametrize("latency", [0.0, 1.0], ids=["fast endpoint", "endpoint answering in 1 s"])
 def test_four_processes_meeting_a_revoked_token_recover_with_one_token_request(
     latency: float,
@@ -346,6 +347,7 @@ def test_four_processes_meeting_a_revoked_token_recover_with_one_token_request(
     assert recovery <= RECOVERY_BOUND
 
 
+@pytest.mark.exclusive
 def test_an_api_rejecting_every_token_costs_one_token_request_per_window(
     store: TokenStore,
     workers: Workers,
