@@ -15,6 +15,7 @@ import fcntl
 import inspect
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,9 +30,10 @@ from redis import Redis
 
 from tokencache import TokenStore
 from tokencache.core.sources import reset_default_sources
+from tokencache.errors import ConfigurationError
 from tokencache.testing.barrier import StartBarrier
 from tokencache.testing.emulator import Emulator
-from tokencache.testing.redisserver import EmbeddedRedis
+from tokencache.testing.redisserver import EmbeddedRedis, server_executable
 from tokencache.testing.workers import PoolProcess, isolated_env
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
@@ -44,6 +46,30 @@ fleet of app processes at one instant and count the endpoint's requests (one fet
 processes) bound what a process may stall: one starved past its 0.5 s lease costs a second fetch,
 as designed. Two such fleets at once on two cores are not what those bounds are about, so they take
 turns; everything else runs side by side."""
+
+EXCLUSIVE_WAIT = 60.0
+"""Seconds a test marked ``exclusive`` waits for :data:`EXCLUSIVE_LOCK`."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """``./run test`` stops its runs with SIGINT, which a run started from a background job inherits as
+    ignored (Python then never raises KeyboardInterrupt): restore it, so the run's teardown stops its
+    servers and workers."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which server the fixtures start (``TOKENCACHE_REDIS_SERVER``): each of ./run test's runs says what
+    it tested."""
+    try:
+        executable = server_executable()
+        version = subprocess.run(
+            [executable, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout.strip()
+    except (ConfigurationError, OSError, subprocess.TimeoutExpired) as e:
+        return f"tokencache: no server to test on: {e}"
+    return f"tokencache: {executable}: {version}"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -60,13 +86,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def exclusive(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Take :data:`EXCLUSIVE_LOCK` around a test marked ``exclusive`` (the wait is bounded by the
-    test's timeout, 120 s, and the longest such test takes about 20 s)."""
+    """Take :data:`EXCLUSIVE_LOCK` around a test marked ``exclusive``. The other run holds it for at most
+    four such tests in a row (about 35 s); a wait past :data:`EXCLUSIVE_WAIT` fails with a message
+    rather than eating the test's own 120 s timeout."""
     if request.node.get_closest_marker("exclusive") is None:
         yield
         return
+    deadline = time.monotonic() + EXCLUSIVE_WAIT
     with EXCLUSIVE_LOCK.open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{EXCLUSIVE_LOCK} stayed taken {EXCLUSIVE_WAIT:.0f} s (by another test run)")
+                time.sleep(0.05)  # a lock held by another process: no event to wait on
         yield
 
 

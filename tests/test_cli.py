@@ -86,7 +86,7 @@ def test_status_healthy_and_attention(
     table = run("status", env=workers.env())
     assert table.returncode == 0 and "workers" in table.stdout and "ok" in table.stdout
     # The server by its own name and version: Valkey also reports a redis_version (7.2.4 for Valkey 9).
-    product = "Valkey" if redis_server.name.startswith("valkey") else "Redis"
+    product = "Valkey" if "valkey_version" in redis_server.client().info("server") else "Redis"
     assert report["server"].startswith(f"{product} ") and f"({product} " in table.stdout.replace("\n", "")
     for out in (down, up, table):
         assert "status-secret" not in out.stdout + out.stderr

@@ -8,14 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tokencache.testing.workers import INHERITED
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "pytest_plugin"
 ISOLATED = ("GOOGLE_", "TOKENCACHE_", "GCE_", "PYTEST_")
 
 
 def test_the_example_suite_passes_with_only_the_plugins_fixtures(tmp_path: Path) -> None:
     # No -p: the pytest11 entry point must load the plugin by itself.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(ISOLATED)}
-    env["CLOUDSDK_CONFIG"] = str(tmp_path / "no-gcloud")
+    env = {k: v for k, v in os.environ.items() if k in INHERITED or not k.startswith(ISOLATED)}
+    env["CLOUDSDK_CONFIG"] = str(tmp_path / "no-gcloud")  # TOKENCACHE_REDIS_SERVER kept: this run's server
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "--timeout", "50", str(EXAMPLE)],
         cwd=tmp_path,

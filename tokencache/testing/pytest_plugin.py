@@ -49,23 +49,6 @@ REFRESH_BEFORE = 10
 """The stores' refresh margin: the library's default, so tests see what production does."""
 
 
-def pytest_report_header(config: pytest.Config) -> str:
-    """Which server the fixtures start (``TOKENCACHE_REDIS_SERVER``): a run's report says what it tested."""
-    import subprocess
-
-    from tokencache.errors import ConfigurationError
-    from tokencache.testing.redisserver import server_executable
-
-    try:
-        executable = server_executable()
-        version = subprocess.run(
-            [executable, "--version"], capture_output=True, text=True, timeout=10, check=False
-        ).stdout.strip()
-    except (ConfigurationError, OSError, subprocess.TimeoutExpired) as e:
-        return f"tokencache: no server to test on: {e}"
-    return f"tokencache: {executable}: {version}"
-
-
 @pytest.fixture(scope="session")
 def tokencache_redis() -> Iterator[EmbeddedRedis]:
     """A private redis-server on a free port in a temporary folder, for the whole session."""

