@@ -77,7 +77,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """With ``TOKENCACHE_TEST_ORDER=half-turn`` (``./run test`` sets it for its second run), the run starts
     at the module where the first half of the tests ends and comes round to the start, each module in
     its own order: two runs side by side are then about half a suite apart, so they never run the same
-    module at once (two near-cache modules polling at once on two cores measure each other)."""
+    module at once (tight latency bounds, such as the near cache's 50 ms, are about one run's load)."""
     if os.environ.get("TOKENCACHE_TEST_ORDER") != "half-turn" or not items:
         return
     modules: dict[Path, list[pytest.Item]] = {}
