@@ -266,6 +266,14 @@ class Keys:
             raise ValueError(f"{redis_key!r} is not a token key of namespace {self.namespace!r}")
         return TokenKey.decode(redis_key[len(self.token_prefix) :])
 
+    def index_member(self, member: bytes) -> TokenKey | None:
+        """The TokenKey of an index member as Redis returns it; None if it is not a token key of this
+        namespace (junk someone wrote into the index: readers skip it, repair drops it)."""
+        try:
+            return self.parse_token(member.decode())
+        except (UnicodeDecodeError, ValueError):
+            return None
+
     @property
     def job_key_pattern(self) -> str:
         """The glob of this namespace's refresh job hashes (``rq:job:<id>``), and of no other namespace's:

@@ -397,11 +397,10 @@ class StoreCore:
 
     def _listed_key(self, member: bytes) -> TokenKey | None:
         """The TokenKey of an index member, or None (reported) if it is not one: repair drops it."""
-        try:
-            return self.keys.parse_token(member.decode())
-        except (UnicodeDecodeError, ValueError):
+        key = self.keys.index_member(member)
+        if key is None:
             bad_keys.skip(member.decode(errors="backslashreplace"), self.junk_reason, "listing")
-            return None
+        return key
 
     @property
     def junk_reason(self) -> str:

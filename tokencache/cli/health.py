@@ -339,20 +339,13 @@ def _expired(store: TokenStore, now: float) -> list[str]:
         list[bytes],
         store.redis.zrangebyscore(store.keys.index, "(0", now - REPAIR_GRACE, 0, REPAIR_SCAN),
     )
-    keys = [_token_key(store, member) for member in members]
+    keys = [store.keys.index_member(member) for member in members]
     candidates = [(member, key) for member, key in zip(members, keys, strict=True) if key is not None]
     with store.redis.pipeline(transaction=False) as pipe:
         for member, _ in candidates:
             pipe.exists(member)
         present = pipe.execute()
     return [key.encode() for (_, key), there in zip(candidates, present, strict=True) if not there]
-
-
-def _token_key(store: TokenStore, member: bytes) -> TokenKey | None:
-    try:
-        return store.keys.parse_token(member.decode())
-    except (UnicodeDecodeError, ValueError):
-        return None
 
 
 @dataclass

@@ -72,7 +72,7 @@ def rekey(store: TokenStore, *, dry_run: bool = False, page: int = INDEX_PAGE) -
 
 def _page(store: TokenStore, members: list[bytes], done: Rekeyed, dry_run: bool) -> None:
     """Read the token fields of one page, then rewrite those not current in one pipeline."""
-    keys = [key for key in (_token_key(store, member) for member in members) if key is not None]
+    keys = [key for key in map(store.keys.index_member, members) if key is not None]  # junk: repair drops it
     done.skipped += len(members) - len(keys)
     with store.redis.pipeline(transaction=False) as pipe:
         for key in keys:
@@ -89,13 +89,6 @@ def _page(store: TokenStore, members: list[bytes], done: Rekeyed, dry_run: bool)
         replies = scripts.run_pipeline(store.redis, _queue(rewrites), transaction=False)
         done.rewritten += sum(1 for reply in replies if reply == 1)
         done.skipped += sum(1 for reply in replies if reply != 1)
-
-
-def _token_key(store: TokenStore, member: bytes) -> TokenKey | None:
-    try:
-        return store.keys.parse_token(member.decode())
-    except (UnicodeDecodeError, ValueError):
-        return None  # junk in the index: repair drops it
 
 
 def _judge(

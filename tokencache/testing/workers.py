@@ -41,6 +41,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from tokencache import env as env_vars
+from tokencache.testing.redisserver import SERVER_ENV
 from tokencache.validate import check_count
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ POLL_INTERVAL = 0.05
 LOG_TAIL_LINES = 8
 ISOLATED_PREFIXES = ("GOOGLE_", "TOKENCACHE_", "GCE_")
 """Variables a child must not inherit: they would point it at the developer's own accounts or Redis."""
-INHERITED = ("TOKENCACHE_REDIS_SERVER",)
+INHERITED = (SERVER_ENV,)
 """Inherited all the same: the server binary a test run chose, so a child that starts a private server of
 its own (``tokencache demo``, a pytest suite using the plugin) starts the same one."""
 

@@ -229,12 +229,12 @@ class _Candidates:
             if member in self._seen:
                 continue
             self._seen.add(member)
-            try:
-                keys.append(store.keys.parse_token(member.decode()))
-            except (UnicodeDecodeError, ValueError):
+            key = store.keys.index_member(member)
+            if key is None:
                 self._gone += 1  # junk in the index: repair drops it
                 bad_keys.skip(member.decode(errors="backslashreplace"), store.junk_reason, "batch")
                 continue
+            keys.append(key)
             if len(keys) == want:
                 break
         return keys

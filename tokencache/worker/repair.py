@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import NamedTuple, cast
 
@@ -75,8 +75,8 @@ class _Entry:
     job: Job | None  # read only where a verdict needs it: overdue, or started with its lock free
     overdue: bool  # due longer than REPAIR_GRACE ago: past the scheduler's normal jitter
     started: bool  # RQ says a worker runs its job now
-    jobless: bool = False  # no job hash and nothing in RQ's schedule: its job record is gone
-    queue_empty: bool = False  # the refresh queue held no job when the pass read it (see _queued_verdict)
+    jobless: bool  # no job hash and nothing in RQ's schedule: its job record is gone
+    queue_empty: bool  # the refresh queue held no job when the pass read it (see _queued_verdict)
 
     @property
     def cached(self) -> bool:
@@ -112,10 +112,11 @@ def _parse_members(
     """The index members that are token keys, and those that are not (junk for repair to drop)."""
     parsed, junk = [], []
     for member, expires in members:
-        try:
-            parsed.append((store.keys.parse_token(member.decode()), expires))
-        except (UnicodeDecodeError, ValueError):
+        key = store.keys.index_member(member)
+        if key is None:
             junk.append(member)
+        else:
+            parsed.append((key, expires))
     return parsed, junk
 
 
@@ -181,10 +182,18 @@ def _due_entries(store: TokenStore, now: float) -> tuple[list[_Entry], list[byte
         jobs = dict(zip(needed, fetch_jobs(store, needed), strict=True))
         queue_empty = bool(needed) and not store.redis.llen(store.refresh_queue.queue.key)
     due = [
-        _entry(store, key, expires, found, jobs.get(store.keys.job_id(key)), overdue=expires <= overdue_until)
+        _entry(
+            store,
+            key,
+            expires,
+            found,
+            jobs.get(store.keys.job_id(key)),
+            overdue=expires <= overdue_until,
+            queue_empty=queue_empty,
+        )
         for (key, expires), found in zip(entries, lookups, strict=True)
     ]
-    return [replace(entry, queue_empty=queue_empty) for entry in due if entry is not None], junk
+    return [entry for entry in due if entry is not None], junk
 
 
 def _entry(
@@ -195,6 +204,7 @@ def _entry(
     job: Job | RedisError | None,
     *,
     overdue: bool,
+    queue_empty: bool,
 ) -> _Entry | None:
     """One due entry as repair judges it; None, reported, if its token key or job key holds another type."""
     if isinstance(found.fields, RedisError):
@@ -219,15 +229,18 @@ def _entry(
         overdue=overdue,
         started=found.job_status == JobStatus.STARTED.encode(),
         jobless=found.job_status is None and found.scheduled_at is None,
+        queue_empty=queue_empty,
     )
 
 
 def _started_ago(job: Job, now: float) -> float:
-    started = job.started_at
-    if started is None:
-        return float("inf")
-    started = started if started.tzinfo else started.replace(tzinfo=UTC)
-    return (datetime.fromtimestamp(now, UTC) - started).total_seconds()
+    return float("inf") if job.started_at is None else _seconds_since(job.started_at, now)
+
+
+def _seconds_since(when: datetime, now: float) -> float:
+    """Seconds from one of RQ's job times (``started_at``, ``enqueued_at``: naive ones are UTC) to ``now``."""
+    when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    return (datetime.fromtimestamp(now, UTC) - when).total_seconds()
 
 
 def _scheduled_verdict(entry: _Entry, now: float) -> Verdict:
@@ -309,9 +322,7 @@ def _queued_verdict(entry: _Entry, now: float) -> Verdict:
     job = entry.job
     if not entry.queue_empty or job is None or job.enqueued_at is None:
         return Verdict.OK
-    enqueued = job.enqueued_at if job.enqueued_at.tzinfo else job.enqueued_at.replace(tzinfo=UTC)
-    waited = (datetime.fromtimestamp(now, UTC) - enqueued).total_seconds()
-    return Verdict.ENQUEUE if waited > REPAIR_GRACE else Verdict.OK
+    return Verdict.ENQUEUE if _seconds_since(job.enqueued_at, now) > REPAIR_GRACE else Verdict.OK
 
 
 def _enqueue(store: TokenStore, entry: _Entry) -> None:
