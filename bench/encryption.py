@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import timeit
 
@@ -100,12 +101,8 @@ def _memory(env: BenchEnv, quick: bool) -> list[Result]:
     results = []
     for label, listpack in (("default config", None), ("hash-max-listpack-value 256", 256),
                             ("hash-max-listpack-value 512", 512)):  # fmt: skip
-        before = plain.redis.config_get("hash-max-listpack-value")["hash-max-listpack-value"]
-        plain.redis.config_set("hash-max-listpack-value", listpack or before)
-        try:
-            off, on = memory.measure(plain, batch), memory.measure(sealed, batch)
-        finally:
-            plain.redis.config_set("hash-max-listpack-value", before)
+        with memory.listpack_value(plain.redis, listpack) if listpack else contextlib.nullcontext():
+            off, on = memory.measure(plain, batch, floor=False), memory.measure(sealed, batch, floor=False)
         note = (
             f"token hash {on.parts['token hash'][0]:.0f} B ({on.parts['token hash'][1]}) against "
             f"{off.parts['token hash'][0]:.0f} B ({off.parts['token hash'][1]})"

@@ -54,11 +54,10 @@ from tokencache.testing.workers import PoolProcess
 from tokencache.worker.repair import repair
 
 from .common import ACCESS_TOKEN, SCOPE, BenchEnv, Result
-from .memory import settled_used_memory
+from .memory import BATCH, settled_used_memory, usage, write_tokens
 
 BENCH = "scale"
 NAMESPACE = QUEUE = "tokencache"
-BATCH = 500
 SAMPLE = 2000
 LIFETIMES = 3600
 """Seconds over which the tokens' ``expires`` are spread (a fleet fetches tokens all through the hour)."""
@@ -91,13 +90,10 @@ class Filler:
     def bulk(self, upto: int) -> float:
         """Fill to ``upto`` tokens in MULTI/EXECs of :data:`BATCH`; tokens per second."""
         start, n = time.perf_counter(), upto - self.count
-        while self.count < upto:
-            with self.store.redis.pipeline(transaction=True) as pipe:
-                for i in range(self.count, min(upto, self.count + BATCH)):
-                    t = self.token(i)
-                    self.store.write_commands(pipe, self.store.key_for(t), t, fetched=False)
-                pipe.execute()
-            self.count = min(upto, self.count + BATCH)
+        while self.count < upto:  # a batch at a time: a million tokens are never all in memory
+            end = min(upto, self.count + BATCH)
+            write_tokens(self.store, [self.token(i) for i in range(self.count, end)])
+            self.count = end
         return n / (time.perf_counter() - start)
 
     def one_by_one(self, n: int) -> float:
@@ -158,10 +154,7 @@ def steady_state(store: TokenStore, filler: Filler, n: int) -> SteadyState:
     # ``moved`` come due in 2 s (the scheduler's second), the rest over the 2 s after: repair's horizon.
     extra = [filler.token(first + i, expires=now + store.refresh_before + 2 + (i >= moved) * (1 + i % 2))
              for i in range(due)]  # fmt: skip
-    with store.redis.pipeline(transaction=True) as pipe:
-        for t in extra:
-            store.write_commands(pipe, store.key_for(t), t, fetched=False)
-        pipe.execute()
+    write_tokens(store, extra)
     time.sleep(max(0.0, now + 2.2 - time.time()))  # the first ``moved`` are due, none overdue
     repair_cpu = [cpu_of(store.redis, lambda: repair(store)) for _ in range(3)]
     scheduler = RQScheduler([store.refresh_queue.queue], connection=store.redis, serializer=JSONSerializer)
@@ -198,10 +191,7 @@ def refreshes_per_worker(env: BenchEnv, store: TokenStore) -> tuple[float, float
     tokens = [
         Token(token=ACCESS_TOKEN, scope=SCOPE, expires=expires, sub=f"b{i}@x.com") for i in range(BURST)
     ]
-    with store.redis.pipeline(transaction=True) as pipe:
-        for t in tokens:
-            store.write_commands(pipe, store.key_for(t), t, fetched=False)
-        pipe.execute()
+    write_tokens(store, tokens)
     time.sleep(max(0.0, now + 1.5 - time.time()))  # due: the worker fetches, not just reschedules
     for t in tokens:
         store.refresh_queue.enqueue(store.key_for(t), store.refresh_before)
@@ -221,16 +211,14 @@ def refreshes_per_worker(env: BenchEnv, store: TokenStore) -> tuple[float, float
 def at_size(env: BenchEnv, store: TokenStore, filler: Filler, n: int) -> dict[str, Any]:
     """Every figure at ``n`` tokens (the store is filled to ``n`` first)."""
     client = store.redis
-    before = settled_used_memory(client)
     start_count = filler.count
     one = min(SAMPLE, n - filler.count)
     single = filler.one_by_one(one) if one > 0 else float("nan")
     bulk = filler.bulk(n) if filler.count < n else float("nan")
     print(f"   filled {n:,} ({filler.count - start_count:,} this step)", file=sys.stderr, flush=True)
-    audit = int(client.memory_usage(store.keys.audit, samples=0) or 0)
+    audit = usage(client, store.keys.audit)
     used = settled_used_memory(client)
     figures: dict[str, Any] = {"used_memory": used, "audit": audit, "store_per_s": single, "bulk_per_s": bulk}
-    figures["grew"] = used - before
     figures["find_ms"] = find_latency(store, n, random.Random(n))
     figures["steady"] = steady_state(store, filler, n)
     figures["status"] = command_cost(env, "status")
@@ -275,14 +263,15 @@ def run(env: BenchEnv, quick: bool) -> list[Result]:
     for n in sizes(quick):
         started = time.monotonic()
         figures = at_size(env, store, filler, n)
-        results += rows(n, figures, baseline)
+        measured = rows(n, figures, baseline)
         needed = n / LIFETIMES / rate
-        results.append(
+        measured.append(
             Result(BENCH, f"workers to keep up, {n:,} tokens", needed, "workers",
                    note=f"{n / LIFETIMES:.1f} refreshes/s ÷ {rate:.0f} per worker (emulator, no latency; "
                    f"{cpu_ms:.2f} ms CPU per refresh)", extra={"per_worker": rate, "cpu_ms": cpu_ms})
         )  # fmt: skip
-        for row in results[-10:]:  # as measured: a run of many minutes loses nothing to a late failure
+        results += measured
+        for row in measured:  # as measured: a run of many minutes loses nothing to a late failure
             print(f"   {row.metric}: {row.value:,.4g} {row.unit} ({row.note})", file=sys.stderr, flush=True)
         print(f"   {n:,}: measured in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     # A million keys: a blocking FLUSHDB outlasts the socket timeout.
