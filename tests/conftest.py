@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -97,17 +97,22 @@ def exclusive(request: pytest.FixtureRequest) -> Iterator[None]:
     if request.node.get_closest_marker("exclusive") is None:
         yield
         return
-    deadline = time.monotonic() + EXCLUSIVE_WAIT
     with EXCLUSIVE_LOCK.open("a") as lock:
-        while True:
+
+        def taken() -> bool:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except BlockingIOError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"{EXCLUSIVE_LOCK} stayed taken {EXCLUSIVE_WAIT:.0f} s (by another test run)")
-                time.sleep(0.05)  # a lock held by another process: no event to wait on
+                return False  # held by another process: no event to wait on, so polled
+            return True
+
+        wait_for(taken, EXCLUSIVE_WAIT, what=f"{EXCLUSIVE_LOCK}, held by another test run")
         yield
+
+
+def token_text(text: str) -> str:
+    """``text`` (a sub, a tag) as a piece of an access token: RFC 6750's b64token has no ``@``."""
+    return text.replace("@", "_at_")
 
 
 def wait_for(
@@ -308,11 +313,20 @@ class Workers:
         )
         return env
 
-    def start(self, n: int = 1, *, wait: bool = True, args: tuple[str, ...] = ()) -> PoolProcess:
-        """A pool of ``n`` workers; with ``wait``, ready: none of its processes can miss a SIGTERM."""
-        pool = PoolProcess(self.redis_url, n, env=self.env(), args=args)
+    def start(
+        self,
+        n: int = 1,
+        *,
+        wait: bool = True,
+        args: tuple[str, ...] = (),
+        env: Mapping[str, str] | None = None,
+        timeout: float = 30,
+    ) -> PoolProcess:
+        """A pool of ``n`` workers, with ``env`` over :meth:`env`; with ``wait``, ready within ``timeout``:
+        none of its processes can miss a SIGTERM."""
+        pool = PoolProcess(self.redis_url, n, env={**self.env(), **(env or {})}, args=args)
         self.pools.append(pool)
-        return pool.start(wait=wait, timeout=30)
+        return pool.start(wait=wait, timeout=timeout)
 
     def count(self, *, ready: bool = False) -> int:
         from rq import Worker

@@ -174,12 +174,12 @@ class Monitor:
         self.client.close()
         users = {port: user for user, tap in self.taps.items() for port in tap.ports}
         sent: dict[str, set[str]] = {user: set() for user in self.taps}
-        caller = None
+        caller = None  # a script's commands ("lua") are its caller's
         for port, command in self.lines:
-            user = caller if port == "lua" else users.get(int(port)) if port.isdigit() else None
-            caller = user if port != "lua" else caller
-            if user is not None:
-                sent[user].add(command_name(command))
+            if port != "lua":
+                caller = users.get(int(port)) if port.isdigit() else None
+            if caller is not None:
+                sent[caller].add(command_name(command))
         return sent
 
 
@@ -276,11 +276,20 @@ def key_file(emulator: Emulator, tmp_path: Path) -> Path:
     return path
 
 
-def cli(roles: Roles, user: str, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+def cli_env(roles: Roles, user: str, **extra: str) -> dict[str, str]:
+    """The environment of a ``tokencache`` command run as ``user``, on the namespace NS, no credentials."""
     env = isolated_env(Path("/nonexistent"), TOKENCACHE_REDIS_URL=roles.url(user))
     env.update(TOKENCACHE_NAMESPACE=NS, TOKENCACHE_QUEUE=NS, **extra)
+    return env
+
+
+def cli(roles: Roles, user: str, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tokencache", *args], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "tokencache", *args],
+        env=cli_env(roles, user, **extra),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -471,10 +480,8 @@ def test_operator_role_lists_and_checks_a_live_fleet(roles: Roles, key_file: Pat
 
 def follow_audit(roles: Roles) -> None:
     """``tokencache audit --follow`` as the operator, until Redis shows it waiting in XREAD."""
-    env = isolated_env(Path("/nonexistent"), TOKENCACHE_REDIS_URL=roles.url(OPERATOR))
-    env.update(TOKENCACHE_NAMESPACE=NS, TOKENCACHE_QUEUE=NS)
     follower = subprocess.Popen(
-        [sys.executable, "-m", "tokencache", "audit", "--follow"], env=env,
+        [sys.executable, "-m", "tokencache", "audit", "--follow"], env=cli_env(roles, OPERATOR),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
@@ -496,13 +503,13 @@ def test_a_wedged_audit_stream_fails_no_write_and_status_flags_it(
 ) -> None:
     """An app user can make every later XADD fail (an entry with the largest id, MAXLEN 0): each audited
     write (store, a refresh's write, an eviction, a give-up) still goes through, warns and is counted."""
-    from prometheus_client import REGISTRY
-
     from tokencache.core.audit import Audit, Role
     from tokencache.worker.writes import record_failure, replace_if_indexed
 
+    from .test_metrics import sample
+
     def failed_entries() -> float:
-        return REGISTRY.get_sample_value("tokencache_audit_failed_total") or 0.0
+        return sample("tokencache_audit_failed_total")
 
     before = failed_entries()
     app = Redis.from_url(roles.url(APP))

@@ -43,6 +43,7 @@ from .conftest import (
     async_client_like,
     descendants,
     sync_or_async_store,
+    token_text,
     wait_for,
 )
 from .test_batch import LEADER, FakeFetch, an_hour_ago, original
@@ -54,7 +55,7 @@ REJECTED = "rejected@tokencache-emulator.iam.gserviceaccount.com"
 def opaque(expires_in: float, tag: str = "0000", **kw: Any) -> Token:
     """A token that did not come from the emulator (so we can tell it from a fetched one)."""
     return Token(
-        token=f"ya29.audit-original-{tag.replace('@', '_at_')}",
+        token=f"ya29.audit-original-{token_text(tag)}",
         scope=SCOPE,
         expires=int(time.time() + expires_in),
         **kw,
@@ -128,9 +129,7 @@ def test_batch_members_are_audited_each_as_batched(store: TokenStore) -> None:
     batched = {e["sub"]: e for e in entries(store, "fetched") if e["role"] == "worker"}
     assert sorted(batched) == ["a@example.com", "b@example.com"]
     for sub, entry in batched.items():
-        assert entry["outcome"] == "batched" and entry["fp"] == fingerprint(
-            f"ya29.new-{sub.replace('@', '_at_')}"
-        )
+        assert entry["outcome"] == "batched" and entry["fp"] == fingerprint(f"ya29.new-{token_text(sub)}")
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])

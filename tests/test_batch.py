@@ -27,14 +27,14 @@ from tokencache.worker.batch import refresh_due
 from tokencache.worker.repair import overdue
 from tokencache.worker.writes import record_failure
 
-from .conftest import SCOPE, Workers, wait_for
+from .conftest import SCOPE, Workers, token_text, wait_for
 
 LEADER = TokenKey.of(None, SCOPE, "leader@example.com")
 
 
 def original(sub: str, expires: int, account: str | None = None) -> Token:
     return Token(
-        token=f"ya29.original-{sub.replace('@', '_at_')}",
+        token=f"ya29.original-{token_text(sub)}",
         scope=SCOPE,
         expires=expires,
         sub=sub,
@@ -66,7 +66,7 @@ class FakeFetch:
         if key.sub in self.fail or "*" in self.fail:
             raise RefreshError(f"token request for {key.encode()!r} failed: injected")
         return Token(
-            token=f"ya29.new-{(key.sub or '').replace('@', '_at_')}",
+            token=f"ya29.new-{token_text(key.sub or '')}",
             scope=current.token.scope,
             expires=int(time.time()) + 3600,
             sub=key.sub,

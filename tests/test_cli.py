@@ -15,7 +15,7 @@ import requests
 
 from tokencache import Token, TokenStore
 from tokencache.testing.emulator import Emulator
-from tokencache.testing.redisserver import EmbeddedRedis, free_port
+from tokencache.testing.redisserver import free_port
 
 from .conftest import SCOPE, Workers, wait_for
 
@@ -67,9 +67,7 @@ def test_token_json(store: TokenStore, workers: Workers) -> None:
     )
 
 
-def test_status_healthy_and_attention(
-    store: TokenStore, workers: Workers, redis_server: EmbeddedRedis
-) -> None:
+def test_status_healthy_and_attention(store: TokenStore, workers: Workers) -> None:
     token = Token(token="ya29.a0-status-secret-f3k", scope=SCOPE, expires=int(time.time()) + 600)
     store.store(token)
     down = run("status", "--json", env=workers.env())
@@ -86,7 +84,7 @@ def test_status_healthy_and_attention(
     table = run("status", env=workers.env())
     assert table.returncode == 0 and "workers" in table.stdout and "ok" in table.stdout
     # The server by its own name and version: Valkey also reports a redis_version (7.2.4 for Valkey 9).
-    product = "Valkey" if "valkey_version" in redis_server.client().info("server") else "Redis"
+    product = "Valkey" if "valkey_version" in store.redis.info("server") else "Redis"
     assert report["server"].startswith(f"{product} ") and f"({product} " in table.stdout.replace("\n", "")
     for out in (down, up, table):
         assert "status-secret" not in out.stdout + out.stderr

@@ -13,9 +13,8 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import pickle
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -45,6 +44,7 @@ from tokencache.crypto import new_key
 from tokencache.worker.repair import repair
 
 from .conftest import SCOPE, Workers, async_client_like, wait_for
+from .test_cli import run
 
 NS = "tc-crypt"
 SECRET = "ya29.a0-encrypted-at-rest-secret-f3k"
@@ -196,18 +196,11 @@ def test_the_error_keeps_its_key_id_through_pickling() -> None:
 
 
 def test_keygen_prints_one_entry_the_ring_reads() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "tokencache", "keygen", "--id", "prod-2025"],
-        capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
+    out = run("keygen", "--id", "prod-2025", env=dict(os.environ))
+    assert out.returncode == 0, out.stderr
     (line,) = out.stdout.splitlines()
     assert line.startswith("prod-2025:") and Keyring.parse(line).writer == "prod-2025"
-    bad = subprocess.run(
-        [sys.executable, "-m", "tokencache", "keygen", "--id", "a:b"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    bad = run("keygen", "--id", "a:b", env=dict(os.environ))
     assert bad.returncode == 1 and "key id" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -244,9 +237,10 @@ def test_a_plaintext_token_that_looks_encrypted_is_refused() -> None:
     assert Keyring.parse(RING_1).open(Keyring.parse(RING_1).seal("enc:k1:abc", "key"), "key") == "enc:k1:abc"
 
 
-def _tamper(store: TokenStore) -> None:
-    redis_key = store.keys.token(store.key_for_info(SCOPE))
-    value = field(store)
+def _tamper(store: TokenStore, sub: str | None = None) -> None:
+    """Flip one character of the stored ciphertext (the token of SCOPE and ``sub``)."""
+    redis_key = store.keys.token(store.key_for_info(SCOPE, sub))
+    value = field(store, SCOPE, sub)
     flipped = value[:-5] + ("A" if value[-5] != "A" else "B") + value[-4:]
     store.redis.hset(redis_key, "token", flipped)
 
@@ -504,12 +498,6 @@ def test_repair_passes_over_a_token_it_cannot_decrypt(real_redis: Redis, k1: Tok
         assert real_redis.exists(job_key)
 
 
-def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tokencache", *args], env=env, capture_output=True, text=True, timeout=60
-    )
-
-
 def test_ls_status_and_rekey_commands(real_redis: Redis, k1: TokenStore, workers: Workers) -> None:
     env = {**workers.env(), "TOKENCACHE_NAMESPACE": NS, "TOKENCACHE_QUEUE": NS}
     k1.store(token(sub="a"))
@@ -517,38 +505,38 @@ def test_ls_status_and_rekey_commands(real_redis: Redis, k1: TokenStore, workers
     store_with(real_redis, "").store(token(sub="c"))
     rows = {
         r["sub"]: r
-        for r in json.loads(_cli("ls", "--json", env={**env, "TOKENCACHE_ENCRYPTION_KEYS": RING_1}).stdout)
+        for r in json.loads(run("ls", "--json", env={**env, "TOKENCACHE_ENCRYPTION_KEYS": RING_1}).stdout)
     }
     assert rows["a"]["token"] == "ya29.a0…f3k" and rows["a"]["encrypted_with"] == "k1"
     assert rows["b"]["token"] == "(encrypted: k2)" and rows["b"]["encrypted_with"] == "k2"
     assert rows["c"]["token"] == "(plaintext refused)" and rows["c"]["encrypted_with"] is None
-    plain = _cli("ls", env={**env, "TOKENCACHE_ENCRYPTION_KEYS": RING_1})
+    plain = run("ls", env={**env, "TOKENCACHE_ENCRYPTION_KEYS": RING_1})
     assert plain.returncode == 0 and "(encrypted: k2)" in plain.stdout and "enc:" not in plain.stdout
     assert "secret" not in plain.stdout
-    status = json.loads(_cli("status", "--json", env=env).stdout)  # a monitoring host holds no key
+    status = json.loads(run("status", "--json", env=env).stdout)  # a monitoring host holds no key
     assert status["encryption"] == {"k1": 1, "k2": 1, "plaintext": 1} and len(status["undecryptable"]) == 2
-    keyed = json.loads(_cli("status", "--json", env={**env, "TOKENCACHE_ENCRYPTION_KEYS": RING_1}).stdout)
+    keyed = json.loads(run("status", "--json", env={**env, "TOKENCACHE_ENCRYPTION_KEYS": RING_1}).stdout)
     refused = [u for u in keyed["undecryptable"] if "stored in plaintext" in u]
     assert len(keyed["undecryptable"]) == 2 and len(refused) == 1
     assert not any("encrypt" in p for p in status["problems"])
-    text = _cli("status", env=env).stdout
+    text = run("status", env=env).stdout
     assert "k1 1, k2 1, plaintext 1" in text
-    dry = _cli("rekey", "--dry-run", env={**env, "TOKENCACHE_ENCRYPTION_KEYS": f"{BOTH},plaintext"})
+    dry = run("rekey", "--dry-run", env={**env, "TOKENCACHE_ENCRYPTION_KEYS": f"{BOTH},plaintext"})
     assert (
         dry.returncode == 0
         and "would rewrite 2 under key 'k2', 1 already current, 0 skipped, 0 failed" in dry.stdout
     )
-    out = _cli("rekey", env={**env, "TOKENCACHE_ENCRYPTION_KEYS": RING_1})
+    out = run("rekey", env={**env, "TOKENCACHE_ENCRYPTION_KEYS": RING_1})
     assert (
         out.returncode == 1
         and "rewrote 0 under key 'k1', 1 already current, 0 skipped, 2 failed" in out.stdout
     )
     assert "cannot decrypt" in out.stderr and "key 'k2'" in out.stderr and "Traceback" not in out.stderr
     assert "stored in plaintext" in out.stderr
-    out = _cli("rekey", env={**env, "TOKENCACHE_ENCRYPTION_KEYS": f"{BOTH},plaintext"})
+    out = run("rekey", env={**env, "TOKENCACHE_ENCRYPTION_KEYS": f"{BOTH},plaintext"})
 
     assert out.returncode == 0 and "rewrote 2 under key 'k2', 1 already current" in out.stdout
-    bad = _cli("ls", env={**env, "TOKENCACHE_ENCRYPTION_KEYS": f"k1:{K1},"})
+    bad = run("ls", env={**env, "TOKENCACHE_ENCRYPTION_KEYS": f"k1:{K1},"})
     assert bad.returncode == 1 and "TOKENCACHE_ENCRYPTION_KEYS: entry 2 is empty" in bad.stderr
     assert K1 not in bad.stderr
 
@@ -648,7 +636,7 @@ def test_a_worker_pool_refreshes_encrypted_tokens_under_its_key(
     store_with(store.redis, RING_2, namespace=store.keys.namespace).store(
         token("ya29.about-to-expire-0000", life=12, sub="c")
     )
-    _tamper_sub(app, "c")  # fails authentication: the refresh replaces it all the same
+    _tamper(app, "c")  # fails authentication: the refresh replaces it all the same
     app.store(token("ya29.about-to-expire-0000", life=12, sub="d"))
     app.redis.hset(app.keys.token(app.key_for_info(SCOPE, "d")), "token", "ya29.planted-0000")  # refused
     for sub in ("a", "b", "c", "d"):
@@ -656,12 +644,6 @@ def test_a_worker_pool_refreshes_encrypted_tokens_under_its_key(
         assert new.expires > time.time() + 60
         assert field(app, SCOPE, sub).startswith("enc:k2:")
     wait_for(lambda: "whose stored token this worker cannot read" in workers.pools[0].log_tail(200), 5)
-
-
-def _tamper_sub(store: TokenStore, sub: str) -> None:
-    redis_key = store.keys.token(store.key_for_info(SCOPE, sub))
-    value = field(store, SCOPE, sub)
-    store.redis.hset(redis_key, "token", value[:-5] + ("A" if value[-5] != "A" else "B") + value[-4:])
 
 
 def _replaced(store: TokenStore, sub: str) -> Token | None:

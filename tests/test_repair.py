@@ -19,7 +19,7 @@ from tokencache.testing.emulator import Emulator
 from tokencache.testing.redisserver import free_port
 from tokencache.worker.repair import repair, repair_if_leader
 
-from .conftest import SCOPE, Workers, wait_for
+from .conftest import SCOPE, Workers, token_text, wait_for
 
 
 def stored(store: TokenStore, expires_in: int = 100) -> tuple[Token, str]:
@@ -185,7 +185,7 @@ def bad_keys_counted(where: str) -> float:
 def with_a_lost_job(store: TokenStore, sub: str, expires_in: int) -> Token:
     """A token whose refresh job was lost (its RQ hash and its schedule entry gone)."""
     token = Token(
-        token=f"ya29.lost-{sub.replace('@', '_at_')}",
+        token=f"ya29.lost-{token_text(sub)}",
         scope=SCOPE,
         expires=int(time.time()) + expires_in,
         sub=sub,

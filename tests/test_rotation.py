@@ -111,7 +111,7 @@ def test_turning_encryption_on_and_rotating_under_a_running_fleet(
     store: TokenStore, workers: Workers, emulator: Emulator, redis_url: str
 ) -> None:
     emulator.config.lifetime = LIFETIME
-    pool = _pool(workers, redis_url, PHASES[0][1])
+    pool = _pool(workers, PHASES[0][1])
     now = int(time.time())
     for i in range(TOKENS):  # refreshes due 1 s to one half-life from now, spread evenly
         expires = now + store.refresh_before + 1 + (LIFETIME // 2) * i // TOKENS
@@ -124,7 +124,7 @@ def test_turning_encryption_on_and_rotating_under_a_running_fleet(
     for thread in threads:
         thread.start()
     try:
-        rekeys, issued = _run_phases(workers, redis_url, store.keys.namespace, readers, emulator, pool)
+        rekeys, issued = _run_phases(workers, readers, emulator, pool)
     finally:
         for reader in readers:
             reader.stop.set()
@@ -149,8 +149,6 @@ def test_turning_encryption_on_and_rotating_under_a_running_fleet(
 
 def _run_phases(
     workers: Workers,
-    redis_url: str,
-    namespace: str,
     readers: list[Reader],
     emulator: Emulator,
     pool: PoolProcess,
@@ -162,9 +160,10 @@ def _run_phases(
     issued = [_hold(emulator, start, PHASES[0][0])]
     for name, ring, then_rekey in PHASES[1:]:
         start = emulator.stats()["issued"]
-        pool = _switch(workers, redis_url, pool, readers, ring)
+        pool = _switch(workers, pool, readers, ring)
         if then_rekey:
-            with TokenStore.from_url(redis_url, namespace=namespace, encryption=ring) as operator:
+            namespace = workers.store.keys.namespace
+            with TokenStore.from_url(workers.redis_url, namespace=namespace, encryption=ring) as operator:
                 rekeys.append((name, rekey(operator)))
         issued.append(_hold(emulator, start, name))
     return rekeys, issued
@@ -178,17 +177,13 @@ def _hold(emulator: Emulator, start: int, phase: str) -> int:
     return int(emulator.stats()["issued"] - start)
 
 
-def _pool(workers: Workers, redis_url: str, ring: str) -> PoolProcess:
-    pool = PoolProcess(redis_url, 2, env={**workers.env(), "TOKENCACHE_ENCRYPTION_KEYS": ring})
-    workers.pools.append(pool)
-    return pool.start(wait=True, timeout=60)
+def _pool(workers: Workers, ring: str) -> PoolProcess:
+    return workers.start(2, env={"TOKENCACHE_ENCRYPTION_KEYS": ring}, timeout=60)
 
 
-def _switch(
-    workers: Workers, redis_url: str, old: PoolProcess, readers: list[Reader], ring: str
-) -> PoolProcess:
+def _switch(workers: Workers, old: PoolProcess, readers: list[Reader], ring: str) -> PoolProcess:
     """A rolling restart onto ``ring``: a new pool starts, the readers move one by one, the old pool stops."""
-    new = _pool(workers, redis_url, ring)
+    new = _pool(workers, ring)
     for reader in readers:
         reader.switch(ring)
     old.stop()

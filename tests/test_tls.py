@@ -110,13 +110,12 @@ def test_store_worker_pool_and_near_cache_over_tls(
             # The worker's refresh of the stored token reaches the near cache as a push over TLS: once
             # Redis holds the new token, the app stops serving the cached one. (An empty cache alone
             # proves nothing: a reader starved past its lease serves nothing until it hears again.)
-            plain = tls_server.client()
-            wait_for(
-                lambda: plain.hget(redis_key, "token") not in (None, stored.token.encode()),
-                20,
-                what="the worker's refresh",
-            )
-            plain.close()
+            with tls_server.client() as plain:
+                wait_for(
+                    lambda: plain.hget(redis_key, "token") not in (None, stored.token.encode()),
+                    20,
+                    what="the worker's refresh",
+                )
             # Past that the cache stops serving the old token by its age alone, and this proves nothing.
             assert time.time() < stored.expires - EXPIRY_SKEW - PUSH_BOUND, "the refresh came too late"
             refreshed = wait_for(
